@@ -194,3 +194,8 @@ def test_iterating_conversations_gives_ids_row_ranges_and_labels(toy):
     assert [(c.id, len(c)) for c in conversations] == [("a", 5), ("b", 2)]
     assert np.concatenate([split.labels[c.start:c.stop] for c in conversations]).tolist() == split.labels.tolist()
 
+
+
+def test_written_files_are_readable_by_other_users(toy):
+    for path in [toy / "manifest.json", toy / "train" / "index.npz", toy / "train" / "text.npy"]:
+        assert path.stat().st_mode & 0o044 == 0o044, path

@@ -1,0 +1,295 @@
+"""`python -m encoders_torch.extract`: fine-tune an encoder (or load a trained one), write a modality to the store.
+
+    python -m encoders_torch.extract --dataset meld --data-root DIR --modality text --model PATH --out ROOT
+
+Steps: read the corpus (encoders_torch.corpora); unless `--adapter` names a trained folder, LoRA
+fine-tune encoder + head on `train`, selecting the epoch by `val` weighted F1, and save the result to
+`ROOT/NAME/adapters/MODALITY` (a later run finds it there and does not train again); embed every
+split in length-sorted batches; write `index.npz` and `MODALITY.npy` per split through `bridges`
+with provenance in the manifest's `source`.
+
+Embedding is resumable: every `--chunk-size` utterances (in length order) land in a chunk file under
+`ROOT/NAME/.work/MODALITY/SPLIT/`; an interrupted run restarts at the first missing chunk. Chunks are
+tied to the adapter, head and utterance list by a fingerprint, merged when a split is complete and
+then removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import peft
+import torch
+import transformers
+
+import bridges
+from encoders_torch.audio import AudioError
+from encoders_torch.corpora import DATASETS, SPLITS, Conversation, Corpus, CorpusError, Utterance, read_corpus
+from encoders_torch.encoder import EmotionModel, EncoderError, LoraSettings, UtteranceEncoder, file_digest, resolve_device
+from encoders_torch.finetune import ADAPTER, TRAINING, TrainConfig, fit, is_trained, save_trained, weighted_f1, autocast, to_device
+from encoders_torch.heads import HEAD_CONFIG, HEAD_WEIGHTS, ClassifierHead, HeadConfig
+
+
+def limit_conversations(conversations: Sequence[Conversation], max_utterances: int | None) -> tuple[Conversation, ...]:
+    """Leading whole conversations holding at most `max_utterances` utterances (at least one conversation)."""
+    if max_utterances is None:
+        return tuple(conversations)
+    kept, total = [], 0
+    for conversation in conversations:
+        if kept and total + len(conversation) > max_utterances:
+            break
+        kept.append(conversation)
+        total += len(conversation)
+    return tuple(kept)
+
+
+def build_encoder(args: argparse.Namespace, adapter: Path | None, dtype: torch.dtype) -> UtteranceEncoder:
+    lora = LoraSettings(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
+    )
+    if args.modality == "text":
+        from encoders_torch.text_encoder import TextEncoder
+
+        return TextEncoder(args.model, lora, adapter, max_length=args.max_length, template=args.template,
+                           gguf_file=args.gguf_file, dtype=dtype)
+    from encoders_torch.speech_encoder import build_speech_encoder
+
+    return build_speech_encoder(args.model, lora, adapter, max_seconds=args.max_seconds, prompt=args.prompt, dtype=dtype)
+
+
+@torch.no_grad()
+def embed_split(
+    model: EmotionModel,
+    utterances: Sequence[Utterance],
+    work_dir: Path,
+    fingerprint: str,
+    batch_size: int,
+    chunk_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings `[N, E]`, logits `[N, C]`) in the order of `utterances`, via resumable chunk files.
+
+    Utterances are sorted by length and cut into chunks of `chunk_size` (a multiple of `batch_size`);
+    chunk `k` covers sorted positions `[k·chunk_size, (k+1)·chunk_size)` and is written atomically to
+    `work_dir/chunk_{k:05d}.npz`. Chunks already on disk with the same `fingerprint` are not recomputed.
+    """
+    chunk_size = max(batch_size, chunk_size - chunk_size % batch_size)
+    meta_path = work_dir / "meta.json"
+    meta = {"fingerprint": fingerprint, "n": len(utterances), "batch_size": batch_size, "chunk_size": chunk_size}
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta))
+    model.to(device).eval()
+    order = np.argsort([model.encoder.length(u) for u in utterances], kind="stable")
+    embeddings = np.zeros((len(utterances), model.head.config.embedding_dim), np.float32)
+    logits = np.zeros((len(utterances), model.head.config.num_classes), np.float32)
+    n_chunks = -(-len(order) // chunk_size)
+    done = 0
+    for k in range(n_chunks):
+        rows = order[k * chunk_size:(k + 1) * chunk_size]
+        path = work_dir / f"chunk_{k:05d}.npz"
+        if not path.exists():
+            parts = []
+            for start in range(0, len(rows), batch_size):
+                idx = rows[start:start + batch_size]
+                with autocast(device, dtype):
+                    out_logits, out_embedding = model(to_device(model.encoder.collate([utterances[i] for i in idx]), device))
+                parts.append((out_embedding.float().cpu().numpy(), out_logits.float().cpu().numpy()))
+            tmp = path.with_name(f".{path.name}.tmp.npz")
+            np.savez(tmp, embedding=np.concatenate([p[0] for p in parts]), logits=np.concatenate([p[1] for p in parts]))
+            os.replace(tmp, path)
+            done += 1
+        with np.load(path) as z:
+            embeddings[rows] = z["embedding"]
+            logits[rows] = z["logits"]
+    log(f"  {work_dir.name}: {len(utterances)} utterances, {n_chunks} chunks ({n_chunks - done} reused)")
+    return embeddings, logits
+
+
+def _check_decoder(splits: dict[str, list[Utterance]], data_root: str) -> None:
+    """Fails before any model loads when audio other than wav needs an ffmpeg that is absent."""
+    other = [u.audio for us in splits.values() for u in us if u.audio.suffix.lower() != ".wav"]
+    if other and shutil.which("ffmpeg") is None:
+        raise AudioError(
+            f"--data-root {data_root}: {len(other)} audio files are {sorted({p.suffix for p in other})} (e.g. {other[0].name}) "
+            "and reading them needs ffmpeg, which is not installed — install it (apt-get install ffmpeg) "
+            "or convert the clips to 16 kHz .wav beside them"
+        )
+
+
+def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, list[Utterance]], trained_dir: Path,
+                   device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[EmotionModel, dict]:
+    """Loads the trained folder when it exists, else fine-tunes and saves it there."""
+    if is_trained(trained_dir) and not args.retrain:
+        info = json.loads((trained_dir / TRAINING).read_text())
+        if info["label_names"] != list(corpus.label_names):
+            raise EncoderError(f"--adapter {trained_dir}: trained for labels {info['label_names']}, "
+                               f"not {list(corpus.label_names)} — pass an adapter trained on {corpus.name}")
+        log(f"using the trained adapter and head in {trained_dir}")
+        encoder = build_encoder(args, trained_dir / ADAPTER, dtype)
+        return EmotionModel(encoder, ClassifierHead.load(trained_dir)), info
+    if args.adapter:
+        raise EncoderError(f"--adapter {trained_dir}: no {TRAINING} and {ADAPTER}/ — pass a folder written by this command")
+    torch.manual_seed(args.seed)
+    encoder = build_encoder(args, None, dtype)
+    head = ClassifierHead(HeadConfig(
+        input_dim=encoder.hidden_size,
+        num_classes=len(corpus.label_names),
+        pooling=encoder.pooling,
+        embedding_dim=args.embedding_dim,
+        dropout=args.head_dropout,
+    ))
+    model = EmotionModel(encoder, head)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                         gamma=args.gamma, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                         log_every=args.log_every)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    log(f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
+        f"{len(splits['train'])} train / {len(splits['val'])} val utterances, device {device}")
+    history = fit(model, splits["train"], splits["val"], config, device, dtype, log)
+    info = {
+        "dataset": corpus.name,
+        "label_names": list(corpus.label_names),
+        "modality": args.modality,
+        "train": dataclasses.asdict(config),
+        "history": history,
+        "encoder": encoder.source(),
+        "head": dataclasses.asdict(head.config),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_trained(trained_dir, model, info)
+    log(f"saved adapter and head to {trained_dir}")
+    return model, info
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Fine-tunes or loads, embeds every split, writes the store; returns per-split weighted F1 of the head."""
+    started = time.time()
+    require = ("text",) if args.modality == "text" else ("audio",)
+    corpus = read_corpus(args.dataset, args.data_root, require, args.on_missing, args.mosi_split)
+    if corpus.dropped:
+        log(f"dropped (--on-missing skip): {corpus.dropped}")
+    conversations = {s: limit_conversations(corpus.splits[s], args.max_utterances) for s in SPLITS}
+    splits = {s: [u for c in conversations[s] for u in c.utterances] for s in SPLITS}
+    if args.modality == "speech":
+        _check_decoder(splits, args.data_root)
+    device, dtype = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset_dir = Path(args.out) / args.dataset
+    if args.adapter and args.retrain:
+        raise EncoderError("--retrain with --adapter: choose one (--adapter uses a trained folder as it is)")
+    trained_dir = Path(args.adapter) if args.adapter else dataset_dir / "adapters" / args.modality
+    model, info = _trained_model(args, corpus, splits, trained_dir, device, dtype, log)
+    trained_digest = file_digest([trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG,
+                                  *sorted((trained_dir / ADAPTER).glob("*.safetensors"))])
+    dataset_dir = bridges.init_store(args.out, args.dataset, corpus.label_names, SPLITS)
+    scores = {}
+    work_root = dataset_dir / ".work" / args.modality
+    features = {}
+    for split in SPLITS:
+        utterances = splits[split]
+        fingerprint = trained_digest + hashlib.sha256("\n".join(u.id for u in utterances).encode()).hexdigest()[:16]
+        embeddings, logits = embed_split(model, utterances, work_root / split, fingerprint, args.batch_size,
+                                         args.chunk_size, device, dtype, log)
+        scores[split] = weighted_f1([u.label for u in utterances], logits)
+        features[split] = embeddings
+    source = {
+        "encoder": model.encoder.source(),
+        "head": dataclasses.asdict(model.head.config),
+        "adapter": str(trained_dir.resolve()),
+        "adapter_digest": trained_digest,
+        "train": info.get("train"),
+        "best_epoch": info.get("history", {}).get("best_epoch"),
+        "head_weighted_f1": {s: round(v, 4) for s, v in scores.items()},
+        "data_root": str(Path(args.data_root).resolve()),
+        "max_utterances": args.max_utterances,
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for split in SPLITS:
+        utterances = splits[split]
+        bridges.write_index(dataset_dir, split, [u.id for u in utterances],
+                            [c.id for c in conversations[split] for _ in c.utterances], [u.label for u in utterances])
+        bridges.write_modality(dataset_dir, split, args.modality, features[split].astype(args.dtype), source)
+    shutil.rmtree(work_root, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work_root.parent.rmdir()  # `.work` goes too once no other modality is mid-extraction
+    log(f"wrote {args.modality} [{model.head.config.embedding_dim}] to {dataset_dir}; head weighted F1 "
+        + ", ".join(f"{s} {v:.4f}" for s, v in scores.items()) + f" ({time.time() - started:.0f} s)")
+    return {"scores": scores, "store": str(dataset_dir), "trained": str(trained_dir), "seconds": time.time() - started}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m encoders_torch.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-root", required=True, help="the corpus release folder (see encoders_torch.corpora)")
+    p.add_argument("--modality", required=True, choices=("text", "speech"))
+    p.add_argument("--model", required=True, help="local transformers model folder")
+    p.add_argument("--out", required=True, help="store root; the store is OUT/DATASET")
+    p.add_argument("--adapter", help="trained folder (adapter/, head.safetensors, training.json) to use instead of fine-tuning")
+    p.add_argument("--retrain", action="store_true", help="fine-tune again even if OUT/DATASET/adapters/MODALITY exists")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the head (default: --lr)")
+    p.add_argument("--gamma", type=float, default=3.0, help="focal loss γ (0 = cross-entropy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA + bfloat16 when present, else CPU), cpu, cuda")
+    p.add_argument("--log-every", type=int, default=100, help="training batches between progress lines (0: none)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--max-utterances", type=int, default=None, help="per split, whole conversations (quick runs)")
+    p.add_argument("--max-length", type=int, default=128, help="text: tokens per utterance (longer ones are truncated)")
+    p.add_argument("--template", default="{text}", help="text: utterance format, fields {text} and {speaker}")
+    p.add_argument("--gguf-file", default=None, help="text: GGUF file inside --model")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="speech: audio longer than this is truncated")
+    p.add_argument("--prompt", default=None, help="speech: instruction after the audio")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-targets", default=None, help="comma-separated Linear module names (default: attention q/v)")
+    p.add_argument("--embedding-dim", type=int, default=2048)
+    p.add_argument("--head-dropout", type=float, default=0.1)
+    p.add_argument("--on-missing", default="fail", choices=("fail", "skip"),
+                   help="utterances lacking transcript/audio or with unknown labels: stop, or drop them")
+    p.add_argument("--mosi-split", default="paper", choices=("paper", "sdk"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="dtype of the stored features")
+    p.add_argument("--chunk-size", type=int, default=256, help="utterances per resumable chunk file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        run(args)
+    except (CorpusError, EncoderError, AudioError, bridges.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

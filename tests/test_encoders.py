@@ -1,0 +1,254 @@
+"""Encoders, head, fine-tuning and extraction, on tiny models built from configs and the IEMOCAP fixture."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bridges import FeatureStore
+from bridges.check import main as check_store
+from encoders_torch import extract
+from encoders_torch.corpora import read_corpus
+from encoders_torch.encoder import EmotionModel
+from encoders_torch.finetune import TrainConfig, fit, make_optimizer, train_epoch
+from encoders_torch.heads import AttentiveStatisticsPooling, ClassifierHead, HeadConfig, focal_loss, masked_mean
+from encoders_torch.speech_encoder import build_speech_encoder
+from encoders_torch.text_encoder import TextEncoder
+
+torch.set_num_threads(1)
+
+
+def _fixture(name):
+    spec = importlib.util.spec_from_file_location(f"fixture_{name}", Path(__file__).parent / "fixtures" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+iemocap, tiny_models = _fixture("iemocap"), _fixture("tiny_models")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The IEMOCAP fixture, its corpus, and tiny text and speech models saved to folders."""
+    root = tmp_path_factory.mktemp("encoders")
+    data = iemocap.write_iemocap(root / "IEMOCAP_full_release")
+    corpus = read_corpus("iemocap", data, require=("text", "audio"))
+    words = [u.transcript for s in corpus.splits for u in corpus.utterances(s)]
+    return {
+        "root": root,
+        "data": data,
+        "corpus": corpus,
+        "llama": tiny_models.tiny_llama(root / "tiny-llama", words),
+        "qwen2_audio": tiny_models.tiny_qwen2_audio(root / "tiny-qwen2-audio", words),
+    }
+
+
+def _model(encoder, corpus, embedding_dim=16):
+    torch.manual_seed(0)
+    head = ClassifierHead(HeadConfig(encoder.hidden_size, len(corpus.label_names), encoder.pooling, embedding_dim, 0.0))
+    return EmotionModel(encoder, head)
+
+
+# ------------------------------------------------------------------------------------------- head
+
+
+def test_focal_loss_matches_numpy_and_is_cross_entropy_at_gamma_zero():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(-1, keepdims=True)
+    p_y = p[np.arange(3), labels.numpy()]
+    expected = np.mean(-((1 - p_y) ** 3) * np.log(p_y))
+    assert focal_loss(logits, labels, 3.0).item() == pytest.approx(expected, rel=1e-5)
+    assert focal_loss(logits, labels, 0.0).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_attentive_statistics_pooling_matches_numpy_and_ignores_padding():
+    torch.manual_seed(0)
+    pool = AttentiveStatisticsPooling(4, 3)
+    hidden = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = pool(hidden, mask)
+    h = hidden[0, :3].detach().numpy()
+    scores = (np.tanh(h @ pool.project.weight.detach().numpy().T + pool.project.bias.detach().numpy())
+              @ pool.score.weight.detach().numpy().T).squeeze(-1)
+    alpha = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    mean = alpha @ h
+    std = np.sqrt(alpha @ (h * h) - mean * mean)
+    np.testing.assert_allclose(out[0].detach().numpy(), np.concatenate([mean, std]), rtol=1e-4, atol=1e-5)
+    changed = hidden.clone()
+    changed[0, 3:] = 100.0
+    torch.testing.assert_close(pool(changed, mask)[0], out[0])
+    torch.testing.assert_close(masked_mean(changed, mask)[0], hidden[0, :3].mean(0))
+
+
+# ---------------------------------------------------------------------------------------- encoders
+
+
+def test_text_lora_training_moves_adapter_and_head_but_not_base_weights(world):
+    model = _model(TextEncoder(world["llama"]), world["corpus"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(batch_size=4, lr=1e-2)
+    train_epoch(model, make_optimizer(model, config), world["corpus"].utterances("train"), config,
+                np.random.default_rng(0), torch.device("cpu"))
+    after = dict(model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if n.startswith("encoder.") and "lora_" not in n]
+    assert lora and base
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in base)
+    assert all(not after[n].requires_grad for n in base)
+    assert not torch.equal(before["head.embed.weight"], after["head.embed.weight"])
+
+
+def test_speech_lora_only_in_llm_projector_trained_audio_encoder_frozen(world):
+    model = _model(build_speech_encoder(world["qwen2_audio"]), world["corpus"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")}
+    assert trainable and all("language_model" in n and "lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert not any("audio_tower" in n and "lora_" in n for n, _ in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(batch_size=4, lr=1e-2)
+    train_epoch(model, make_optimizer(model, config), world["corpus"].utterances("val"), config,
+                np.random.default_rng(0), torch.device("cpu"))
+    after = dict(model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("multi_modal_projector" in n for n in moved)
+    assert any("lora_B" in n for n in moved)
+    assert not any("audio_tower" in n or ("language_model" in n and "lora_" not in n) for n in moved)
+
+
+def test_speech_mask_covers_prompt_and_one_token_per_audio_frame(world):
+    encoder = build_speech_encoder(world["qwen2_audio"])
+    utterances = world["corpus"].utterances("val")[:3]
+    batch = encoder.collate(utterances)
+    seconds = [encoder.length(u) for u in utterances]
+    # 10 ms mel frames → conv stride 2 → pooling 2: one audio token per 40 ms
+    frames = [-(-round(s * 16_000) // 160) for s in seconds]
+    expected_audio = [((f - 1) // 2 + 1 - 2) // 2 + 1 for f in frames]
+    n_prompt = len(encoder.prefix_ids) + len(encoder.suffix_ids)
+    assert batch["attention_mask"].sum(-1).tolist() == [a + n_prompt for a in expected_audio]
+    assert (batch["input_ids"] == encoder.audio_token_id).sum(-1).tolist() == expected_audio
+    hidden, mask = encoder(batch)
+    assert hidden.shape == (3, batch["input_ids"].shape[1], encoder.hidden_size) and mask.dtype == torch.bool
+
+
+def test_fine_tuning_lowers_the_loss_and_keeps_the_best_val_epoch(world):
+    model = _model(TextEncoder(world["llama"]), world["corpus"])
+    corpus = world["corpus"]
+    history = fit(model, corpus.utterances("train"), corpus.utterances("val"),
+                  TrainConfig(epochs=6, batch_size=6, lr=5e-3, gamma=2.0), torch.device("cpu"), log=lambda s: None)
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["best_val_weighted_f1"] == max(history["val_weighted_f1"])
+    assert history["best_epoch"] == int(np.argmax(history["val_weighted_f1"]))
+
+
+# -------------------------------------------------------------------------------------- extraction
+
+
+def _argv(world, out, modality, *extra):
+    model = world["llama"] if modality == "text" else world["qwen2_audio"]
+    return ["--dataset", "iemocap", "--data-root", str(world["data"]), "--modality", modality, "--model", str(model),
+            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--embedding-dim", "24",
+            "--chunk-size", "8", "--device", "auto", *extra]
+
+
+def test_extract_writes_text_and_speech_into_one_store_that_bridges_check_accepts(world, capsys):
+    out = world["root"] / "features"
+    assert extract.main(_argv(world, out, "speech")) == 0
+    assert extract.main(_argv(world, out, "text")) == 0
+    assert check_store([str(out / "iemocap")]) == 0
+    store = FeatureStore.open(out / "iemocap")
+    assert set(store.modalities) == {"text", "speech"}
+    assert store.modalities["text"]["dim"] == 24
+    assert store.modalities["text"]["source"]["encoder"]["model"] == str(world["llama"])
+    val = store.split("val")
+    corpus = world["corpus"]
+    assert list(val.utterance_ids) == [u.id for u in corpus.utterances("val")]
+    assert list(val.labels) == [u.label for u in corpus.utterances("val")]
+    assert [c.id for c in val.conversations()] == [c.id for c in corpus.splits["val"]]
+    assert not (out / "iemocap" / ".work").exists()
+
+
+def test_saved_adapter_reproduces_the_embeddings(world):
+    first, second = world["root"] / "first", world["root"] / "second"
+    assert extract.main(_argv(world, first, "text")) == 0
+    adapter = first / "iemocap" / "adapters" / "text"
+    assert json.loads((adapter / "training.json").read_text())["label_names"][0] == "angry"
+    assert extract.main(_argv(world, second, "text", "--adapter", str(adapter))) == 0
+    a = FeatureStore.open(first / "iemocap").split("test").features("text")
+    b = FeatureStore.open(second / "iemocap").split("test").features("text")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_extraction_resumes_without_redoing_finished_chunks(world, tmp_path):
+    model = _model(TextEncoder(world["llama"]), world["corpus"])
+    utterances = world["corpus"].utterances("train")  # 36 utterances: 9 batches of 4, chunks of 8 (2 batches)
+    reference, _ = extract.embed_split(model, utterances, tmp_path / "clean", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    calls = []
+    forward = model.encoder.forward
+
+    def counted(batch, fail_at=None):
+        calls.append(1)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return forward(batch)
+
+    model.encoder.forward = lambda batch: counted(batch, fail_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    assert len(list((tmp_path / "work").glob("chunk_*.npz"))) == 2
+    calls.clear()
+    model.encoder.forward = counted
+    resumed, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    assert len(calls) == 9 - 4
+    np.testing.assert_allclose(resumed, reference, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    extract.embed_split(model, utterances, tmp_path / "work", "other adapter", 4, 8, torch.device("cpu"), log=lambda s: None)
+    assert len(calls) == 9
+
+
+def test_encoders_torch_never_imports_jax():
+    package = Path(__file__).resolve().parents[1] / "encoders_torch"
+    forbidden = ("jax", "flax", "optax", "orbax")
+    for path in package.glob("*.py"):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in forbidden, f"{path.name}: {line.strip()}"
+
+
+def test_device_auto_is_cpu_float32_without_cuda():
+    from encoders_torch.encoder import EncoderError, resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == (torch.device("cuda"), torch.bfloat16)
+    else:
+        assert resolve_device("auto") == (torch.device("cpu"), torch.float32)
+        with pytest.raises(EncoderError, match="--device cuda"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is not None, reason="ffmpeg is installed here")
+def test_meld_mp4_audio_without_ffmpeg_is_a_one_line_error(tmp_path, capsys):
+    header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
+    for name, folder in (("train_sent_emo.csv", "train_splits"), ("dev_sent_emo.csv", "dev_splits_complete"),
+                         ("test_sent_emo.csv", "output_repeated_splits_test")):
+        (tmp_path / name).write_text(header + '1,Hi.,Ross,joy,positive,0,0,1,1,"00:00:01,000","00:00:02,000"\n')
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "dia0_utt0.mp4").write_bytes(b"")
+    argv = ["--dataset", "meld", "--data-root", str(tmp_path), "--modality", "speech", "--model", str(tmp_path),
+            "--out", str(tmp_path / "out")]
+    assert extract.main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "ffmpeg" in message and "3 audio files are ['.mp4']" in message
+
+
+def test_max_utterances_keeps_whole_leading_conversations(world):
+    conversations = world["corpus"].splits["train"]  # 6 conversations of 6 utterances
+    assert extract.limit_conversations(conversations, 13) == conversations[:2]
+    assert extract.limit_conversations(conversations, 3) == conversations[:1]
+    assert extract.limit_conversations(conversations, None) == conversations
