@@ -1,0 +1,1 @@
+"""MiSTER-E in JAX/Flax: model (`mister_jax.model`), losses (`mister_jax.losses`), configs (`mister_jax.config`)."""

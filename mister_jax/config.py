@@ -1,0 +1,108 @@
+"""Frozen configurations of the MiSTER-E model and its training losses (DESIGN §3–4).
+
+Paper defaults; the per-dataset presets (Sec. 4.2) are built from these by the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+VARIANTS = ("mister-e", "feat-moe", "no-loss-moe", "monolithic", "text-only")
+GATES = ("fc", "mlp")
+DTYPES = ("float32", "bfloat16")
+CONTRASTIVE_SCOPES = ("conversation", "batch")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"mister_jax/config.py: {name}={value!r} is not one of {choices}; pick one of them.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"mister_jax/config.py: {name}={value!r} must be > 0; pass a positive value.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of `mister_jax.model.MisterE`.
+
+    Attributes:
+      speech_dim, text_dim: utterance embedding sizes D of the two modalities.
+      num_classes: C.
+      can_hidden: GRU hidden size H per direction of the context addition networks (Eq. 3–4).
+      gru_layers: L, stacked bidirectional GRU layers (3 for IEMOCAP/MOSI, 2 for MELD).
+      can_dropout: dropout of the context addition networks.
+      fusion_dim: Hf, width of the multimodal network (Eq. 5–9).
+      fusion_layers: cross/self-attention layers of the multimodal network.
+      attention_dim: query/key/value width of every multi-head attention.
+      attention_heads: heads of every multi-head attention.
+      fusion_dropout: dropout of the multimodal network.
+      gate: "fc" (paper, Eq. 10) or "mlp" (authors' code: 3C → gate_hidden → 3).
+      gate_hidden: hidden width of the "mlp" gate.
+      gate_temperature: β = softmax(g / gate_temperature) (authors' code uses 2 with the "mlp" gate).
+      variant: "mister-e", "feat-moe", "no-loss-moe", "monolithic" or "text-only" (see model.py).
+      dtype: compute dtype of matmuls and convolutions ("float32" or "bfloat16"); parameters stay float32.
+    """
+
+    speech_dim: int = 2048
+    text_dim: int = 2048
+    num_classes: int = 6
+    can_hidden: int = 512
+    gru_layers: int = 3
+    can_dropout: float = 0.2
+    fusion_dim: int = 1024
+    fusion_layers: int = 4
+    attention_dim: int = 120
+    attention_heads: int = 4
+    fusion_dropout: float = 0.5
+    gate: str = "fc"
+    gate_hidden: int = 10
+    gate_temperature: float = 1.0
+    variant: str = "mister-e"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        for name in ("speech_dim", "text_dim", "can_hidden", "gru_layers", "fusion_dim", "fusion_layers",
+                     "attention_dim", "attention_heads", "gate_hidden", "gate_temperature"):
+            _check_positive(name, getattr(self, name))
+        if self.num_classes < 2:
+            raise ValueError(
+                f"mister_jax/config.py: num_classes={self.num_classes} must be >= 2; pass the label count.")
+        if self.attention_dim % self.attention_heads:
+            raise ValueError(
+                f"mister_jax/config.py: attention_dim={self.attention_dim} is not divisible by "
+                f"attention_heads={self.attention_heads}; pick sizes where it is.")
+        for name in ("can_dropout", "fusion_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must lie in [0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the training objective (Eq. 12–19).
+
+    Attributes:
+      gamma: focal-loss focusing parameter γ (Eq. 19); 0 gives cross-entropy.
+      lambda_con: λ, weight of the supervised contrastive loss in L_multi (Eq. 15).
+      alpha_kl: α, weight of the KL consistency loss in L_moe (Eq. 16).
+      temperature: τ of the supervised contrastive loss (Eq. 14).
+      contrastive_scope: "conversation" (paper: pairs within one conversation) or "batch" (authors' code:
+        all conversations of a batch pooled into one matrix).
+    """
+
+    gamma: float = 3.0
+    lambda_con: float = 2.0
+    alpha_kl: float = 0.1
+    temperature: float = 1.0
+    contrastive_scope: str = "conversation"
+
+    def __post_init__(self):
+        _check_choice("contrastive_scope", self.contrastive_scope, CONTRASTIVE_SCOPES)
+        _check_positive("temperature", self.temperature)
+        for name in ("gamma", "lambda_con", "alpha_kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must be >= 0.")

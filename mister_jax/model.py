@@ -1,0 +1,358 @@
+"""MiSTER-E: speech and text context addition networks, a multimodal network and a mixture-of-experts
+gate (Dutta, Balaji, Ganapathy, Sec. 3; DESIGN §3).
+
+    outputs = MisterE(cfg).apply({"params": params}, speech [B, T, Ds], text [B, T, Dt], mask bool [B, T],
+                                 deterministic, rngs={"dropout": key})
+
+Each mask row is True on a conversation's utterances and False after them (padding at the end).
+Padded positions never influence real ones: inputs are zeroed there before any layer,
+convolutions see zeros beyond a conversation's last utterance, the backward GRU starts at the last real
+utterance, and attention ignores padded keys. Padded positions of the outputs hold finite values that
+callers must ignore.
+
+Variants (`ModelConfig.variant`):
+  mister-e     speech CAN, text CAN and multimodal experts; the gate mixes their logits (Eq. 10–11).
+  feat-moe     same experts; the gate mixes their projected representations before one classifier.
+  no-loss-moe  the mister-e network; only the gated prediction is supervised (see losses.total_loss).
+  monolithic   both CANs' contextual representations feed the multimodal network; no expert heads or gate.
+  text-only    the text CAN alone (Sec. 5.3); `speech` may be None.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mister_jax.attention import StackedDense, StackedLayerNorm, StackedMultiHeadAttention
+from mister_jax.config import ModelConfig
+from mister_jax.gru import BidirectionalGRU
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutputs:
+    """Outputs of `MisterE`; fields a variant does not produce are None.
+
+    Attributes:
+      logits: [B, T, C] final prediction ŷ (the gated mixture for the MoE variants).
+      speech_logits, text_logits, multimodal_logits: [B, T, C] expert predictions ŷ^s, ŷ^t, ŷ^m.
+      gate: [B, T, 3] gate weights (β^s, β^t, β^m).
+      m_speech, m_text: [B, T, Hf] fused representations M^s, M^t of the multimodal network (Eq. 13).
+    """
+
+    logits: Array
+    speech_logits: Array | None = None
+    text_logits: Array | None = None
+    multimodal_logits: Array | None = None
+    gate: Array | None = None
+    m_speech: Array | None = None
+    m_text: Array | None = None
+
+
+def _zero_padding(x: Array, mask: Array) -> Array:
+    """Zeroes the padded rows of x [B, T, D] (mask bool [B, T])."""
+    return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+
+
+class TemporalInception(nn.Module):
+    """Three 1-D convolutions over the utterance axis (kernels 1, 3, 5, 'same'), each with ReLU, summed
+    (Eq. 3). Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone.
+
+    Attributes:
+      features: output width (2H).
+      dtype: compute dtype.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
+        x = _zero_padding(x, mask)
+        return sum(nn.relu(nn.Conv(self.features, (k,), padding="SAME", dtype=self.dtype, name=f"conv{k}")(x))
+                   for k in (1, 3, 5))
+
+
+class ContextAdditionNetworks(nn.Module):
+    """The context addition networks (CAN, Eq. 3–4) of several modalities, one per modality with its own
+    weights: temporal inception → L-layer bidirectional GRU, plus the residual projection FC(E): D → 2H,
+    dropout, and (with `heads`) the classifier FC: 2H → C. The GRU recurrences of all modalities and
+    directions are stepped together (see `mister_jax.gru`).
+
+    Attributes:
+      config: the model configuration.
+      modalities: names of the modalities, in the order of the inputs.
+      heads: whether to add the per-modality classifiers.
+    """
+
+    config: ModelConfig
+    modalities: tuple[str, ...]
+    heads: bool = True
+
+    @nn.compact
+    def __call__(self, inputs: tuple[Array, ...], mask: Array, deterministic: bool):
+        """Args: inputs, one [B, T, D_m] per modality; mask bool [B, T].
+
+        Returns:
+          (representations, logits): tuples over modalities of [B, T, 2H] contextual representations and
+          [B, T, C] logits (logits is None without heads).
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        width = 2 * cfg.can_hidden
+        inception = jnp.stack([TemporalInception(width, dtype, name=f"{name}_inception")(x, mask)
+                               for name, x in zip(self.modalities, inputs)])
+        context = BidirectionalGRU(cfg.can_hidden, cfg.gru_layers, dtype, name="gru")(inception, mask)
+        representations, logits = [], []
+        for name, x, h in zip(self.modalities, inputs, context):
+            h = h + nn.Dense(width, dtype=dtype, name=f"{name}_residual")(x)
+            h = nn.Dropout(cfg.can_dropout)(h, deterministic=deterministic)
+            h = _zero_padding(h, mask)
+            representations.append(h)
+            if self.heads:
+                logits.append(nn.Dense(cfg.num_classes, dtype=dtype, name=f"{name}_head")(h))
+        return tuple(representations), (tuple(logits) if self.heads else None)
+
+
+class CrossModalLayer(nn.Module):
+    """One layer of the multimodal network (Eq. 5–8) on modality-stacked activations (0: speech, 1: text):
+    bidirectional cross-attention M^{t→s} = LN(FC(X^s) + MHA(Q^s, K^t, V^t)) and M^{s→t} symmetrically,
+    then per-modality self-attention with residual and LayerNorm.
+
+    Attributes:
+      config: the model configuration.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        """Args: x [2, B, T, Hf] (speech, text); mask bool [B, T]. Returns [2, B, T, Hf]."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+
+        def attention(name, queries, keys):
+            module = StackedMultiHeadAttention(cfg.attention_heads, cfg.attention_dim, cfg.fusion_dim,
+                                               cfg.fusion_dropout, dtype, name=name)
+            return module(queries, keys, mask, deterministic)
+
+        other = x[::-1]  # the other modality of each stream
+        cross = StackedLayerNorm(name="cross_norm")(
+            StackedDense(cfg.fusion_dim, dtype, name="cross_residual")(x) + attention("cross_attention", x, other))
+        return StackedLayerNorm(name="self_norm")(cross + attention("self_attention", cross, cross))
+
+
+class MultimodalNetwork(nn.Module):
+    """The multimodal expert (Eq. 5–9): inputs projected to Hf, `fusion_layers` cross-modal layers, a
+    residual connection from the projected inputs giving M^s, M^t, and the classifier
+    [M^s; M^t] → LN → FC → ReLU → FC → C.
+
+    Attributes:
+      config: the model configuration.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, speech: Array, text: Array, mask: Array, deterministic: bool):
+        """Args: speech [B, T, Ds], text [B, T, Dt], mask bool [B, T].
+
+        Returns:
+          (m_speech, m_text, hidden, logits): M^s, M^t [B, T, Hf]; the classifier's hidden layer
+          [B, T, Hf]; logits [B, T, C].
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        projected = jnp.stack([nn.Dense(cfg.fusion_dim, dtype=dtype, name="speech_projection")(speech),
+                               nn.Dense(cfg.fusion_dim, dtype=dtype, name="text_projection")(text)])
+        projected = projected.astype(jnp.float32)
+        x = projected
+        for layer in range(cfg.fusion_layers):
+            x = CrossModalLayer(cfg, name=f"layer_{layer}")(x, mask, deterministic)
+        m_speech, m_text = x + projected
+        hidden = nn.LayerNorm(name="classifier_norm")(jnp.concatenate([m_speech, m_text], axis=-1))
+        hidden = nn.relu(nn.Dense(cfg.fusion_dim, dtype=dtype, name="classifier_hidden")(hidden))
+        hidden = nn.Dropout(cfg.fusion_dropout)(hidden, deterministic=deterministic)
+        logits = nn.Dense(cfg.num_classes, dtype=dtype, name="classifier_out")(hidden)
+        return m_speech, m_text, hidden, logits
+
+
+class MoEGate(nn.Module):
+    """Mixture-of-experts gate (Eq. 10–11): β = softmax(g / gate_temperature) with g = FC(x) ∈ R^3
+    ("fc", the paper) or g = FC(ReLU(FC(x))) with `gate_hidden` units ("mlp", the authors' code).
+
+    Attributes:
+      config: the model configuration.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Args: x [B, T, F] (the concatenated expert outputs). Returns β [B, T, 3], float32."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.gate == "mlp":
+            x = nn.relu(nn.Dense(cfg.gate_hidden, dtype=dtype, name="hidden")(x))
+        g = nn.Dense(3, dtype=dtype, name="out")(x).astype(jnp.float32)
+        return jax.nn.softmax(g / cfg.gate_temperature, axis=-1)
+
+
+def _mix(beta: Array, experts: tuple[Array, Array, Array]) -> Array:
+    """Σ_k β_k x_k for β [B, T, 3] and three [B, T, F] arrays."""
+    return sum(beta[..., k:k + 1] * x.astype(jnp.float32) for k, x in enumerate(experts))
+
+
+def _check_input(name: str, x: Any, dim: int, flag: str, mask_shape: tuple[int, ...]) -> None:
+    if x is None:
+        raise ValueError(
+            f"mister_jax/model.py: {name} features are missing; pass them or use variant='text-only'.")
+    if x.ndim != 3 or tuple(x.shape[:2]) != mask_shape:
+        raise ValueError(f"mister_jax/model.py: {name} has shape {tuple(x.shape)}, expected [B, T, D] with "
+                         f"[B, T] = {list(mask_shape)} (the mask's shape); batch the features like the mask.")
+    if x.shape[-1] != dim:
+        raise ValueError(f"mister_jax/model.py: {name} has dim {x.shape[-1]} but ModelConfig.{flag}={dim}; "
+                         f"set {flag}={x.shape[-1]} (the feature store's dim).")
+
+
+class MisterE(nn.Module):
+    """MiSTER-E (Sec. 3): the variants are listed in the module docstring.
+
+    For "mister-e" and "no-loss-moe" the final prediction mixes the experts' *logits*,
+    ŷ = β^s ŷ^s + β^t ŷ^t + β^m ŷ^m with β = softmax(FC([ŷ^s; ŷ^t; ŷ^m])) as Eq. 10–11 write it.
+    For "feat-moe" the gate sees and mixes the experts' representations (CAN outputs and the multimodal
+    classifier's hidden layer, each projected to Hf) and one FC maps the mixture to C logits.
+
+    Attributes:
+      config: the model configuration.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, speech: Array | None, text: Array, mask: Array, deterministic: bool = True) -> ModelOutputs:
+        """Args: speech [B, T, Ds] (None allowed for "text-only"), text [B, T, Dt], mask bool [B, T].
+
+        Returns:
+          ModelOutputs (float32); values at padded positions are finite and meaningless.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        mask = jnp.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mister_jax/model.py: mask has shape {tuple(mask.shape)}, expected [B, T]; "
+                             "pass one boolean row per conversation.")
+        mask = mask.astype(bool)
+        _check_input("text", text, cfg.text_dim, "text_dim", tuple(mask.shape))
+        text = _zero_padding(jnp.asarray(text, jnp.float32), mask)
+        f32 = lambda x: x.astype(jnp.float32)
+
+        if cfg.variant == "text-only":
+            _, (text_logits,) = ContextAdditionNetworks(cfg, ("text",), name="can")((text,), mask, deterministic)
+            return ModelOutputs(logits=f32(text_logits), text_logits=f32(text_logits))
+
+        _check_input("speech", speech, cfg.speech_dim, "speech_dim", tuple(mask.shape))
+        speech = _zero_padding(jnp.asarray(speech, jnp.float32), mask)
+
+        if cfg.variant == "monolithic":
+            (rep_s, rep_t), _ = ContextAdditionNetworks(cfg, ("speech", "text"), heads=False, name="can")(
+                (speech, text), mask, deterministic)
+            m_s, m_t, _, logits = MultimodalNetwork(cfg, name="multimodal")(rep_s, rep_t, mask, deterministic)
+            return ModelOutputs(logits=f32(logits), m_speech=f32(m_s), m_text=f32(m_t))
+
+        (rep_s, rep_t), (logits_s, logits_t) = ContextAdditionNetworks(cfg, ("speech", "text"), name="can")(
+            (speech, text), mask, deterministic)
+        m_s, m_t, hidden_m, logits_m = MultimodalNetwork(cfg, name="multimodal")(speech, text, mask, deterministic)
+        if cfg.variant == "feat-moe":
+            features = tuple(nn.Dense(cfg.fusion_dim, dtype=dtype, name=f"{name}_feature_projection")(x)
+                             for name, x in (("speech", rep_s), ("text", rep_t), ("multimodal", hidden_m)))
+            beta = MoEGate(cfg, name="gate")(jnp.concatenate(features, axis=-1))
+            mixture = _mix(beta, features).astype(dtype)
+            logits = nn.Dense(cfg.num_classes, dtype=dtype, name="feature_classifier")(mixture)
+        else:
+            experts = (logits_s, logits_t, logits_m)
+            beta = MoEGate(cfg, name="gate")(jnp.concatenate(experts, axis=-1))
+            logits = _mix(beta, experts)
+        return ModelOutputs(logits=f32(logits), speech_logits=f32(logits_s), text_logits=f32(logits_t),
+                            multimodal_logits=f32(logits_m), gate=beta, m_speech=f32(m_s), m_text=f32(m_t))
+
+
+def _dummy_inputs(cfg: ModelConfig, batch: int = 1, length: int = 2):
+    speech = jnp.zeros((batch, length, cfg.speech_dim), jnp.float32)
+    text = jnp.zeros((batch, length, cfg.text_dim), jnp.float32)
+    return speech, text, jnp.ones((batch, length), bool)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The parameter tree of `MisterE(cfg)` as `jax.ShapeDtypeStruct`s, without allocating it."""
+    init = lambda rng: MisterE(cfg).init({"params": rng}, *_dummy_inputs(cfg), deterministic=True)["params"]
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+_TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+
+
+def _initializer(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, float]:
+    """(kind, scale) of the module default initializer of the parameter at `path`.
+
+    Kernels: LeCun truncated normal (flax's default; stacked `kernels` [S, in, out] per stream); biases
+    zero; LayerNorm scales one; GRU weights and biases U(-1/√H, 1/√H) (`BidirectionalGRU`).
+    """
+    name, parent = path[-1], path[-2]
+    if parent == "gru":
+        return "uniform", (shape[-1] // 3) ** -0.5
+    if name in ("kernel", "kernels"):
+        fan_in = shape[-2] if name == "kernels" else math.prod(shape[:-1])
+        return "normal", fan_in ** -0.5 / _TRUNCATED_NORMAL_STD
+    if name in ("bias", "biases", "scale", "scales"):
+        return ("zeros" if name.startswith("bias") else "ones"), 1.0
+    raise ValueError(f"mister_jax/model.py: no initializer known for parameter {'/'.join(path)}; "
+                     "add it to _initializer.")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(rng: Array, num_normal: int, num_uniform: int) -> tuple[Array, Array]:
+    normal_key, uniform_key = jax.random.split(rng)
+    return (jax.random.truncated_normal(normal_key, -2.0, 2.0, (num_normal,), jnp.float32),
+            jax.random.uniform(uniform_key, (num_uniform,), jnp.float32, -1.0, 1.0))
+
+
+def init_params(cfg: ModelConfig, rng: Array) -> dict:
+    """Initial float32 parameters of `MisterE(cfg)`, distributed as `MisterE(cfg).init` draws them.
+
+    All random numbers come from one jitted call (a truncated-normal and a uniform vector), split and
+    scaled per parameter on the host: XLA compiles two kernels instead of one per parameter, so a
+    90M-parameter init takes seconds.
+    """
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    plans = [_initializer(tuple(k.key for k in path), leaf.shape) for path, leaf in leaves]
+    sizes = {kind: sum(leaf.size for (_, leaf), (k, _) in zip(leaves, plans) if k == kind)
+             for kind in ("normal", "uniform")}
+    normal, uniform = (np.asarray(x) for x in _draw(rng, sizes["normal"], sizes["uniform"]))
+    offsets = {"normal": 0, "uniform": 0}
+    params = []
+    for (_, leaf), (kind, scale) in zip(leaves, plans):
+        if kind in offsets:
+            source = normal if kind == "normal" else uniform
+            start = offsets[kind]
+            offsets[kind] += leaf.size
+            value = source[start:start + leaf.size].reshape(leaf.shape) * np.float32(scale)
+        else:
+            value = np.full(leaf.shape, 0.0 if kind == "zeros" else 1.0, np.float32)
+        params.append(jnp.asarray(value))
+    return jax.tree_util.tree_unflatten(treedef, params)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree (arrays or `jax.ShapeDtypeStruct`s)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,205 @@
+"""Tests of mister_jax.model: GRU reference, padding invariance and training of every variant, sizes."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mister_jax import losses
+from mister_jax.config import VARIANTS, LossConfig, ModelConfig
+from mister_jax.gru import BidirectionalGRU
+from mister_jax.model import MisterE, count_params, init_params, param_shapes
+
+# XLA:CPU compiles these small programs ~3x faster with the classic fusion emitters and without LLVM's
+# expensive passes; the results are the same.
+_FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+TINY = dict(speech_dim=12, text_dim=12, num_classes=3, can_hidden=8, gru_layers=2, fusion_dim=16,
+            fusion_layers=2, attention_dim=8, attention_heads=2)
+OUTPUT_FIELDS = ("logits", "speech_logits", "text_logits", "multimodal_logits", "gate", "m_speech", "m_text")
+
+
+@functools.lru_cache(maxsize=None)
+def _model(variant):
+    """(config, params, evaluate) for a tiny model; evaluate is jitted once per input shape."""
+    cfg = ModelConfig(variant=variant, **TINY)
+    loss_cfg = LossConfig()
+
+    def loss_fn(params, speech, text, mask, labels, loss_mask):
+        outputs = MisterE(cfg).apply({"params": params}, speech, text, mask, deterministic=True)
+        loss, terms = losses.total_loss(outputs, labels, loss_mask, loss_cfg, variant)
+        return loss, (outputs, terms)
+
+    def evaluate(params, speech, text, mask, labels, loss_mask, param_grads=True):
+        argnums = (0, 1, 2) if param_grads else (1, 2)
+        grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)
+        (loss, (outputs, terms)), grads = grad_fn(params, speech, text, mask, labels, loss_mask)
+        result = dict(loss=loss, outputs=outputs, terms=terms, g_speech=grads[-2], g_text=grads[-1])
+        return dict(result, g_params=grads[0]) if param_grads else result
+
+    evaluate = jax.jit(evaluate, static_argnames="param_grads", compiler_options=_FAST_COMPILE)
+    return cfg, init_params(cfg, jax.random.key(0)), evaluate
+
+
+def _padding_case(seed=0, length=4, padded_length=7):
+    """A conversation alone, and a batch holding it padded with garbage, a longer one and an empty one."""
+    rng = np.random.default_rng(seed)
+    dims = (TINY["speech_dim"], TINY["text_dim"])
+    alone = [rng.normal(size=(1, length, d)).astype(np.float32) for d in dims]
+    labels = rng.integers(0, TINY["num_classes"], (1, length))
+    batch = [rng.normal(scale=1e3, size=(3, padded_length, d)).astype(np.float32) for d in dims]
+    for x, a in zip(batch, alone):
+        x[0, :length] = a[0]
+        x[1] = rng.normal(size=x[1].shape)
+    batch_labels = rng.integers(-1, 3, (3, padded_length))
+    batch_labels[0, :length] = labels[0]
+    batch_mask = np.arange(padded_length)[None, :] < np.array([[length], [padded_length], [0]])
+    loss_mask = batch_mask & (np.arange(3)[:, None] == 0)
+    alone_mask = np.ones((1, length), bool)
+    alone_case = (alone[0], alone[1], alone_mask, labels, alone_mask)
+    return alone_case, (batch[0], batch[1], batch_mask, batch_labels, loss_mask)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_and_batching_do_not_change_a_conversation(variant):
+    _, params, evaluate = _model(variant)
+    alone_inputs, batch_inputs = _padding_case()
+    alone = evaluate(params, *alone_inputs, param_grads=False)
+    batched = evaluate(params, *batch_inputs)
+    n = alone_inputs[0].shape[1]
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    for field in OUTPUT_FIELDS:
+        a, b = getattr(alone["outputs"], field), getattr(batched["outputs"], field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert np.all(np.isfinite(b)), f"{field} not finite at padded positions"
+            close(b[0, :n], a[0], err_msg=field)
+    close(batched["loss"], alone["loss"])
+    assert set(batched["terms"]) == set(alone["terms"])
+    for name in alone["terms"]:
+        close(batched["terms"][name], alone["terms"][name], err_msg=name)
+    for name in ("g_speech", "g_text"):
+        if variant == "text-only" and name == "g_speech":
+            continue
+        close(batched[name][0, :n], alone[name][0], err_msg=name)
+        assert np.all(batched[name][0, n:] == 0) and np.all(batched[name][2] == 0), name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_steps_reduce_the_loss(variant):
+    _, params, evaluate = _model(variant)
+    _, (speech, text, mask, labels, _) = _padding_case(seed=1)
+    optimizer = optax.adam(3e-2)
+    state = optimizer.init(params)
+
+    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+    def update(grads, state, params):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    history = []
+    for _ in range(8):
+        result = evaluate(params, speech, text, mask, labels, mask)
+        history.append(float(result["loss"]))
+        params, state = update(result["g_params"], state, params)
+    assert all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
+
+
+def _gru_numpy(x, lengths, params, hidden):
+    """One bidirectional GRU layer by explicit loops; backward runs from each sequence's last real step."""
+    w_ih, b_ih, w_hh, b_hh = (np.asarray(params[f"{n}_0"], np.float64) for n in ("w_ih", "b_ih", "w_hh", "b_hh"))
+    out = np.zeros(x.shape[:2] + (2 * hidden,))
+    for b, n in enumerate(lengths):
+        for direction, steps in enumerate((range(n), reversed(range(n)))):
+            h = np.zeros(hidden)
+            for t in steps:
+                gx = x[b, t] @ w_ih[direction] + b_ih[direction]
+                gh = h @ w_hh[direction] + b_hh[direction]
+                r = 1 / (1 + np.exp(-(gx[:hidden] + gh[:hidden])))
+                z = 1 / (1 + np.exp(-(gx[hidden:2 * hidden] + gh[hidden:2 * hidden])))
+                c = np.tanh(gx[2 * hidden:] + r * gh[2 * hidden:])
+                h = (1 - z) * c + z * h
+                out[b, t, direction * hidden:(direction + 1) * hidden] = h
+    return out
+
+
+def test_bidirectional_gru_matches_numpy_loop():
+    hidden, lengths = 3, np.array([5, 3])
+    x = np.random.default_rng(0).normal(size=(1, 2, 5, 2 * hidden)).astype(np.float32)
+    mask = np.arange(5)[None, :] < lengths[:, None]
+    gru = BidirectionalGRU(hidden, 1)
+    params = jax.jit(gru.init, compiler_options=_FAST_COMPILE)(jax.random.key(0), x, mask)["params"]
+    y = jax.jit(gru.apply, compiler_options=_FAST_COMPILE)({"params": params}, x, mask)
+    expected = _gru_numpy(x[0], lengths, params, hidden)
+    np.testing.assert_allclose(np.where(mask[..., None], y[0], 0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg, params, _ = _model("text-only")
+    speech, text, mask, _, _ = _padding_case()[0]
+    apply = jax.jit(lambda key, deterministic: MisterE(cfg).apply(
+        {"params": params}, speech, text, mask, deterministic=deterministic, rngs={"dropout": key}).logits,
+                    static_argnums=1, compiler_options=_FAST_COMPILE)
+    first, second = apply(jax.random.key(1), False), apply(jax.random.key(2), False)
+    assert np.all(np.isfinite(first)) and not np.allclose(first, second)
+    np.testing.assert_array_equal(apply(jax.random.key(1), True), apply(jax.random.key(2), True))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    cfg, params, _ = _model("mister-e")
+    speech, text, mask, _, _ = _padding_case()[0]
+    # Default compiler options: the runtime's dot kernels must accept the bfloat16 matmuls.
+    apply = jax.jit(lambda c: MisterE(c).apply({"params": params}, speech, text, mask).logits, static_argnums=0)
+    reference, low_precision = apply(cfg), apply(ModelConfig(variant="mister-e", dtype="bfloat16", **TINY))
+    assert low_precision.dtype == jnp.float32
+    np.testing.assert_allclose(low_precision, reference, atol=0.1)
+    assert not np.array_equal(low_precision, reference)
+
+
+def _expected_param_count(cfg):
+    """Eq. 3–11 layer sizes counted by hand (weights + biases)."""
+    d_s, d_t, h, c = cfg.speech_dim, cfg.text_dim, cfg.can_hidden, cfg.num_classes
+    f, a = cfg.fusion_dim, cfg.attention_dim
+    dense = lambda i, o: i * o + o
+
+    def can(d):
+        inception = sum(dense(k * d, 2 * h) for k in (1, 3, 5))
+        gru = cfg.gru_layers * 2 * (dense(2 * h, 3 * h) + dense(h, 3 * h))
+        return inception + gru + dense(d, 2 * h) + dense(2 * h, c)
+
+    attention = 3 * dense(f, a) + dense(a, f)
+    layer = 4 * attention + 2 * dense(f, f) + 4 * 2 * f
+    classifier = 2 * 2 * f + dense(2 * f, f) + dense(f, c)
+    multimodal = dense(d_s, f) + dense(d_t, f) + cfg.fusion_layers * layer + classifier
+    return can(d_s) + can(d_t) + multimodal + dense(3 * c, 3)
+
+
+def test_parameter_count_at_paper_dims():
+    cfg = ModelConfig()  # IEMOCAP preset: 2048/2048 features, C = 6, H = 512, L = 3
+    count = count_params(param_shapes(cfg))
+    print(f"MiSTER-E parameters at paper dims: {count:,}")
+    assert count == _expected_param_count(cfg)
+
+
+def test_init_params_has_the_module_structure_and_scales():
+    cfg, params, _ = _model("mister-e")
+    shapes = param_shapes(cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    assert jax.tree.map(lambda p: (p.shape, p.dtype), params) == jax.tree.map(lambda s: (s.shape, s.dtype), shapes)
+    kernel = np.asarray(params["can"]["text_inception"]["conv5"]["kernel"])  # fan_in = 5 · 12
+    assert abs(kernel.std() * math.sqrt(5 * TINY["text_dim"]) - 1.0) < 0.1
+    assert np.all(params["multimodal"]["classifier_norm"]["scale"] == 1)
+    gru = np.asarray(params["can"]["gru"]["w_hh_0"])
+    assert np.abs(gru).max() <= 1 / math.sqrt(TINY["can_hidden"])
+
+
+def test_wrong_feature_dim_is_one_readable_error():
+    cfg, params, _ = _model("mister-e")
+    speech, text, mask, _, _ = _padding_case()[0]
+    with pytest.raises(ValueError, match="speech_dim=12"):
+        MisterE(cfg).apply({"params": params}, speech[..., :5], text, mask)
