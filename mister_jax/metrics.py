@@ -1,0 +1,93 @@
+"""Evaluation metrics (DESIGN §5): weighted F1 per expert, per-class F1, confusion matrix, gate β.
+
+The F1 scores match scikit-learn's ``f1_score`` (``average="weighted"`` / ``None``, ``zero_division=0``).
+
+All functions take flat arrays over the real, labelled utterances of a split: ``labels [N]`` and
+probabilities ``[N, C]``; ``gate [N, 3]`` holds (β^s, β^t, β^m) of Eq. 11.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+EXPERTS = ("speech", "text", "multimodal", "moe")
+GATE_EXPERTS = ("speech", "text", "multimodal")
+
+
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """``int [C, C]`` counts, rows = true class, columns = predicted class."""
+    counts = np.bincount(np.asarray(labels) * num_classes + np.asarray(predictions),
+                         minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def _class_f1(matrix: np.ndarray) -> np.ndarray:
+    tp, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    denominator = support + predicted
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+
+
+def weighted_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Support-weighted mean of per-class F1, a fraction in [0, 1].
+
+    Equals sklearn's ``f1_score(average="weighted", zero_division=0)`` (the tests hold it to that);
+    computed from the confusion matrix because it runs for every expert, seed and split each epoch.
+    """
+    if len(labels) == 0:
+        return 0.0
+    matrix = confusion(labels, predictions, num_classes)
+    return float(np.sum(_class_f1(matrix) * matrix.sum(axis=1)) / len(labels))
+
+
+def per_class_f1(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:
+    """``{label_name: F1}`` for every class (0.0 for a class neither present nor predicted)."""
+    scores = _class_f1(confusion(labels, predictions, len(label_names)))
+    return {name: float(s) for name, s in zip(label_names, scores)}
+
+
+def gate_statistics(gate: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Mean/std of β per expert over all utterances and the mean β per expert for each true class."""
+    stats = {
+        "mean": {e: float(gate[:, i].mean()) for i, e in enumerate(GATE_EXPERTS)},
+        "std": {e: float(gate[:, i].std()) for i, e in enumerate(GATE_EXPERTS)},
+        "per_class": {},
+    }
+    for c, name in enumerate(label_names):
+        rows = gate[labels == c]
+        if len(rows):
+            stats["per_class"][name] = {e: float(rows[:, i].mean()) for i, e in enumerate(GATE_EXPERTS)}
+    return stats
+
+
+def summarize(labels: np.ndarray, probs: Mapping[str, np.ndarray], gate: np.ndarray | None,
+              label_names: Sequence[str], detailed: bool) -> dict:
+    """Scores of one model on one split.
+
+    Args:
+      labels: ``int [N]`` true classes of the labelled utterances.
+      probs: expert name (``speech``, ``text``, ``multimodal``, ``moe``) → ``[N, C]``; experts the
+        variant lacks are absent.
+      gate: ``[N, 3]`` or ``None``.
+      detailed: add per-class F1, the confusion matrix (rows = true class) and gate statistics.
+    Returns:
+      ``{"weighted_f1": {expert: f1}, ...}``.
+    """
+    c = len(label_names)
+    preds = {e: np.argmax(p, axis=-1) for e, p in probs.items()}
+    out = {"weighted_f1": {e: weighted_f1(labels, preds[e], c) for e in EXPERTS if e in preds}}
+    if detailed:
+        out["per_class_f1"] = per_class_f1(labels, preds["moe"], label_names)
+        out["confusion_matrix"] = confusion(labels, preds["moe"], c).tolist()
+        out["per_expert_per_class_f1"] = {e: per_class_f1(labels, preds[e], label_names)
+                                          for e in EXPERTS if e in preds}
+        if gate is not None:
+            out["gate"] = gate_statistics(gate, labels, label_names)
+    return out
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "per_seed"}`` (population std, as numpy; 0.0 for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "per_seed": [float(x) for x in v]}

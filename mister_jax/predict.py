@@ -1,0 +1,162 @@
+"""Per-utterance predictions of a trained run (DESIGN §6).
+
+    python -m mister_jax.predict --run DIR --dataset NAME [--features ROOT] [--split test]
+        [--batch-size B] [--seed S] --out FILE.jsonl
+
+Writes one JSON line per utterance, in store order::
+
+    {"conversation_id", "utterance_id", "label", "prediction", "label_id", "prediction_id",
+     "probs": [C], "experts": {"speech": [C], "text": [C], "multimodal": [C]}, "gate": [β^s, β^t, β^m]}
+
+``label`` / ``prediction`` are class names (``label`` is null for unlabelled utterances); all scores are
+softmax probabilities. Variants without experts give ``"experts": {}`` and ``"gate": null``. The model is
+the best-validation parameters of seed ``S`` (default: the seed with the best validation weighted F1).
+Conversations are padded to pad lengths computed from the split alone, never from ``B``, so the
+output does not depend on ``--batch-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mister_jax.train import UsageError, enable_compilation_cache, open_store
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mister_jax.train import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(prog="python -m mister_jax.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run directory written by python -m mister_jax.train")
+    parser.add_argument("--dataset", required=True, help="store name; the store is ROOT/NAME")
+    parser.add_argument("--features", default="features", help="store root")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
+    parser.add_argument("--seed", type=int, help="which seed's best parameters (default: best validation F1)")
+    parser.add_argument("--out", required=True, help="output .jsonl file")
+    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)))
+    return parser.parse_args(argv)
+
+
+def load_run(run: Path) -> dict:
+    path = run / "run_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--run {run}: no run_config.json — train first with "
+                         f"`python -m mister_jax.train --out {run}`") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: unreadable ({err}) — retrain the run") from None
+
+
+def choose_seed(run: Path, config: dict, seed: int | None) -> int:
+    seeds = list(range(config["train"]["seeds"]))
+    if seed is not None:
+        if seed not in seeds:
+            raise UsageError(f"--seed {seed}: the run has seeds {seeds}")
+        return seed
+    path = run / "results.json"
+    if not path.exists():
+        raise UsageError(f"{path}: missing (training unfinished) — finish training, or pass --seed")
+    per_seed = json.loads(path.read_text(encoding="utf-8"))["val"]["weighted_f1"]["per_seed"]
+    return seeds[int(np.argmax(per_seed))]
+
+
+def predict_split(params, model_cfg, data, num_buckets: int, multiple: int, batch_size: int):
+    """Yields ``(row, {expert: probs [C]}, gate or None)`` for every utterance of ``data`` in order."""
+    import functools
+
+    import jax
+
+    from mister_jax.data import bucket_lengths, epoch_plan, iterate_batches
+    from mister_jax.trainer import predict_step
+
+    step = jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
+    pads = bucket_lengths(data.lengths, num_buckets, multiple)
+    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0)
+    for rows, batch in iterate_batches(data, plan):
+        out = jax.device_get(step(params, batch))
+        for b, t in zip(*np.nonzero(rows >= 0)):
+            yield int(rows[b, t]), {name: v[b, t] for name, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except UsageError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    config = load_run(run)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    store = open_store(args.dataset, args.features)
+    if list(store.label_names) != list(config["label_names"]):
+        raise UsageError(f"{store.directory / 'manifest.json'}: labels {store.label_names} differ from the run's "
+                         f"{config['label_names']} — predict with the store the run was trained on")
+    from mister_jax.config import ModelConfig
+    from mister_jax.train import required_modalities
+
+    model_cfg = ModelConfig(**config["model"])
+    for m in required_modalities(model_cfg.variant):
+        if m not in store.modalities:
+            raise UsageError(f"{store.directory / 'manifest.json'}: the run needs modality '{m}', which this "
+                             f"store lacks — extract it with `python -m encoders_torch.extract --modality {m}`")
+        if store.modalities[m]["dim"] != getattr(model_cfg, f"{m}_dim"):
+            raise UsageError(f"{store.directory / 'manifest.json'}: {m} dim {store.modalities[m]['dim']} differs "
+                             f"from the run's {getattr(model_cfg, f'{m}_dim')} — use the store the run was trained on")
+    if args.split not in store.splits:
+        raise UsageError(f"--split {args.split}: the store has splits {list(store.splits)}")
+    seed = choose_seed(run, config, args.seed)
+
+    enable_compilation_cache(args.jax_cache)
+    import jax
+
+    from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+    from mister_jax.data import load_split
+    from mister_jax.model import param_shapes
+
+    target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(model_cfg))
+    try:
+        ckpt = RunCheckpoints(run / "checkpoints")
+        _, params = ckpt.restore_best(seed, target)
+        ckpt.close()
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    data = load_split(store, args.split, required_modalities(model_cfg.variant))
+    names = list(store.label_names)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    lines = [None] * data.num_utterances
+    for row, probs in predict_split(params, model_cfg, data, config["train"]["num_buckets"],
+                                    config["train"]["bucket_multiple"], args.batch_size):
+        label, prediction = int(data.labels[row]), int(np.argmax(probs["moe"]))
+        lines[row] = json.dumps({
+            "conversation_id": str(data.conversation_ids[row]), "utterance_id": str(data.utterance_ids[row]),
+            "label": names[label] if label >= 0 else None, "prediction": names[prediction],
+            "label_id": label, "prediction_id": prediction,
+            "probs": probs["moe"].tolist(),
+            "experts": {e: probs[e].tolist() for e in ("speech", "text", "multimodal") if e in probs},
+            "gate": probs["gate"].tolist() if "gate" in probs else None})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write there ({err.strerror}) — choose a writable path") from None
+    print(f"wrote {data.num_utterances} predictions of seed {seed} to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""Train MiSTER-E on a feature store with the paper's protocol (DESIGN §5, §6).
+
+    python -m mister_jax.train --dataset NAME [--features ROOT] [--out DIR] [--epochs N] [--seeds K]
+        [--variant V] [--set key=value ...] [--seed-mode {auto,vmap,sequential}] [--no-val {carve,refuse}]
+        [--checkpoint-every N] [--restart]
+
+Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
+Every epoch evaluates every seed on validation and test; each seed keeps the parameters of its best
+validation weighted F1 (MoE prediction) and reports test scores at that epoch. Writes to ``DIR``:
+``results.json`` (DESIGN §6 plus per-expert, per-class, confusion and gate statistics),
+``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
+``checkpoints/`` (orbax). Re-running the same command resumes from the last checkpoint and ends with
+the same scores as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
+IGNORED_ON_RESUME = ("epochs", "checkpoint_every")
+
+
+class UsageError(Exception):
+    """Bad input; the message (one line per problem) says which file or flag and how to fix it."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mister_jax.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="demo", help="preset and store name (default: demo)")
+    parser.add_argument("--features", default="features", help="store root; the store is ROOT/NAME")
+    parser.add_argument("--out", help="run directory (default: runs/NAME[-VARIANT])")
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--seeds", type=int, help="number of seeds 0..K-1 (default 3)")
+    parser.add_argument("--variant", help="mister-e, feat-moe, no-loss-moe, monolithic or text-only")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0")
+    parser.add_argument("--seed-mode", choices=("auto", "vmap", "sequential"), default="auto",
+                        help="train seeds in one vmapped step or one after the other (auto: vmap on GPU/TPU)")
+    parser.add_argument("--no-val", choices=("carve", "refuse"), default="carve",
+                        help="when the store has no val split: carve one from train (fixed seed) or stop")
+    parser.add_argument("--checkpoint-every", type=int, help="save the training state every N epochs")
+    parser.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
+    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
+                        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persists compiled XLA programs under ``path`` so a second run does not compile again."""
+    import jax
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def open_store(dataset: str, features: str):
+    """Opens ``features/dataset`` (building the demo store when asked for and absent)."""
+    from bridges import FeatureStore, StoreError
+
+    path = Path(features) / dataset
+    if dataset == "demo" and not (path / "manifest.json").exists():
+        from bridges.demo import build_demo_store
+
+        try:
+            build_demo_store(features)
+        except OSError as err:
+            raise UsageError(f"--features {features}: cannot build the demo store there ({err.strerror}) — "
+                             f"pass a writable --features ROOT") from None
+    if not path.is_dir():
+        raise UsageError(
+            f"{path}: no feature store — make one with `python -m encoders_torch.extract --dataset {dataset} "
+            f"--out {features} ...`, write it by hand per DESIGN §2, or try --dataset demo")
+    try:
+        store = FeatureStore.open(path)
+        problems = store.check_values()
+    except StoreError as err:
+        raise UsageError("\n".join(err.problems)) from None
+    if problems:
+        raise UsageError("\n".join(problems))
+    return store
+
+
+def required_modalities(variant: str) -> tuple[str, ...]:
+    return ("text",) if variant == "text-only" else ("speech", "text")
+
+
+def build_preset(args: argparse.Namespace, store):
+    """The dataset preset with the store's labels and dims, then --variant, --set and the flags."""
+    from mister_jax.config import VARIANTS
+    from mister_jax.presets import OverrideError, apply_overrides, get_preset
+
+    preset = get_preset(args.dataset, store.label_names)
+    dims = {f"{m}_dim": store.modalities[m]["dim"] for m in ("speech", "text") if m in store.modalities}
+    overrides = list(args.overrides)
+    if args.variant is not None:
+        if args.variant not in VARIANTS:
+            raise UsageError(f"--variant {args.variant}: unknown variant; choose one of {', '.join(VARIANTS)}")
+        overrides.insert(0, f"variant={args.variant}")
+    flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every}
+    overrides += [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+    try:
+        preset = apply_overrides(preset, overrides)
+        preset = dataclasses.replace(preset, model=dataclasses.replace(
+            preset.model, num_classes=len(store.label_names), **dims))
+    except OverrideError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(f"--set: {err}") from None
+    missing = [m for m in required_modalities(preset.model.variant) if m not in store.modalities]
+    if missing:
+        raise UsageError(
+            f"{store.directory / 'manifest.json'}: variant '{preset.model.variant}' needs modality "
+            f"'{missing[0]}', which this store lacks — extract it with `python -m encoders_torch.extract "
+            f"--modality {missing[0]}`, or pass --variant text-only")
+    return preset
+
+
+def load_splits(store, preset, no_val: str, log):
+    """``(train, val, test, val_source)`` as ``data.SplitData``."""
+    from mister_jax.data import carve_validation, load_split
+
+    modalities = required_modalities(preset.model.variant)
+    if "train" not in store.splits or "test" not in store.splits:
+        raise UsageError(f"{store.directory / 'manifest.json'}: the store needs 'train' and 'test' splits "
+                         f"(it has {list(store.splits)}) — extract them")
+    train = load_split(store, "train", modalities)
+    test = load_split(store, "test", modalities)
+    if "val" in store.splits:
+        return train, load_split(store, "val", modalities), test, "store"
+    if no_val == "refuse":
+        raise UsageError(f"{store.directory / 'manifest.json'}: the store has no 'val' split — extract one, "
+                         f"or pass --no-val carve to carve it from train")
+    cfg = preset.train
+    train, val = carve_validation(train, cfg.val_fraction, cfg.val_carve_seed)
+    log(f"the store has no 'val' split: carved {val.num_conversations} of {train.num_conversations + val.num_conversations} "
+        f"training conversations (fraction {cfg.val_fraction}, seed {cfg.val_carve_seed})")
+    return train, val, test, "carved"
+
+
+def prepare_out(args: argparse.Namespace, variant_given: bool) -> Path:
+    out = Path(args.out) if args.out else Path("runs") / (args.dataset + (f"-{args.variant}" if variant_given else ""))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write there ({err.strerror}) — choose a writable directory") from None
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON to a temporary file, then renames it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_same_run(out: Path, run_config: dict) -> None:
+    """Refuses to resume a run directory that was trained with a different configuration."""
+    path = out / "run_config.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{path}: unreadable — delete it, or pass --restart") from None
+    strip = lambda c: {**c, "train": {k: v for k, v in c.get("train", {}).items() if k not in IGNORED_ON_RESUME}}
+    a, b = strip(old), strip(run_config)
+    if a != b:
+        diff = sorted({f"{s}.{k}" for s in b if isinstance(b[s], dict) and isinstance(a.get(s), dict)
+                       for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)}
+                      | {s for s in b if not isinstance(b[s], dict) and a.get(s) != b[s]})
+        raise UsageError(f"{out}: holds a run with a different configuration ({', '.join(diff)}) — pass --restart "
+                         f"to discard it, or choose another --out")
+
+
+def aggregate(best: list[dict], label_names: list[str], split: str) -> dict:
+    """Scores of the selected epochs over seeds: mean/std/per-seed per expert, per-class and gates."""
+    from mister_jax.metrics import EXPERTS, GATE_EXPERTS, mean_std
+
+    records = [b[split] for b in best]
+    experts = {e: {"weighted_f1": mean_std([r["weighted_f1"][e] for r in records])}
+               for e in EXPERTS if e in records[0]["weighted_f1"]}
+    out = {"weighted_f1": experts["moe"]["weighted_f1"], "experts": experts,
+           "per_class_f1": {n: float(np.mean([r["per_class_f1"][n] for r in records])) for n in label_names},
+           "per_class_f1_per_seed": [r["per_class_f1"] for r in records],
+           "per_expert_per_class_f1": {e: {n: float(np.mean([r["per_expert_per_class_f1"][e][n] for r in records]))
+                                           for n in label_names} for e in experts},
+           "confusion_matrix": np.sum([r["confusion_matrix"] for r in records], axis=0).tolist(),
+           "confusion_matrix_per_seed": [r["confusion_matrix"] for r in records]}
+    if "gate" in records[0]:
+        out["gate"] = {
+            "mean": {e: float(np.mean([r["gate"]["mean"][e] for r in records])) for e in GATE_EXPERTS},
+            "std": {e: float(np.mean([r["gate"]["std"][e] for r in records])) for e in GATE_EXPERTS},
+            "per_class": {n: {e: float(np.mean([r["gate"]["per_class"][n][e] for r in records
+                                                if n in r["gate"]["per_class"]])) for e in GATE_EXPERTS}
+                          for n in label_names if all(n in r["gate"]["per_class"] for r in records)},
+            "per_seed": [r["gate"] for r in records]}
+    return out
+
+
+class Trainer:
+    """One run: all seeds epoch by epoch, evaluation, model selection and checkpoints.
+
+    ``self.work`` holds the training states: one stacked ``TrainState`` (leading seed axis) when
+    vmapped, else a list with one per seed. ``self.best_params`` holds host copies of each seed's
+    best-validation parameters; they are checkpointed together with the training state, so a resumed
+    run continues with exactly the same selection.
+    """
+
+    def __init__(self, preset, label_names, train, val, test, out: Path, seed_mode: str, log):
+        import jax
+
+        from mister_jax.data import bucket_lengths, epoch_plan, padding_efficiency
+        from mister_jax.trainer import make_steps, seed_keys
+
+        self.preset, self.label_names, self.out, self.log = preset, list(label_names), out, log
+        self.train, self.val, self.test = train, val, test
+        cfg = preset.train
+        self.seeds = list(range(cfg.seeds))
+        self.vmap = seed_mode == "vmap" or (seed_mode == "auto" and jax.default_backend() != "cpu")
+        self.pad_lengths = bucket_lengths(np.concatenate([train.lengths, val.lengths, test.lengths]),
+                                          cfg.num_buckets, cfg.bucket_multiple)
+        plan = epoch_plan(train.lengths, self.pad_lengths, cfg.batch_size, seed=0, epoch=0)
+        shapes = sorted({p.length for p in plan})
+        real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
+        self.shape_info = {"train_shapes": [[cfg.batch_size, t] for t in shapes], "pad_lengths": list(self.pad_lengths),
+                           "padding_efficiency": padding_efficiency(train.lengths, plan),
+                           "real_utterances": real, "padded_utterances": padded}
+        log(f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
+            f"padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / {padded} padded "
+            f"utterances); seeds {self.seeds} {'vmapped in one step' if self.vmap else 'one after the other'}")
+        self.train_fn, self.predict_fn = make_steps(preset.model, preset.loss, cfg, self.vmap)
+        keys = [seed_keys(s)[1] for s in self.seeds]
+        self.dropout_keys = jax.numpy.stack(keys) if self.vmap else keys
+        self.eval_batches = {name: self._device_batches(split) for name, split in (("val", val), ("test", test))}
+        self.history: list[dict] = []
+        self.best: list[dict | None] = [None] * len(self.seeds)
+        t0 = time.perf_counter()
+        self._set_work(self._initial())
+        self.best_params = [self.params_of(k) for k in range(len(self.seeds))]
+        log(f"initialised {len(self.seeds)} seed(s) in {time.perf_counter() - t0:.1f} s")
+
+    def _device_batches(self, split):
+        import jax
+
+        from mister_jax.data import epoch_plan, iterate_batches
+
+        plan = epoch_plan(split.lengths, self.pad_lengths, self.preset.train.batch_size, seed=None, epoch=0)
+        return [(rows, jax.device_put(batch)) for rows, batch in iterate_batches(split, plan)]
+
+    def _initial(self):
+        from mister_jax.trainer import create_train_state, stack_states
+
+        return stack_states([create_train_state(self.preset.model, self.preset.train, s) for s in self.seeds])
+
+    def _set_work(self, stacked) -> None:
+        import jax
+
+        from mister_jax.trainer import unstack_states
+
+        self.work = jax.device_put(stacked) if self.vmap else jax.device_put(unstack_states(stacked, len(self.seeds)))
+
+    def params_of(self, k: int):
+        """Host copy of the current parameters of seed index ``k``."""
+        import jax
+
+        params = self.work.params if self.vmap else self.work[k].params
+        return jax.tree_util.tree_map(lambda x: np.array(x[k] if self.vmap else x), params)
+
+    def _checkpoint_tree(self):
+        """Host copies (safe to write in the background while training goes on) of the saved state."""
+        from mister_jax.trainer import stack_states
+
+        import jax
+
+        train = jax.tree_util.tree_map(np.array, self.work) if self.vmap else stack_states(self.work)
+        return {"train": train, "best_params": stack_states(self.best_params)}
+
+    def restore(self, ckpt) -> int:
+        """Loads the latest checkpoint if there is one; returns the number of epochs already done."""
+        from mister_jax.trainer import unstack_states
+
+        if ckpt.latest_epoch() is None:
+            return 0
+        epoch, tree, meta = ckpt.restore_state(self._checkpoint_tree())
+        self._set_work(tree["train"])
+        self.best_params = unstack_states(tree["best_params"], len(self.seeds))
+        self.history, self.best = meta["history"], meta["best"]
+        self.log(f"resumed {self.out} after epoch {epoch}")
+        return epoch
+
+    def predict(self, split_name: str, split) -> list[dict]:
+        """Per seed: ``{expert: probs [N, C], "gate": [N, 3]}`` over the rows of ``split``."""
+        import jax
+
+        K = len(self.seeds)
+        per_seed = [{} for _ in range(K)]
+        for rows, batch in self.eval_batches[split_name]:
+            mask = rows >= 0
+            if self.vmap:
+                out = jax.device_get(self.predict_fn(self.work.params, batch))
+                outs = [{name: v[k] for name, v in out.items()} for k in range(K)]
+            else:
+                outs = jax.device_get([self.predict_fn(w.params, batch) for w in self.work])
+            for k, out in enumerate(outs):
+                for name, v in out.items():
+                    dest = per_seed[k].setdefault(name, np.zeros((split.num_utterances, v.shape[-1]), np.float32))
+                    dest[rows[mask]] = v[mask]
+        return per_seed
+
+    def evaluate(self) -> dict:
+        """``{split: [(probs {expert: [N, C]}, gate [N, 3] or None, labels [N]) per seed]}``, labelled rows."""
+        result = {}
+        for name, split in (("val", self.val), ("test", self.test)):
+            labelled = split.labels >= 0
+            result[name] = []
+            for probs in self.predict(name, split):
+                gate = probs.pop("gate", None)
+                result[name].append(({e: p[labelled] for e, p in probs.items()},
+                                     None if gate is None else gate[labelled], split.labels[labelled]))
+        return result
+
+    def train_epoch(self, epoch: int) -> tuple[list[list[dict]], float]:
+        """One pass over train for every seed; returns per-seed step metrics and the seconds taken."""
+        import jax
+
+        from mister_jax.data import batch_rows, epoch_plan, make_batch
+
+        cfg, K = self.preset.train, len(self.seeds)
+        plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch)
+                 for s in self.seeds]
+        t0 = time.perf_counter()
+        metrics = [[] for _ in self.seeds]
+        if self.vmap:
+            for i in range(len(plans[0])):
+                batches = [make_batch(self.train, batch_rows(self.train, plans[k][i])) for k in range(K)]
+                batch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+                self.work, m = self.train_fn(self.work, batch, self.dropout_keys)
+                for k in range(K):
+                    metrics[k].append(jax.tree_util.tree_map(lambda x: x[k], m))
+        else:
+            for k in range(K):
+                for planned in plans[k]:
+                    batch = make_batch(self.train, batch_rows(self.train, planned))
+                    self.work[k], m = self.train_fn(self.work[k], batch, self.dropout_keys[k])
+                    metrics[k].append(m)
+        metrics = jax.device_get(metrics)
+        return metrics, time.perf_counter() - t0
+
+    def fit(self, ckpt, start_epoch: int, progress: bool) -> None:
+        """Trains from ``start_epoch`` to the configured number of epochs."""
+        from tqdm import tqdm
+
+        from mister_jax.metrics import summarize
+
+        cfg = self.preset.train
+        metrics_path = self.out / "metrics.jsonl"
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(h) + "\n" for h in self.history)
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=self.preset.model.variant, unit="epoch",
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for epoch in range(start_epoch, cfg.epochs):
+            step_metrics, seconds = self.train_epoch(epoch)
+            utterances = sum(int(m["utterances"]) for per_seed in step_metrics for m in per_seed)
+            scores = self.evaluate()
+            record = {"epoch": epoch + 1,
+                      "train_loss": [float(np.mean([m["loss"] for m in sm])) for sm in step_metrics],
+                      "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
+                                       if t not in ("loss", "utterances")} for sm in step_metrics],
+                      "seconds": seconds, "utterances_per_second": utterances / seconds}
+            for split in ("val", "test"):
+                summaries = [summarize(labels, probs, gate, self.label_names, detailed=False)["weighted_f1"]
+                             for probs, gate, labels in scores[split]]
+                record[split] = {e: [s[e] for s in summaries] for e in summaries[0]}
+            for k in range(len(self.seeds)):
+                if self.best[k] is None or record["val"]["moe"][k] > self.best[k]["val"]["weighted_f1"]["moe"]:
+                    self.best[k] = {"epoch": epoch + 1, **{
+                        split: summarize(scores[split][k][2], scores[split][k][0], scores[split][k][1],
+                                         self.label_names, detailed=True) for split in ("val", "test")}}
+                    self.best_params[k] = self.params_of(k)
+            self.history.append(record)
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                ckpt.save_state(epoch + 1, self._checkpoint_tree(),
+                                json.loads(json.dumps({"history": self.history, "best": self.best})))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(record['train_loss']):.3f}",
+                            val_f1=f"{np.mean(record['val']['moe']):.3f}",
+                            utt_s=f"{record['utterances_per_second']:.0f}")
+        bar.close()
+
+    def export_best(self, ckpt) -> None:
+        """Writes each seed's best parameters to ``checkpoints/best/seed_<s>`` (read by predict)."""
+        for k, seed in enumerate(self.seeds):
+            ckpt.save_best(seed, self.best[k]["epoch"], self.best_params[k])
+
+
+def results_json(dataset: str, preset, label_names, history, best, shape_info, val_source, num_params) -> dict:
+    cfg = preset.train
+    return {"dataset": dataset, "variant": preset.model.variant, "seeds": list(range(cfg.seeds)),
+            "epochs": cfg.epochs, "label_names": list(label_names),
+            "test": aggregate(best, label_names, "test"), "val": aggregate(best, label_names, "val"),
+            "best_epoch": [b["epoch"] for b in best], "epoch_numbering": "1 = after the first pass over train",
+            "val_source": val_source, "num_params": num_params,
+            "train_seconds": float(sum(h["seconds"] for h in history)), **shape_info,
+            "config": {"model": dataclasses.asdict(preset.model), "loss": dataclasses.asdict(preset.loss),
+                       "train": dataclasses.asdict(preset.train)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    try:
+        return _main(args, log)
+    except UsageError as err:
+        for line in str(err).splitlines():
+            log(f"error: {line}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted — rerun the same command to resume from the last checkpoint")
+        return 130
+
+
+def _main(args: argparse.Namespace, log) -> int:
+    store = open_store(args.dataset, args.features)
+    preset = build_preset(args, store)
+    out = prepare_out(args, args.variant is not None)
+    train, val, test, val_source = load_splits(store, preset, args.no_val, log)
+
+    enable_compilation_cache(args.jax_cache)
+    import shutil
+
+    from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+    from mister_jax.model import count_params
+    from mister_jax.report import write_report
+
+    run_config = {"dataset": args.dataset, "store": str(store.directory.resolve()),
+                  "label_names": store.label_names, "val_source": val_source,
+                  "model": dataclasses.asdict(preset.model), "loss": dataclasses.asdict(preset.loss),
+                  "train": dataclasses.asdict(preset.train)}
+    if args.restart:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "run_config.json").unlink(missing_ok=True)
+    else:
+        check_same_run(out, run_config)
+    write_json_atomic(out / "run_config.json", run_config)
+
+    trainer = Trainer(preset, store.label_names, train, val, test, out, args.seed_mode, log)
+    try:
+        ckpt = RunCheckpoints(out / "checkpoints")
+        try:
+            trainer.fit(ckpt, trainer.restore(ckpt), progress=not args.quiet)
+            trainer.export_best(ckpt)
+        finally:
+            ckpt.close()
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    num_params = count_params(trainer.best_params[0])
+    results = results_json(args.dataset, preset, store.label_names, trainer.history, trainer.best, trainer.shape_info,
+                           val_source, num_params)
+    write_json_atomic(out / "results.json", results)
+    write_report(out, results, trainer.history)
+    t = results["test"]
+    experts = ", ".join(f"{e} {100 * v['weighted_f1']['mean']:.1f}" for e, v in t["experts"].items())
+    log(f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} "
+        f"({experts}); "
+        f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""mister_jax.data: bucketing, deterministic shuffling, padding, carving a validation split."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bridges.demo import build_demo_store
+from bridges import FeatureStore
+from mister_jax.data import (batch_rows, bucket_lengths, carve_validation, epoch_plan, load_split, make_batch,
+                             padding_efficiency)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    store = FeatureStore.open(build_demo_store(tmp_path_factory.mktemp("features")))
+    return {s: load_split(store, s, ("speech", "text")) for s in ("train", "val", "test")}
+
+
+def _waste(lengths, pads):
+    pads = np.asarray(sorted(pads))
+    return sum(pads[np.searchsorted(pads, n)] - n for n in lengths)
+
+
+def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=80)
+    pads = bucket_lengths(lengths, num_buckets=3, multiple=8)
+    assert len(pads) <= 3 and all(p % 8 == 0 for p in pads) and max(pads) >= lengths.max()
+    candidates = sorted({int(-(-n // 8) * 8) for n in lengths})
+    best = min(_waste(lengths, c) for k in (1, 2, 3) for c in itertools.combinations(candidates, k)
+               if max(c) == candidates[-1])
+    assert _waste(lengths, pads) == best
+
+
+def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_0_8(demo):
+    train = demo["train"]
+    lengths = np.concatenate([d.lengths for d in demo.values()])
+    pads = bucket_lengths(lengths, num_buckets=4, multiple=8)
+    plan = epoch_plan(train.lengths, pads, batch_size=8, seed=0, epoch=0)
+    assert len({p.length for p in plan}) <= 4
+    real = sum(int((batch_rows(train, p) >= 0).sum()) for p in plan)
+    slots = sum(batch_rows(train, p).size for p in plan)
+    assert real == train.num_utterances
+    assert padding_efficiency(train.lengths, plan) == pytest.approx(real / slots)
+    assert real / slots > 0.8
+
+
+def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conversation_once(demo):
+    lengths = demo["train"].lengths
+    pads = bucket_lengths(lengths, 3, 8)
+    plan = lambda seed, epoch: [(p.length, p.conversations.tolist()) for p in
+                                epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch)]
+    assert plan(1, 5) == plan(1, 5)
+    assert plan(1, 5) != plan(1, 6) and plan(1, 5) != plan(2, 5)
+    for seed, epoch in [(0, 0), (1, 5)]:
+        members = [c for _, convs in plan(seed, epoch) for c in convs if c >= 0]
+        assert sorted(members) == list(range(len(lengths)))
+        assert all(lengths[c] <= t for t, convs in plan(seed, epoch) for c in convs if c >= 0)
+
+
+def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo):
+    lengths = demo["train"].lengths
+    pads = bucket_lengths(lengths, 4, 8)
+    shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3)] for seed in range(4)}
+    assert all(s == shapes[0] for s in shapes.values())
+
+
+def test_make_batch_places_each_conversation_in_order_and_zeroes_padding(demo):
+    test = demo["test"]
+    plan = epoch_plan(test.lengths, bucket_lengths(test.lengths, 2, 8), 8, seed=None, epoch=0)
+    rows = batch_rows(test, plan[0])
+    batch = make_batch(test, rows)
+    for i, c in enumerate(plan[0].conversations):
+        n = test.lengths[c] if c >= 0 else 0
+        span = slice(test.starts[c], test.starts[c] + n) if c >= 0 else slice(0, 0)
+        np.testing.assert_array_equal(batch.text[i, :n], test.features["text"][span])
+        np.testing.assert_array_equal(batch.labels[i, :n], test.labels[span])
+        assert batch.mask[i, :n].all() and not batch.mask[i, n:].any()
+        assert (batch.labels[i, n:] == -1).all() and (batch.speech[i, n:] == 0).all()
+    assert batch.speech.shape == (8, plan[0].length, test.features["speech"].shape[1])
+
+
+def test_carve_validation_splits_whole_conversations_with_a_fixed_seed(demo):
+    train = demo["train"]
+    rest, val = carve_validation(train, 0.2, seed=0)
+    again, val_again = carve_validation(train, 0.2, seed=0)
+    np.testing.assert_array_equal(val.utterance_ids, val_again.utterance_ids)
+    assert val.num_conversations == round(0.2 * train.num_conversations)
+    assert set(val.conversation_ids).isdisjoint(rest.conversation_ids)
+    assert sorted(np.concatenate([rest.utterance_ids, val.utterance_ids])) == sorted(train.utterance_ids)
+    for part in (rest, val):
+        for s, n in zip(part.starts, part.lengths):
+            assert len(set(part.conversation_ids[s:s + n])) == 1

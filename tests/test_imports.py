@@ -1,0 +1,29 @@
+"""Each stage installs alone: mister_jax pulls in no torch, encoders_torch no jax, bridges neither."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _modules_loaded_by(package: str) -> set[str]:
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        f"pkg = importlib.import_module({package!r})\n"
+        "for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("bridges", {"torch", "transformers", "peft", "jax", "flax", "optax", "orbax"}),
+    ("mister_jax", {"torch", "transformers", "peft"}),
+    ("encoders_torch", {"jax", "flax", "optax", "orbax"}),
+])
+def test_package_and_all_its_modules_import_without_the_other_stack(package, forbidden):
+    loaded = _modules_loaded_by(package)
+    assert not loaded & forbidden, f"{package} pulled in {sorted(loaded & forbidden)}"

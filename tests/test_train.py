@@ -1,0 +1,253 @@
+"""python -m mister_jax.train: presets, metrics, exact resume after SIGKILL, vmap = sequential, errors.
+
+Runs use the demo generator shrunk to a few short conversations and a tiny model, one pad length and
+the persistent compilation cache, so that the whole file stays within its time budget.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from bridges import init_store, write_index, write_modality
+from bridges.demo import DemoConfig, build_demo_store
+from mister_jax import train as train_cli
+from mister_jax.data import Batch
+from mister_jax.metrics import per_class_f1, weighted_f1
+from mister_jax.presets import OverrideError, apply_overrides, get_preset
+from mister_jax.trainer import create_train_state, make_steps, seed_keys, stack_states, unstack_states
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
+TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1",
+        "fusion_layers=1", "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
+TINY_DEMO = DemoConfig(conversations=(("train", 8), ("val", 4), ("test", 4)), min_length=3, max_length=6,
+                       text_dim=6, speech_dim=5)
+
+
+def tiny_store(root: Path, config: DemoConfig = TINY_DEMO) -> Path:
+    return build_demo_store(root, config=config)
+
+
+def train_args(features: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    args = ["--dataset", "demo", "--features", str(features), "--out", str(out), "--epochs", str(epochs),
+            "--seeds", "2", "--checkpoint-every", "1", "--quiet", "--jax-cache", CACHE, *extra]
+    for item in TINY:
+        args += ["--set", item]
+    return args
+
+
+def cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mister_jax.train", *args]
+
+
+# ---------------------------------------------------------------------------------------- presets
+
+
+def test_presets_follow_the_paper_table():
+    for name, (batch, lam, alpha, tau, layers) in {"iemocap": (8, 2, 0.1, 1, 3), "meld": (32, 1, 1e-3, 0.05, 2),
+                                                   "mosi": (8, 1, 0.1, 1, 3)}.items():
+        p = get_preset(name)
+        assert (p.train.batch_size, p.loss.lambda_con, p.loss.alpha_kl, p.loss.temperature,
+                p.model.gru_layers) == (batch, lam, alpha, tau, layers)
+        assert (p.train.learning_rate, p.train.clip_norm, p.train.epochs, p.train.seeds) == (1e-5, 1.0, 100, 3)
+    assert get_preset("meld").model.num_classes == 7 and get_preset("mosi").model.num_classes == 2
+    assert get_preset("emorynlp").model.variant == "text-only"
+    other = get_preset("my-corpus", ["a", "b", "c"])
+    assert other.model.num_classes == 3 and other.train == get_preset("iemocap").train
+
+
+def test_set_overrides_convert_types_and_reject_unknown_keys():
+    p = apply_overrides(get_preset("iemocap"), ["lambda_con=0", "train.epochs=7", "gate=mlp", "loss.gamma=0"])
+    assert p.loss.lambda_con == 0.0 and isinstance(p.loss.lambda_con, float)
+    assert p.train.epochs == 7 and p.model.gate == "mlp" and p.loss.gamma == 0.0
+    with pytest.raises(OverrideError, match="unknown key; valid keys: .*lambda_con"):
+        apply_overrides(get_preset("iemocap"), ["lamda_con=0"])
+    with pytest.raises(OverrideError, match="expected a value of type int"):
+        apply_overrides(get_preset("iemocap"), ["epochs=many"])
+
+
+def test_weighted_and_per_class_f1_match_sklearn():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        c = int(rng.integers(2, 8))
+        y, p = rng.integers(0, c, 50), rng.integers(0, c, 50)
+        assert weighted_f1(y, p, c) == pytest.approx(
+            f1_score(y, p, labels=np.arange(c), average="weighted", zero_division=0), abs=1e-12)
+        names = [str(i) for i in range(c)]
+        np.testing.assert_allclose(list(per_class_f1(y, p, names).values()),
+                                   f1_score(y, p, labels=np.arange(c), average=None, zero_division=0))
+
+
+# --------------------------------------------------------------------------- resume after SIGKILL
+
+
+def _scores(results: dict) -> dict:
+    return {k: results[k] for k in ("test", "val", "best_epoch", "seeds", "epochs")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run and a run SIGKILLed after its first checkpoint, then resumed."""
+    root = tmp_path_factory.mktemp("train")
+    features = root / "features"
+    tiny_store(features)
+    epochs = 6
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    whole = subprocess.run(cli(train_args(Path("features"), Path("whole"), epochs)), cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)  # relative paths work too
+    assert whole.returncode == 0, whole.stderr
+    args = train_args(features, root / "killed", epochs)
+    proc = subprocess.Popen(cli(args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_dir = root / "killed" / "checkpoints" / "state"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state_dir.is_dir() and any(p.name.isdigit() for p in state_dir.iterdir()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
+    resumed = subprocess.run(cli(args), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    return {"root": root, "features": features, "whole": root / "whole", "killed": root / "killed",
+            "killed_returncode": proc.returncode, "killed_after": killed_after, "resumed_log": resumed.stderr}
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_scores(runs):
+    assert runs["killed_returncode"] == -signal.SIGKILL
+    assert runs["killed_after"] and max(runs["killed_after"]) < 6, "the kill came after training ended"
+    assert "resumed" in runs["resumed_log"]
+    whole = json.loads((runs["whole"] / "results.json").read_text())
+    resumed = json.loads((runs["killed"] / "results.json").read_text())
+    assert _scores(resumed) == _scores(whole)
+    drop_timing = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "utterances_per_second")}
+                                for line in path.read_text().splitlines()]
+    assert drop_timing(runs["killed"] / "metrics.jsonl") == drop_timing(runs["whole"] / "metrics.jsonl")
+
+
+def test_results_json_has_the_design_keys_and_fractions(runs):
+    r = json.loads((runs["whole"] / "results.json").read_text())
+    assert r["dataset"] == "demo" and r["seeds"] == [0, 1] and r["epochs"] == 6
+    assert len(r["test"]["weighted_f1"]["per_seed"]) == 2 and len(r["best_epoch"]) == 2
+    assert set(r["test"]["experts"]) == {"speech", "text", "multimodal", "moe"}
+    assert r["test"]["experts"]["moe"]["weighted_f1"] == r["test"]["weighted_f1"]
+    assert set(r["test"]["per_class_f1"]) == set(r["label_names"])
+    assert 0.0 <= r["test"]["weighted_f1"]["mean"] <= 1.0 and 0.0 <= r["val"]["weighted_f1"]["mean"] <= 1.0
+    per_seed = r["test"]["confusion_matrix_per_seed"]
+    assert np.sum(per_seed[0]) == np.sum(per_seed[1]) > 0
+    assert np.sum(r["test"]["confusion_matrix"]) == 2 * np.sum(per_seed[0])
+    assert r["test"]["gate"]["mean"] and len(r["train_shapes"]) == 1
+    history = [json.loads(line) for line in (runs["whole"] / "metrics.jsonl").read_text().splitlines()]
+    for k, epoch in enumerate(r["best_epoch"]):
+        assert history[epoch - 1]["val"]["moe"][k] == max(h["val"]["moe"][k] for h in history)
+        assert history[epoch - 1]["test"]["moe"][k] == r["test"]["weighted_f1"]["per_seed"][k]
+    for name in ("report.md", "confusion.png", "gate.png", "experts.png", "curves.png"):
+        assert (runs["whole"] / name).stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ vmap = sequential
+
+
+def test_vmapped_seeds_follow_the_sequential_trajectories():
+    train_cli.enable_compilation_cache(CACHE)
+    preset = apply_overrides(get_preset("demo"), TINY + ["speech_dim=5", "text_dim=6"])  # as the runs above
+    cfg, tcfg = preset.model, preset.train
+    rng = np.random.default_rng(0)
+    mask = np.arange(8)[None, :] < np.array([8, 5, 3, 8])[:, None]
+    batches = [[Batch(rng.normal(size=(4, 8, 5)).astype(np.float32), rng.normal(size=(4, 8, 6)).astype(np.float32),
+                      np.where(mask, rng.integers(0, 6, (4, 8)), -1).astype(np.int32), mask)
+                for _ in range(2)] for _ in range(3)]  # [step][seed]
+    initial = stack_states([create_train_state(cfg, tcfg, s) for s in (0, 1)])
+    sequential, _ = make_steps(cfg, preset.loss, tcfg, vmap=False)
+    vmapped, _ = make_steps(cfg, preset.loss, tcfg, vmap=True)
+    states = [jax.device_put(s) for s in unstack_states(initial, 2)]
+    stacked = jax.device_put(initial)
+    keys = [seed_keys(s)[1] for s in (0, 1)]
+    for step in batches:
+        losses = []
+        for k in range(2):
+            states[k], m = sequential(states[k], step[k], keys[k])
+            losses.append(float(m["loss"]))
+        stacked, m = vmapped(stacked, jax.tree_util.tree_map(lambda *x: np.stack(x), *step), jax.numpy.stack(keys))
+        np.testing.assert_allclose(np.asarray(m["loss"]), losses, rtol=1e-5)
+    assert losses[0] != losses[1]
+    # Attention key biases get no gradient in exact arithmetic (softmax is shift invariant): Adam turns
+    # their rounding-level gradients into steps of up to lr, so they are held to 3 steps of lr only.
+    leaves = jax.tree_util.tree_flatten_with_path(stack_states(states))[0]
+    for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(stacked)):
+        key_bias = "key" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-4, atol=3e-2 if key_bias else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def _error(capsys, args) -> str:
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_store_says_how_to_make_one(tmp_path, capsys):
+    err = _error(capsys, ["--dataset", "iemocap", "--features", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "no feature store" in err and "encoders_torch.extract" in err and "--dataset demo" in err
+
+
+def test_store_without_val_is_refused_when_asked(tmp_path, capsys):
+    tiny_store(tmp_path, dataclasses.replace(TINY_DEMO, conversations=(("train", 6), ("test", 3))))
+    err = _error(capsys, train_args(tmp_path, tmp_path / "o", 1, "--no-val", "refuse"))
+    assert "no 'val' split" in err and "--no-val carve" in err
+
+
+def test_multimodal_variant_on_a_text_only_store_names_the_missing_modality(tmp_path, capsys):
+    d = init_store(tmp_path, "demo", ["a", "b"], ["train", "val", "test"])
+    for split in ("train", "val", "test"):
+        write_index(d, split, ["u0", "u1"], ["c0", "c0"], [0, 1])
+        write_modality(d, split, "text", np.ones((2, 4), np.float32), {})
+    err = _error(capsys, train_args(tmp_path, tmp_path / "o", 1))
+    assert "needs modality 'speech'" in err and "--variant text-only" in err
+
+
+def test_bad_store_prints_the_store_problems(tmp_path, capsys):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "manifest.json").write_text("{not json")
+    err = _error(capsys, train_args(tmp_path, tmp_path / "o", 1))
+    assert "manifest.json" in err and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("flag, message", [(["--variant", "bimodal"], "unknown variant"),
+                                           (["--set", "lamda_con=0"], "unknown key; valid keys")])
+def test_unknown_variant_or_key(tmp_path, capsys, flag, message):
+    tiny_store(tmp_path)
+    assert message in _error(capsys, train_args(tmp_path, tmp_path / "o", 1, *flag))
+
+
+def test_unwritable_out(tmp_path, capsys):
+    tiny_store(tmp_path)
+    (tmp_path / "file").write_text("")
+    err = _error(capsys, train_args(tmp_path, tmp_path / "file" / "run", 1))
+    assert "--out" in err and "cannot write there" in err
+
+
+def test_corrupt_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["whole"], out)
+    latest = max(int(p.name) for p in (out / "checkpoints" / "state").iterdir() if p.name.isdigit())
+    for f in (out / "checkpoints" / "state" / str(latest) / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    err = _error(capsys, train_args(runs["features"], out, 6))
+    assert f"state/{latest}" in err and "--restart" in err and "unreadable" in err
