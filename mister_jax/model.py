@@ -62,24 +62,57 @@ def _zero_padding(x: Array, mask: Array) -> Array:
     return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
 
+class ConvWeights(nn.Module):
+  """Kernel [k, D, F] and bias [F] of a 1-D convolution, with `nn.Conv`'s names and initialisers.
+
+  Attributes:
+    width: kernel size k.
+    features: F.
+  """
+
+  width: int
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return kernel, bias
+
+
 class TemporalInception(nn.Module):
-    """Three 1-D convolutions over the utterance axis (kernels 1, 3, 5, 'same'), each with ReLU, summed
-    (Eq. 3). Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone.
+  """Three 1-D convolutions over the utterance axis (kernels 1, 3, 5, 'same'), each with ReLU, summed
+  (Eq. 3). Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone.
 
-    Attributes:
-      features: output width (2H).
-      dtype: compute dtype.
-    """
+  All 1 + 3 + 5 = 9 kernel taps are applied in one [B·T, D] × [D, 9F] matmul; each convolution is then
+  the sum of its taps' outputs shifted in time (zero beyond the edges, 'same' padding).
 
-    features: int
-    dtype: Any = jnp.float32
+  Attributes:
+    features: output width (2H).
+    dtype: compute dtype.
+  """
 
-    @nn.compact
-    def __call__(self, x: Array, mask: Array) -> Array:
-        """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
-        x = _zero_padding(x, mask)
-        return sum(nn.relu(nn.Conv(self.features, (k,), padding="SAME", dtype=self.dtype, name=f"conv{k}")(x))
-                   for k in (1, 3, 5))
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
+    x = _zero_padding(x, mask)
+    length = x.shape[1]
+    weights = {k: ConvWeights(k, self.features, name=f"conv{k}")(x.shape[-1]) for k in (1, 3, 5)}
+    taps = jnp.concatenate([weights[k][0][j] for k in (1, 3, 5) for j in range(k)], axis=-1)  # [D, 9F]
+    y = jnp.einsum("btd,df->btf", x.astype(self.dtype), taps.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    y = y.reshape(y.shape[:2] + (9, self.features))                                         # [B, T, 9, F]
+    out, first_tap = 0.0, 0
+    for k in (1, 3, 5):
+      half = k // 2
+      padded = jnp.pad(y[:, :, first_tap:first_tap + k], ((0, 0), (half, half), (0, 0), (0, 0)))
+      conv = sum(padded[:, j:j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[j]
+      out = out + nn.relu(conv + weights[k][1])
+      first_tap += k
+    return out.astype(self.dtype)
 
 
 class ContextAdditionNetworks(nn.Module):

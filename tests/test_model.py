@@ -203,3 +203,21 @@ def test_wrong_feature_dim_is_one_readable_error():
     speech, text, mask, _, _ = _padding_case()[0]
     with pytest.raises(ValueError, match="speech_dim=12"):
         MisterE(cfg).apply({"params": params}, speech[..., :5], text, mask)
+
+
+def test_temporal_inception_equals_three_same_padded_convolutions():
+  from mister_jax.model import TemporalInception
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 7, 5)).astype(np.float32)
+  mask = np.arange(7)[None, :] < np.array([[7], [4]])
+  module = TemporalInception(6)
+  params = module.init(jax.random.key(0), x, mask)["params"]
+  got = np.asarray(module.apply({"params": params}, x, mask))
+  xz = np.where(mask[..., None], x, 0.0)
+  want = np.zeros((2, 7, 6))
+  for k in (1, 3, 5):
+    kernel, bias = np.asarray(params[f"conv{k}"]["kernel"]), np.asarray(params[f"conv{k}"]["bias"])
+    padded = np.pad(xz, ((0, 0), (k // 2, k // 2), (0, 0)))
+    conv = sum(padded[:, j:j + 7] @ kernel[j] for j in range(k)) + bias
+    want += np.maximum(conv, 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
