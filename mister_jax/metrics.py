@@ -1,6 +1,7 @@
 """Evaluation metrics (DESIGN §5): weighted F1 per expert, per-class F1, confusion matrix, gate β.
 
-The F1 scores match scikit-learn's ``f1_score`` (``average="weighted"`` / ``None``, ``zero_division=0``).
+F1 scores and confusion matrices come from scikit-learn (``zero_division=0``: a class neither present
+nor predicted scores 0).
 
 All functions take flat arrays over the real, labelled utterances of a split: ``labels [N]`` and
 probabilities ``[N, C]``; ``gate [N, 3]`` holds (β^s, β^t, β^m) of Eq. 11.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score
 
 EXPERTS = ("speech", "text", "multimodal", "moe")
 GATE_EXPERTS = ("speech", "text", "multimodal")
@@ -18,32 +20,19 @@ GATE_EXPERTS = ("speech", "text", "multimodal")
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """``int [C, C]`` counts, rows = true class, columns = predicted class."""
-    counts = np.bincount(np.asarray(labels) * num_classes + np.asarray(predictions),
-                         minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
-
-
-def _class_f1(matrix: np.ndarray) -> np.ndarray:
-    tp, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
-    denominator = support + predicted
-    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    return confusion_matrix(labels, predictions, labels=np.arange(num_classes))
 
 
 def weighted_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
-    """Support-weighted mean of per-class F1, a fraction in [0, 1].
-
-    Equals sklearn's ``f1_score(average="weighted", zero_division=0)`` (the tests hold it to that);
-    computed from the confusion matrix because it runs for every expert, seed and split each epoch.
-    """
+    """Support-weighted mean of per-class F1, a fraction in [0, 1] (0.0 for an empty split)."""
     if len(labels) == 0:
         return 0.0
-    matrix = confusion(labels, predictions, num_classes)
-    return float(np.sum(_class_f1(matrix) * matrix.sum(axis=1)) / len(labels))
+    return float(f1_score(labels, predictions, labels=np.arange(num_classes), average="weighted", zero_division=0))
 
 
 def per_class_f1(labels: np.ndarray, predictions: np.ndarray, label_names: Sequence[str]) -> dict:
     """``{label_name: F1}`` for every class (0.0 for a class neither present nor predicted)."""
-    scores = _class_f1(confusion(labels, predictions, len(label_names)))
+    scores = f1_score(labels, predictions, labels=np.arange(len(label_names)), average=None, zero_division=0)
     return {name: float(s) for name, s in zip(label_names, scores)}
 
 
