@@ -1,0 +1,422 @@
+"""Training-epoch benchmark: the PyTorch way against our JAX training step, side by side.
+
+    .venv/bin/python benchmarks/train_epoch.py [--dims paper|tiny] [--epochs N] [--variants a,b,c]
+
+On IEMOCAP-shaped synthetic data (92 training conversations, 4,791 utterances, 2048-d speech and
+text, 6 classes, batch 8; `benchmarks/common.py`) it times, each in its own subprocess so that peak
+RSS is per variant:
+
+  a     the eager PyTorch reference (`benchmarks/torch_reference.py`), each batch padded to its
+        longest conversation, conversations shuffled per epoch (the authors' way);
+  b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with our length-bucketed
+        batching (`mister_jax.data.bucket_lengths` + `epoch_plan`); run twice on one fresh
+        persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
+  c     3 seeds: `c-vmap` (one vmapped step) and `c-seq` (one seed after the other, same step as b);
+  l     b with the levers of `benchmarks/levers.py` swapped into the model (GRU without gathers,
+        inception as one matmul): what the proposed changes to mister_jax would give.
+
+Warm-up before the timed epochs: two batches (PyTorch) or one step per compiled shape (JAX).
+Every epoch's batches are gathered on the host and put on the device before its first step (the
+gather is inside the timing); no host synchronisation happens between steps of an epoch.
+Prints one line per figure and writes benchmarks/results/train_epoch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
+from common import padded_utterances, parse_result, peak_rss_mib  # noqa: E402
+
+VARIANTS = ("a", "b", "c", "l")
+PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# (a) the PyTorch way
+
+
+def run_torch(args) -> dict:
+    """Eager PyTorch reference: init, two warm-up batches, then `epochs` timed epochs."""
+    import torch
+
+    from torch_reference import MisterE, train_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dims = DIMS[args.dims]
+    corpus = make_corpus(dims)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = MisterE(dims)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    init_s = time.perf_counter() - t0
+
+    def run(batch):
+        tensors = [torch.from_numpy(x) for x in pad_batch(corpus, batch)]
+        return train_step(model, optimizer, *tensors)
+
+    rng = np.random.default_rng(0)
+    for batch in authors_batches(corpus.lengths, dims.batch_size, rng)[:2]:
+        run(batch)
+    epoch_s, padded, losses = [], [], []
+    for epoch in range(args.epochs):
+        batches = authors_batches(corpus.lengths, dims.batch_size, np.random.default_rng([1, epoch]))
+        t0 = time.perf_counter()
+        losses += [run(batch) for batch in batches]
+        epoch_s.append(time.perf_counter() - t0)
+        padded.append(padded_utterances(batches, corpus.lengths))
+    real = int(corpus.lengths.sum())
+    return {"variant": "a", "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
+            "init_s": init_s, "compile_s": 0.0, "num_shapes": None, "epoch_s": epoch_s,
+            "real_utterances": real, "padded_utterances": float(np.mean(padded)),
+            "padding_efficiency": real / float(np.mean(padded)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "final_loss": losses[-1] if losses else None, "peak_rss_mib": peak_rss_mib()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# (b), (c) our JAX step
+
+
+def split_data(corpus):
+    """The synthetic corpus as a `mister_jax.data.SplitData` (what the trainer loads from a store)."""
+    from mister_jax.data import SplitData
+
+    n = len(corpus.labels)
+    conv = np.repeat(np.arange(len(corpus.lengths)), corpus.lengths)
+    return SplitData(name="train", features={"speech": corpus.speech, "text": corpus.text},
+                     labels=corpus.labels, utterance_ids=np.array([f"u{i}" for i in range(n)]),
+                     conversation_ids=np.array([f"c{i}" for i in conv]), starts=corpus.starts,
+                     lengths=corpus.lengths)
+
+
+def presets(dims):
+    """(ModelConfig, LossConfig, TrainConfig) of the IEMOCAP preset at the benchmark's dims."""
+    from mister_jax.config import LossConfig, ModelConfig
+    from mister_jax.presets import TrainConfig
+
+    model = ModelConfig(speech_dim=dims.speech_dim, text_dim=dims.text_dim, num_classes=dims.num_classes,
+                        can_hidden=dims.can_hidden, gru_layers=dims.gru_layers, fusion_dim=dims.fusion_dim,
+                        fusion_layers=dims.fusion_layers, attention_dim=dims.attention_dim,
+                        attention_heads=dims.attention_heads)
+    return model, LossConfig(lambda_con=2.0, alpha_kl=0.1, temperature=1.0), TrainConfig(batch_size=dims.batch_size)
+
+
+def run_jax(args) -> dict:
+    """Our step: init, AOT compile of every training shape, one warm-up step per shape, timed epochs."""
+    import jax
+
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if args.patches:
+        from levers import apply_patches
+
+        apply_patches([p for p in args.patches.split(",") if p])
+    from mister_jax.data import batch_rows, bucket_lengths, epoch_plan, make_batch, padding_efficiency
+    from mister_jax.model import count_params
+    from mister_jax.trainer import create_train_state, make_steps, seed_keys, stack_states
+
+    dims = DIMS[args.dims]
+    model_cfg, loss_cfg, train_cfg = presets(dims)
+    data = split_data(make_corpus(dims))
+    mode = args.mode
+    seeds = list(range(args.seeds))
+    vmap = mode == "vmap"
+
+    t0 = time.perf_counter()
+    states = [create_train_state(model_cfg, train_cfg, s) for s in seeds]
+    states = jax.block_until_ready(stack_states(states) if vmap else states)
+    init_s = time.perf_counter() - t0
+
+    train_fn, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap)
+    keys = [seed_keys(s)[1] for s in seeds]
+    keys = jax.numpy.stack(keys) if vmap else keys
+    pad_lengths = bucket_lengths(data.lengths, train_cfg.num_buckets, train_cfg.bucket_multiple)
+
+    def plans(epoch):
+        return [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch) for s in seeds]
+
+    def device_batches(epoch):
+        """All batches of an epoch on the device: per seed a list, or (vmap) one list of stacked batches."""
+        per_seed = [[make_batch(data, batch_rows(data, p)) for p in plan] for plan in plans(epoch)]
+        if vmap:
+            stacked = [jax.tree_util.tree_map(lambda *xs: np.stack(xs), *bs) for bs in zip(*per_seed)]
+            return jax.device_put(stacked)
+        return jax.device_put(per_seed)
+
+    first = plans(0)[0]
+    shapes = sorted({p.length for p in first})
+    example = {p.length: make_batch(data, batch_rows(data, p)) for p in first}
+    if vmap:
+        example = {t: jax.tree_util.tree_map(lambda x: np.stack([x] * len(seeds)), b) for t, b in example.items()}
+    state0 = states if vmap else states[0]
+    key0 = keys if vmap else keys[0]
+    compiled, flops = {}, {}
+    t0 = time.perf_counter()
+    for t in shapes:
+        compiled[t] = train_fn.lower(state0, example[t], key0).compile()
+    compile_s = time.perf_counter() - t0
+    for t in shapes:
+        try:
+            cost = compiled[t].cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops[t] = float(cost.get("flops", 0.0))
+        except Exception:  # cost analysis is optional information
+            flops[t] = 0.0
+    record = {"variant": args.tag, "framework": "jax", "mode": mode, "patches": args.patches, "seeds": len(seeds), "init_s": init_s,
+              "compile_s": compile_s, "num_shapes": len(shapes), "shapes": [[train_cfg.batch_size, t] for t in shapes],
+              "pad_lengths": list(pad_lengths), "params": count_params(states.params if vmap else states[0].params),
+              "epoch_flops": float(sum(flops[p.length] for p in first))}
+    if args.compile_only:
+        record.update(epoch_s=[], peak_rss_mib=peak_rss_mib())
+        return record
+
+    def step(k, state, batch):
+        return compiled[batch.mask.shape[-1]](state, batch, keys if vmap else keys[k])
+
+    # Warm-up: one step per compiled shape (first use of each executable).
+    warm = device_batches(0)
+    seen = set()
+    if vmap:
+        for batch in warm:
+            if batch.mask.shape[-1] not in seen:
+                seen.add(batch.mask.shape[-1])
+                states, _ = step(None, states, batch)
+    else:
+        for batch in warm[0]:
+            if batch.mask.shape[-1] not in seen:
+                seen.add(batch.mask.shape[-1])
+                states[0], _ = step(0, states[0], batch)
+    jax.block_until_ready(states)
+    del warm
+
+    epoch_s, losses = [], []
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        batches = device_batches(epoch)
+        metrics = []
+        if vmap:
+            for batch in batches:
+                states, m = step(None, states, batch)
+                metrics.append(m["loss"])
+        else:
+            for k in range(len(seeds)):
+                for batch in batches[k]:
+                    states[k], m = step(k, states[k], batch)
+                    metrics.append(m["loss"])
+        losses = np.asarray(jax.device_get(metrics))
+        epoch_s.append(time.perf_counter() - t0)
+        del batches
+    real = int(data.lengths.sum())
+    padded = sum(len(p.conversations) * p.length for p in first)
+    record.update(epoch_s=epoch_s, real_utterances=real, padded_utterances=padded,
+                  padding_efficiency=padding_efficiency(data.lengths, first),
+                  final_loss=float(np.mean(losses[-1])) if len(losses) else None,
+                  loss_finite=bool(np.all(np.isfinite(losses))), peak_rss_mib=peak_rss_mib())
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# orchestration
+
+
+def worker_command(args, tag: str, **extra) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tag, "--dims", args.dims,
+           "--epochs", str(args.epochs)]
+    for name, value in extra.items():
+        flag = "--" + name.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    return cmd
+
+
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    record = parse_result(proc.stdout)
+    record["process_wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def summarize(record: dict) -> dict:
+    """Adds seconds/epoch (mean over timed epochs) and real utterances/s (over all seeds)."""
+    if record.get("epoch_s"):
+        sec = float(np.mean(record["epoch_s"]))
+        record["seconds_per_epoch"] = sec
+        record["real_utterances_per_s"] = record["seeds"] * record["real_utterances"] / sec
+    return record
+
+
+def run_all(args) -> dict:
+    """Runs the requested variants (rounds interleave them) and derives the ratios and estimates."""
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of a,b,c,l.")
+    timeout = 3600.0
+    rounds = []
+    for _ in range(args.rounds):
+        runs = {}
+        cache = tempfile.mkdtemp(prefix="mister-jax-cache-")
+        try:
+            if "a" in wanted:
+                runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout)
+            if ("b" in wanted or "c" in wanted) and not args.skip_cold:
+                runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="single", seeds=1,
+                                                           cache_dir=cache, compile_only=True), timeout)
+            if "b" in wanted:
+                runs["b"] = run_worker(worker_command(args, "b", mode="single", seeds=1, cache_dir=cache), timeout)
+            if "c" in wanted:
+                runs["c-vmap"] = run_worker(worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache),
+                                            timeout)
+                runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
+                                                          cache_dir=cache), timeout)
+            if "l" in wanted:
+                runs["l"] = run_worker(worker_command(args, "l", mode="single", seeds=1, cache_dir=cache,
+                                                      patches="gru-flip,inception-matmul"), timeout)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        rounds.append({k: summarize(v) for k, v in runs.items()})
+    return derive(args, rounds)
+
+
+def _median(rounds, tag, key):
+    values = [r[tag][key] for r in rounds if tag in r and r[tag].get(key) is not None]
+    return float(np.median(values)) if values else None
+
+
+def derive(args, rounds) -> dict:
+    """The headline figures: medians over rounds, ratios, targets and the 100-epoch × 3-seed estimate."""
+    tags = sorted({t for r in rounds for t in r})
+    med = {t: {k: _median(rounds, t, k) for k in ("seconds_per_epoch", "real_utterances_per_s", "compile_s",
+                                                   "init_s", "peak_rss_mib", "padding_efficiency", "num_shapes",
+                                                   "padded_utterances")} for t in tags}
+    out = {"dims": args.dims, "epochs_timed": args.epochs, "rounds": rounds, "median": med,
+           "machine": machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    a, b = med.get("a", {}), med.get("b", {})
+    ratios = {}
+    if a.get("real_utterances_per_s") and b.get("real_utterances_per_s"):
+        ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
+    if a.get("real_utterances_per_s") and med.get("l", {}).get("real_utterances_per_s"):
+        ratios["l_over_a_real_utt_per_s"] = med["l"]["real_utterances_per_s"] / a["real_utterances_per_s"]
+    for tag in ("c-vmap", "c-seq"):
+        if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
+            ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
+    out["ratios"] = ratios
+    estimate = {}
+    if a.get("seconds_per_epoch"):
+        estimate["torch_hours"] = PROTOCOL_EPOCHS * PROTOCOL_SEEDS * a["seconds_per_epoch"] / 3600
+    three = {t: med[t]["seconds_per_epoch"] for t in ("c-vmap", "c-seq") if med.get(t, {}).get("seconds_per_epoch")}
+    if not three and b.get("seconds_per_epoch"):
+        three = {"3 x b": 3 * b["seconds_per_epoch"]}
+    if three:
+        best = min(three, key=three.get)
+        compile_s = (med.get("b-cold", {}).get("compile_s") or 0.0) + (
+            med.get(best, {}).get("compile_s") or 0.0 if best == "c-vmap" else 0.0)
+        estimate.update(jax_best_mode=best, jax_hours=(PROTOCOL_EPOCHS * three[best] + compile_s) / 3600,
+                        basis="100 epochs x (3-seed training epoch of the best mode) + cold compile; "
+                              "evaluation passes not included on either side")
+    out["protocol_estimate"] = estimate
+    targets = {}
+    if "b_over_a_real_utt_per_s" in ratios:
+        targets["speedup_b_over_a>=1.8"] = ratios["b_over_a_real_utt_per_s"] >= 1.8
+    cold = med.get("b-cold", {})
+    if cold.get("compile_s") is not None:
+        targets["compile_cold<=90s_with<=4_shapes"] = cold["compile_s"] <= 90 and (cold["num_shapes"] or 0) <= 4
+        targets["init<=5s"] = cold["init_s"] <= 5
+    if b.get("compile_s") is not None:
+        targets["compile_warm<=10s"] = b["compile_s"] <= 10
+    if b.get("peak_rss_mib") and a.get("peak_rss_mib"):
+        targets["peak_rss_b<=a"] = b["peak_rss_mib"] <= a["peak_rss_mib"]
+    if estimate.get("jax_hours") is not None:
+        targets["protocol<=3h"] = estimate["jax_hours"] <= 3
+    if b.get("padding_efficiency") is not None:
+        targets["padding_efficiency>=0.9"] = b["padding_efficiency"] >= 0.9
+    out["targets_met"] = targets
+    return out
+
+
+def print_lines(result: dict) -> None:
+    """One line per figure."""
+    print(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
+          f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
+    names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
+             "b": "(b) JAX 1 seed", "l": "(l) JAX 1 seed + levers", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
+    units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
+             "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
+             "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS"}
+    for tag, figures in result["median"].items():
+        for key, unit in units.items():
+            value = figures.get(key)
+            if value is not None:
+                print(f"{names.get(tag, tag)}: {value:.3f} {unit}" if isinstance(value, float)
+                      else f"{names.get(tag, tag)}: {value} {unit}")
+    for key, value in result["ratios"].items():
+        print(f"ratio {key}: {value:.3f}")
+    for key, value in result["protocol_estimate"].items():
+        print(f"protocol estimate {key}: {value:.2f}" if isinstance(value, float) else f"protocol estimate {key}: {value}")
+    for key, value in result["targets_met"].items():
+        print(f"target {key}: {'met' if value else 'NOT met'}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up (default 1)")
+    parser.add_argument("--variants", default="a,b,c,l", help="comma-separated subset of a,b,c,l (default all)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved; "
+                        "the summary takes medians (default 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="PyTorch intra-op threads for (a) (default: PyTorch's own choice, one per core)")
+    parser.add_argument("--skip-cold", action="store_true",
+                        help="no separate cold-compile run (b then compiles on the fresh cache itself)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "train_epoch.json"), help="results JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.epochs < 0 or args.rounds < 1:
+        parser.error("--epochs must be >= 0 and --rounds >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        args.tag = args.worker
+        emit(run_torch(args) if args.worker == "a" else run_jax(args))
+        return 0
+    result = run_all(args)
+    print_lines(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Smoke runs of the benchmark scripts at toy sizes, so that they cannot rot, and checks of the pieces
+the benchmark's fairness rests on (same data for both sides, padding-invariant PyTorch reference)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+# The smoke runs check plumbing, not speed: compile with XLA's cheapest settings.
+FAST_ENV = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=FAST_ENV, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_paper_lengths_are_iemocap_shaped_and_waste_about_39_percent_when_padded_to_batch_max():
+    lengths = common.conversation_lengths(common.PAPER)
+    assert len(lengths) == 92 and lengths.sum() == 4791
+    assert lengths.min() >= 24 and lengths.max() <= 110
+    rng = np.random.default_rng(0)
+    padded = np.mean([common.padded_utterances(common.authors_batches(lengths, 8, rng), lengths) for _ in range(50)])
+    assert 0.35 < 1 - lengths.sum() / padded < 0.43
+
+
+def test_pad_batch_places_each_conversation_at_the_start_of_its_row():
+    corpus = common.make_corpus(common.TINY)
+    speech, text, labels, mask = common.pad_batch(corpus, np.array([2, 0]), width=10)
+    for row, c in enumerate((2, 0)):
+        n, s = corpus.lengths[c], corpus.starts[c]
+        np.testing.assert_array_equal(speech[row, :n], corpus.speech[s:s + n])
+        np.testing.assert_array_equal(labels[row, :n], corpus.labels[s:s + n])
+        assert mask[row].sum() == n and not speech[row, n:].any() and not text[row, n:].any()
+
+
+def test_torch_reference_real_outputs_do_not_depend_on_padding():
+    torch = pytest.importorskip("torch")
+    from torch_reference import MisterE
+
+    dims = common.TINY
+    corpus = common.make_corpus(dims)
+    torch.manual_seed(0)
+    model = MisterE(dims).eval()
+    batch = np.array([0, 1, 2])
+    outs = []
+    for width in (None, 20):
+        s, t, _, m = (torch.from_numpy(x) for x in common.pad_batch(corpus, batch, width))
+        with torch.no_grad():
+            outs.append(model(s, t, m))
+    n = corpus.lengths[batch]
+    for row, length in enumerate(n):
+        for key in ("logits", "m_speech", "multimodal_logits"):
+            np.testing.assert_allclose(outs[0][key][row, :length].numpy(), outs[1][key][row, :length].numpy(),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_torch_reference_matches_our_parameter_count():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from mister_jax.model import count_params, param_shapes
+    from torch_reference import MisterE
+    from train_epoch import presets
+
+    dims = common.TINY
+    ours = count_params(param_shapes(presets(dims)[0]))
+    assert sum(p.numel() for p in MisterE(dims).parameters()) == ours
+
+
+def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
+    out = tmp_path / "train_epoch.json"
+    proc = _run("train_epoch.py", "--dims", "tiny", "--epochs", "1", "--variants", "a,b,c", "--skip-cold",
+                "--threads", "1",
+                "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq"}
+    for tag in ("a", "b", "c-vmap", "c-seq"):
+        assert result["median"][tag]["real_utterances_per_s"] > 0
+        assert result["median"][tag]["peak_rss_mib"] > 0
+    assert result["median"]["b"]["num_shapes"] >= 1
+    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq"))
+    assert "b_over_a_real_utt_per_s" in result["ratios"] and "c-vmap_time_over_3b" in result["ratios"]
+    assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
+
+
+def test_extract_smoke_times_sorted_shuffled_and_single(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "extract.json"
+    _run("extract.py", "--size", "tiny", "--utterances", "12", "--batch-size", "4", "--embedding-dim", "16", "--threads", "1",
+         "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["passes"]) == {"sorted", "shuffled", "single"}
+    assert result["passes"]["single"]["token_padding_efficiency"] == 1.0
+    assert result["passes"]["sorted"]["token_padding_efficiency"] >= result["passes"]["shuffled"]["token_padding_efficiency"]
+
+
+def test_lever_modules_compute_what_the_project_model_computes():
+    jax = pytest.importorskip("jax")
+    import levers
+    from mister_jax.config import ModelConfig
+    from mister_jax.model import MisterE
+
+    cfg = ModelConfig(speech_dim=12, text_dim=10, can_hidden=6, gru_layers=2, fusion_dim=8, fusion_layers=1,
+                      attention_dim=4, attention_heads=2)
+    rng = np.random.default_rng(0)
+    speech = rng.standard_normal((3, 9, 12)).astype(np.float32)
+    text = rng.standard_normal((3, 9, 10)).astype(np.float32)
+    mask = np.arange(9)[None] < np.array([9, 5, 2])[:, None]
+    from mister_jax import model
+
+    params = model.init_params(cfg, jax.random.key(0))
+    def apply(p, s, t, m):  # a fresh function each time, so that jit traces the patched model anew
+        return MisterE(cfg).apply({"params": p}, s, t, m, deterministic=True)
+
+    reference = jax.jit(apply)(params, speech, text, mask)
+    saved = model.BidirectionalGRU, model.TemporalInception
+    try:
+        levers.apply_patches(["gru-flip", "inception-matmul"])
+        shapes = model.param_shapes(cfg)
+        patched = jax.jit(lambda *args: apply(*args))(params, speech, text, mask)
+    finally:
+        model.BidirectionalGRU, model.TemporalInception = saved
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+    assert [x.shape for x in jax.tree_util.tree_leaves(shapes)] == [x.shape for x in jax.tree_util.tree_leaves(params)]
+    for field in ("logits", "speech_logits", "text_logits", "m_speech"):
+        np.testing.assert_allclose(np.asarray(getattr(patched, field))[mask],
+                                   np.asarray(getattr(reference, field))[mask], rtol=1e-5, atol=1e-5)
