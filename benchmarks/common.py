@@ -181,3 +181,11 @@ def parse_result(stdout: str) -> dict:
     if not lines:
         raise RuntimeError("benchmark worker printed no RESULT line; its output:\n" + stdout[-2000:])
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def write_result(result: dict, out: str | os.PathLike) -> None:
+    """Writes a benchmark's result as JSON to `out` and says where."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS_DIR, machine_info, peak_rss_mib  # noqa: E402
+from common import RESULTS_DIR, machine_info, peak_rss_mib, write_result  # noqa: E402
 
 MELD_CSV = HERE.parent.parent / "shared" / "data" / "meld" / "train_sent_emo.csv"
 SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate
@@ -155,10 +154,7 @@ def main(argv=None) -> int:
               f"token padding efficiency {p['token_padding_efficiency']:.3f}")
     print(f"speedup sorted/single: {result['speedup_sorted_over_single']:.2f}x; "
           f"sorted/shuffled: {result['speedup_sorted_over_shuffled']:.2f}x; peak RSS {result['peak_rss_mib']:.0f} MiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import DIMS, RESULTS_DIR, emit, machine_info, make_corpus, parse_result  # noqa: E402
+from common import DIMS, RESULTS_DIR, emit, machine_info, make_corpus, parse_result, write_result  # noqa: E402
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -284,10 +283,7 @@ def main(argv=None) -> int:
             print(f"  lever {name}: {value:.1f}")
     for name, value in result["torch"].items():
         print(f"  {name}: {value:.1f}" if isinstance(value, float) else f"  {name}: {value}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -24,7 +24,6 @@ Prints one line per figure and writes benchmarks/results/train_epoch.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
-from common import padded_utterances, parse_result, peak_rss_mib  # noqa: E402
+from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
 VARIANTS = ("a", "b", "c", "l")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
@@ -411,10 +410,7 @@ def main(argv=None) -> int:
         return 0
     result = run_all(args)
     print_lines(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 
