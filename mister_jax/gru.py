@@ -4,26 +4,70 @@ Every (modality, direction) pair is a *stream* g with its own weights. All strea
 stepped together: the input projections x W_ih of every time step are one matmul outside the scan, and
 each scan step does one batched h W_hh einsum over the stacked recurrent weights [G, H, 3H].
 
-The backward direction of a conversation starts at its last real utterance: the padded inputs are
-flipped in time (cheap, no gather), scanned forwards and flipped back, and every stream carries its
-state unchanged over padded steps. A flipped conversation starts with its padding, over which the
-state stays zero, so the backward pass begins at the last real utterance exactly as if it stood alone.
+The backward direction reads each batch in reverse over its longest conversation (length L): time
+steps 0..L-1 are reversed, and so are the all-padding steps L..T-1, so no gather is needed. Every
+stream carries its state unchanged over padded steps; a reversed conversation shorter than L starts
+with padding, over which its state stays zero, so its backward pass begins at its last real utterance
+exactly as if it stood alone. Steps where no stream has a real utterance (t >= L) are skipped.
+
+The gradient is written by hand (`jax.custom_vjp`): the backward scan only carries dh through the
+recurrent matmul, and the weight gradient Σ_t h_{t-1}ᵀ dg_t is one large matmul after it, instead of
+a [G, H, 3H] accumulation inside every step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
+def _gates(x_t: jax.Array, gh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """r, z, n and the recurrent part h W_hn + b_hn of one GRU step (PyTorch gate layout r, z, n)."""
+  xr, xz, xn = jnp.split(x_t, 3, axis=-1)
+  hr, hz, hn = jnp.split(gh, 3, axis=-1)
+  r = jax.nn.sigmoid(xr + hr)
+  z = jax.nn.sigmoid(xz + hz)
+  n = jnp.tanh(xn + r * hn)
+  return r, z, n, hn
+
+
+def _forward(x_proj, hold, w_hh, b_hh, dtype):
+  """The scan of `stacked_gru_scan`; also returns the gates [T, G, B, 4H] (r, z, n, hn) for the VJP."""
+  _, num_streams, batch, three_h = x_proj.shape
+  hidden = three_h // 3
+  w_hh = w_hh.astype(dtype)
+
+  def real_step(h, x_t, real_t):
+    gh = jnp.einsum("gbh,ghk->gbk", h.astype(dtype), w_hh, preferred_element_type=jnp.float32) + b_hh[:, None]
+    r, z, n, hn = _gates(x_t, gh)
+    h = jnp.where(real_t, (1.0 - z) * n + z * h, h)
+    return h, jnp.concatenate([r, z, n, hn], axis=-1)
+
+  def padded_step(h, x_t, real_t):
+    return h, jnp.zeros(h.shape[:-1] + (4 * hidden,), jnp.float32)
+
+  def step(h, inputs):
+    x_t, real_t = inputs
+    h, gates = jax.lax.cond(jnp.any(real_t), real_step, padded_step, h, x_t, real_t)
+    return h, (h, gates)
+
+  h0 = jnp.zeros((num_streams, batch, hidden), jnp.float32)
+  _, (hs, gates) = jax.lax.scan(step, h0, (x_proj.astype(jnp.float32), hold))
+  return hs, gates
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def stacked_gru_scan(x_proj: jax.Array, hold: jax.Array, w_hh: jax.Array, b_hh: jax.Array,
                      dtype=jnp.float32) -> jax.Array:
   """Runs G independent GRUs (PyTorch gate layout r, z, n) in one `lax.scan`.
 
   h_t = (1 - z) * n + z * h_{t-1} with r, z = σ(x W_i{r,z} + b_i{r,z} + h W_h{r,z} + b_h{r,z}) and
   n = tanh(x W_in + b_in + r * (h W_hn + b_hn)); the initial state is zero. Where `hold` is False the
-  state is carried unchanged, so padded steps never alter it.
+  state is carried unchanged, so padded steps never alter it; steps where `hold` is False for every
+  stream and row are skipped.
 
   Args:
     x_proj: [T, G, B, 3H] input projections x W_ih + b_ih of every time step and stream.
@@ -35,24 +79,56 @@ def stacked_gru_scan(x_proj: jax.Array, hold: jax.Array, w_hh: jax.Array, b_hh: 
   Returns:
     [T, G, B, H] hidden states (at a padded step: the state carried over it).
   """
-  _, num_streams, batch, three_h = x_proj.shape
-  hidden = three_h // 3
-  w_hh = w_hh.astype(dtype)
+  return _forward(x_proj, hold, w_hh, b_hh, dtype)[0]
 
-  def step(h, inputs):
-    x_t, real_t = inputs
-    gh = jnp.einsum("gbh,ghk->gbk", h.astype(dtype), w_hh, preferred_element_type=jnp.float32) + b_hh[:, None]
-    xr, xz, xn = jnp.split(x_t, 3, axis=-1)
-    hr, hz, hn = jnp.split(gh, 3, axis=-1)
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xz + hz)
-    n = jnp.tanh(xn + r * hn)
-    h = jnp.where(real_t, (1.0 - z) * n + z * h, h)
-    return h, h
 
-  h0 = jnp.zeros((num_streams, batch, hidden), jnp.float32)
-  _, hs = jax.lax.scan(step, h0, (x_proj.astype(jnp.float32), hold))
-  return hs
+def _scan_fwd(x_proj, hold, w_hh, b_hh, dtype):
+  hs, gates = _forward(x_proj, hold, w_hh, b_hh, dtype)
+  return hs, (hs, gates, hold, w_hh)
+
+
+def _scan_bwd(dtype, residuals, d_hs):
+  """Backpropagation through time: dh flows back through h W_hh only; dW_hh and db_hh come after."""
+  hs, gates, hold, w_hh = residuals
+  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])                    # [T, G, B, H]
+  w_hh_t = jnp.swapaxes(w_hh, 1, 2).astype(dtype)                                 # [G, 3H, H]
+
+  def real_step(dh, gates_t, h_prev_t, real_t):
+    r, z, n, hn = jnp.split(gates_t, 4, axis=-1)
+    d_pre_n = dh * (1.0 - z) * (1.0 - n * n)
+    d_pre_z = dh * (h_prev_t - n) * z * (1.0 - z)
+    d_pre_r = d_pre_n * hn * r * (1.0 - r)
+    d_x = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], axis=-1), 0.0)
+    d_gh = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=-1), 0.0)
+    d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(
+        "gbk,gkh->gbh", d_gh.astype(dtype), w_hh_t, preferred_element_type=jnp.float32)
+    return d_h_prev, (d_x, d_gh)
+
+  def padded_step(dh, gates_t, h_prev_t, real_t):
+    zeros = jnp.zeros(dh.shape[:-1] + (3 * dh.shape[-1],), jnp.float32)
+    return dh, (zeros, zeros)
+
+  def step(dh, inputs):
+    d_out_t, gates_t, h_prev_t, real_t = inputs
+    return jax.lax.cond(jnp.any(real_t), real_step, padded_step, dh + d_out_t, gates_t, h_prev_t, real_t)
+
+  _, (d_x_proj, d_gh) = jax.lax.scan(step, jnp.zeros_like(hs[0]), (d_hs, gates, h_prev, hold), reverse=True)
+  d_w_hh = jnp.einsum("tgbh,tgbk->ghk", h_prev, d_gh).astype(w_hh.dtype)
+  d_b_hh = jnp.sum(d_gh, axis=(0, 2))
+  return d_x_proj, None, d_w_hh, d_b_hh
+
+
+stacked_gru_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def reverse_conversations(x: jax.Array, length: jax.Array, axis: int) -> jax.Array:
+  """Reverses steps 0..length-1 and, separately, steps length..T-1 of `x` along `axis` (an involution).
+
+  With `length` the batch's longest conversation, each conversation is read backwards from its last
+  utterance and the all-padding tail stays at the end. A flip and a dynamic roll: no gather.
+  """
+  size = x.shape[axis]
+  return jnp.roll(jnp.flip(x, axis=axis), length - size, axis=axis)
 
 
 class BidirectionalGRU(nn.Module):
@@ -79,11 +155,13 @@ class BidirectionalGRU(nn.Module):
     hidden = self.hidden
     streams = 2 * num_modalities
     bound = 1.0 / hidden ** 0.5
+    longest = jnp.sum(jnp.any(mask, axis=0))                                       # L
+    reverse = functools.partial(reverse_conversations, length=longest)
 
     def param(name, shape):
       return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
 
-    hold = jnp.stack([mask, jnp.flip(mask, axis=1)])                               # [2, B, T]
+    hold = jnp.stack([mask, reverse(mask, axis=1)])                                # [2, B, T]
     hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[..., None]   # [T, G, B, 1]
     for layer in range(self.layers):
       w_ih = param(f"w_ih_{layer}", (streams, width, 3 * hidden))
@@ -91,11 +169,11 @@ class BidirectionalGRU(nn.Module):
       w_hh = param(f"w_hh_{layer}", (streams, hidden, 3 * hidden))
       b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
       x = jnp.where(mask[None, :, :, None], x, 0.0)
-      both = jnp.stack([x, jnp.flip(x, axis=2)], axis=1).reshape((streams, batch, length, width))
+      both = jnp.stack([x, reverse(x, axis=2)], axis=1).reshape((streams, batch, length, width))
       x_proj = jnp.einsum("gbti,gik->tgbk", both.astype(self.dtype), w_ih.astype(self.dtype),
                           preferred_element_type=jnp.float32) + b_ih[None, :, None]
       hs = stacked_gru_scan(x_proj, hold, w_hh, b_hh, self.dtype)                  # [T, G, B, H]
       hs = jnp.transpose(hs, (1, 2, 0, 3)).reshape((num_modalities, 2, batch, length, hidden))
-      x = jnp.concatenate([hs[:, 0], jnp.flip(hs[:, 1], axis=2)], axis=-1)
+      x = jnp.concatenate([hs[:, 0], reverse(hs[:, 1], axis=2)], axis=-1)
       width = 2 * hidden
     return x
