@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mister_jax.dropout import Dropout
+
 Array = jax.Array
 
 
@@ -97,6 +99,6 @@ class StackedMultiHeadAttention(nn.Module):
         logits = jnp.einsum("sbqhd,sbkhd->sbhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
         logits = jnp.where(key_mask[None, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("sbhqk,sbkhd->sbqhd", weights.astype(self.dtype), v)
         return StackedDense(self.out_features, self.dtype, name="out")(out.reshape(out.shape[:3] + (-1,)))

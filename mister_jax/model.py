@@ -32,6 +32,7 @@ import numpy as np
 
 from mister_jax.attention import StackedDense, StackedLayerNorm, StackedMultiHeadAttention
 from mister_jax.config import ModelConfig
+from mister_jax.dropout import Dropout
 from mister_jax.gru import BidirectionalGRU
 
 Array = jax.Array
@@ -148,7 +149,7 @@ class ContextAdditionNetworks(nn.Module):
         representations, logits = [], []
         for name, x, h in zip(self.modalities, inputs, context):
             h = h + nn.Dense(width, dtype=dtype, name=f"{name}_residual")(x)
-            h = nn.Dropout(cfg.can_dropout)(h, deterministic=deterministic)
+            h = Dropout(cfg.can_dropout)(h, deterministic=deterministic)
             h = _zero_padding(h, mask)
             representations.append(h)
             if self.heads:
@@ -214,7 +215,7 @@ class MultimodalNetwork(nn.Module):
         m_speech, m_text = x + projected
         hidden = nn.LayerNorm(name="classifier_norm")(jnp.concatenate([m_speech, m_text], axis=-1))
         hidden = nn.relu(nn.Dense(cfg.fusion_dim, dtype=dtype, name="classifier_hidden")(hidden))
-        hidden = nn.Dropout(cfg.fusion_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(cfg.fusion_dropout)(hidden, deterministic=deterministic)
         logits = nn.Dense(cfg.num_classes, dtype=dtype, name="classifier_out")(hidden)
         return m_speech, m_text, hidden, logits
 
