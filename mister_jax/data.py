@@ -1,10 +1,21 @@
 """Feature store → padded conversation batches (DESIGN §2, §5).
 
 A batch holds ``B`` whole conversations padded to one length ``T`` taken from a small, fixed set of pad
-lengths (the *buckets*), so a jitted step compiles once per bucket. The plan of an epoch is a pure
-function of ``(seed, epoch)``: the order of bucket shapes depends on the epoch only (so the seeds of a
-vmapped step always see the same shape), the conversations inside each bucket are shuffled per
-``(seed, epoch)``. Resuming at an epoch therefore replays exactly the batches an uninterrupted run sees.
+lengths (the *buckets*), so a jitted step compiles once per bucket. Two ways to form batches
+(``TrainConfig.batching``):
+
+- ``sorted`` (default): conversations sorted by length, longest first, cut into consecutive batches
+  of ``B``; each batch is padded to the smallest pad length holding its longest conversation, and the
+  pad lengths are chosen on those batch maxima. Least padding. Training breaks ties between equal
+  lengths at random per ``(seed, epoch)`` and shuffles the order of the batches per epoch; batches
+  of different lengths never mix, so the composition of batches changes little between epochs.
+- ``shuffled``: conversations shuffled per ``(seed, epoch)`` within their bucket (the pad length
+  holding them), then cut into batches of ``B``; the order of the batches is shuffled per epoch.
+  Random batch composition, as the authors' training, at the price of more padding.
+
+Either way the plan of an epoch is a pure function of ``(seed, epoch)`` and the sequence of batch
+shapes depends on the epoch only, so the seeds of a vmapped step always see the same shape and a run
+resumed at an epoch replays exactly the batches an uninterrupted run sees.
 
 Shapes: ``speech [B, T, Ds]`` (None when not loaded), ``text [B, T, Dt]``, ``labels [B, T]`` (``-1`` for padding and for
 unlabelled utterances), ``mask [B, T]`` (``True`` for real utterances), ``rows [B, T]`` (row of the
@@ -19,6 +30,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 MODALITIES = ("speech", "text")
+BATCHING = ("sorted", "shuffled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,39 +168,77 @@ class PlannedBatch:
     conversations: np.ndarray
 
 
-def epoch_plan(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, *,
-               seed: int | None, epoch: int) -> list[PlannedBatch]:
-    """The batches of one epoch; pure function of ``(seed, epoch)``.
+def sorted_batch_maxima(lengths: Sequence[int], batch_size: int) -> np.ndarray:
+    """The longest conversation of each ``sorted`` batch (lengths sorted longest first, cut by ``B``)."""
+    return np.sort(np.asarray(lengths, dtype=np.int64))[::-1][::batch_size]
 
-    ``seed=None`` keeps store order (evaluation, prediction). Otherwise the conversations of each
-    bucket are permuted with ``default_rng([seed, epoch])`` and the sequence of bucket shapes with
-    ``default_rng([epoch])``; the shape sequence is thus the same for every seed.
+
+def choose_pad_lengths(split_lengths: Sequence[np.ndarray], batch_size: int, num_buckets: int, multiple: int,
+                       batching: str = "sorted") -> tuple[int, ...]:
+    """The pad lengths shared by the batches of several splits (train, val, test).
+
+    ``sorted``: the least padding of the splits' sorted batch maxima; ``shuffled``: of every conversation.
     """
-    lengths = np.asarray(lengths)
-    bucket = assign_buckets(lengths, pad_lengths)
-    members = [np.flatnonzero(bucket == b) for b in range(len(pad_lengths))]
-    if seed is not None:
-        content_rng = np.random.default_rng([seed, epoch])
-        members = [m[content_rng.permutation(len(m))] for m in members]
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r} is not one of {BATCHING}")
+    if batching == "sorted":
+        split_lengths = [sorted_batch_maxima(lengths, batch_size) for lengths in split_lengths]
+    return bucket_lengths(np.concatenate([np.asarray(x, dtype=np.int64) for x in split_lengths]), num_buckets, multiple)
+
+
+def _chunk(conversations: np.ndarray, length: int, batch_size: int) -> list[PlannedBatch]:
     chunks = []
-    for b, m in enumerate(members):
-        for i in range(0, len(m), batch_size):
-            conv = np.full(batch_size, -1, dtype=np.int64)
-            conv[: len(m[i:i + batch_size])] = m[i:i + batch_size]
-            chunks.append(PlannedBatch(int(pad_lengths[b]), conv))
-    if seed is not None:
-        shape_order = np.random.default_rng([epoch]).permutation(len(chunks))
-        by_bucket = {}
-        for c in chunks:
-            by_bucket.setdefault(c.length, []).append(c)
-        shapes = [chunks[i].length for i in shape_order]
-        cursor = {t: 0 for t in by_bucket}
-        ordered = []
-        for t in shapes:
-            ordered.append(by_bucket[t][cursor[t]])
-            cursor[t] += 1
-        chunks = ordered
+    for i in range(0, len(conversations), batch_size):
+        conv = np.full(batch_size, -1, dtype=np.int64)
+        conv[: len(conversations[i:i + batch_size])] = conversations[i:i + batch_size]
+        chunks.append(PlannedBatch(int(length), conv))
     return chunks
+
+
+def _sorted_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int,
+                    tie_break: np.ndarray) -> list[PlannedBatch]:
+    order = np.lexsort((tie_break, -lengths))
+    chunks = []
+    for i in range(0, len(order), batch_size):
+        members = order[i:i + batch_size]
+        pad = pad_lengths[int(assign_buckets(lengths[members[:1]], pad_lengths)[0])]
+        chunks.extend(_chunk(members, pad, batch_size))
+    return chunks
+
+
+def _shuffled_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int,
+                      content_rng: np.random.Generator | None) -> list[PlannedBatch]:
+    bucket = assign_buckets(lengths, pad_lengths)
+    chunks = []
+    for b, pad in enumerate(pad_lengths):
+        members = np.flatnonzero(bucket == b)
+        if content_rng is not None:
+            members = members[content_rng.permutation(len(members))]
+        chunks.extend(_chunk(members, pad, batch_size))
+    return chunks
+
+
+def epoch_plan(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, *,
+               seed: int | None, epoch: int, batching: str = "sorted") -> list[PlannedBatch]:
+    """The batches of one epoch (see the module docstring); pure function of ``(seed, epoch)``.
+
+    ``seed=None`` (evaluation, prediction) keeps the batches in their natural order and breaks ties by
+    store order. Otherwise the contents are randomised with ``default_rng([seed, epoch])`` and the
+    order of the batches with ``default_rng([epoch])``; the shape sequence is the same for every seed.
+    """
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r} is not one of {BATCHING}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    content_rng = None if seed is None else np.random.default_rng([seed, epoch])
+    if batching == "sorted":
+        tie_break = np.arange(len(lengths)) if content_rng is None else content_rng.permutation(len(lengths))
+        chunks = _sorted_batches(lengths, pad_lengths, batch_size, tie_break)
+    else:
+        chunks = _shuffled_batches(lengths, pad_lengths, batch_size, content_rng)
+    if seed is None:
+        return chunks
+    # Chunk i has the same shape for every seed, so one permutation of the epoch orders them all.
+    return [chunks[i] for i in np.random.default_rng([epoch]).permutation(len(chunks))]
 
 
 def padding_efficiency(lengths: np.ndarray, plan: Sequence[PlannedBatch]) -> float:

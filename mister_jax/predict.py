@@ -67,18 +67,20 @@ def choose_seed(run: Path, config: dict, seed: int | None) -> int:
     return seeds[int(np.argmax(per_seed))]
 
 
-def predict_split(params, model_cfg, data, num_buckets: int, multiple: int, batch_size: int):
+def predict_split(params, model_cfg, data, train_cfg: dict, batch_size: int):
     """Yields ``(row, {expert: probs [C]}, gate or None)`` for every utterance of ``data`` in order."""
     import functools
 
     import jax
 
-    from mister_jax.data import bucket_lengths, epoch_plan, iterate_batches
+    from mister_jax.data import choose_pad_lengths, epoch_plan, iterate_batches
     from mister_jax.trainer import predict_step
 
     step = jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
-    pads = bucket_lengths(data.lengths, num_buckets, multiple)
-    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0)
+    batching = train_cfg.get("batching", "shuffled")
+    pads = choose_pad_lengths([data.lengths], batch_size, train_cfg["num_buckets"], train_cfg["bucket_multiple"],
+                              batching)
+    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0, batching=batching)
     for rows, batch in iterate_batches(data, plan):
         out = jax.device_get(step(params, batch))
         for b, t in zip(*np.nonzero(rows >= 0)):
@@ -138,8 +140,7 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     lines = [None] * data.num_utterances
-    for row, probs in predict_split(params, model_cfg, data, config["train"]["num_buckets"],
-                                    config["train"]["bucket_multiple"], args.batch_size):
+    for row, probs in predict_split(params, model_cfg, data, config["train"], args.batch_size):
         label, prediction = int(data.labels[row]), int(np.argmax(probs["moe"]))
         lines[row] = json.dumps({
             "conversation_id": str(data.conversation_ids[row]), "utterance_id": str(data.utterance_ids[row]),

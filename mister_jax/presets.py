@@ -25,6 +25,8 @@ class TrainConfig:
       clip_norm: gradient clipping at this global norm.
       epochs: passes over the training split.
       seeds: number of seeds; seeds are ``0 .. seeds-1``.
+      batching: "sorted" (length-sorted batches, least padding) or "shuffled" (random batch composition
+        within length buckets); see `mister_jax.data`.
       num_buckets: at most this many pad lengths, hence compiled training shapes.
       bucket_multiple: pad lengths are multiples of this.
       checkpoint_every: save the training state every this many epochs (and after the last).
@@ -37,6 +39,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     epochs: int = 100
     seeds: int = 3
+    batching: str = "sorted"
     num_buckets: int = 4
     bucket_multiple: int = 8
     checkpoint_every: int = 1
@@ -47,6 +50,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 1.")
+        if self.batching not in ("sorted", "shuffled"):
+            raise ValueError(f"TrainConfig: batching={self.batching!r} must be 'sorted' or 'shuffled'.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"TrainConfig: val_fraction={self.val_fraction} must lie in (0, 1).")
 

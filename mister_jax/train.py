@@ -227,7 +227,7 @@ class Trainer:
     def __init__(self, preset, label_names, train, val, test, out: Path, seed_mode: str, log):
         import jax
 
-        from mister_jax.data import bucket_lengths, epoch_plan, padding_efficiency
+        from mister_jax.data import choose_pad_lengths, epoch_plan, padding_efficiency
         from mister_jax.trainer import make_steps, seed_keys
 
         self.preset, self.label_names, self.out, self.log = preset, list(label_names), out, log
@@ -235,16 +235,17 @@ class Trainer:
         cfg = preset.train
         self.seeds = list(range(cfg.seeds))
         self.vmap = seed_mode == "vmap" or (seed_mode == "auto" and jax.default_backend() != "cpu")
-        self.pad_lengths = bucket_lengths(np.concatenate([train.lengths, val.lengths, test.lengths]),
-                                          cfg.num_buckets, cfg.bucket_multiple)
-        plan = epoch_plan(train.lengths, self.pad_lengths, cfg.batch_size, seed=0, epoch=0)
+        self.pad_lengths = choose_pad_lengths([train.lengths, val.lengths, test.lengths], cfg.batch_size,
+                                              cfg.num_buckets, cfg.bucket_multiple, cfg.batching)
+        plan = epoch_plan(train.lengths, self.pad_lengths, cfg.batch_size, seed=0, epoch=0, batching=cfg.batching)
         shapes = sorted({p.length for p in plan})
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
-        self.shape_info = {"train_shapes": [[cfg.batch_size, t] for t in shapes], "pad_lengths": list(self.pad_lengths),
+        self.shape_info = {"batching": cfg.batching, "train_shapes": [[cfg.batch_size, t] for t in shapes],
+                           "pad_lengths": list(self.pad_lengths),
                            "padding_efficiency": padding_efficiency(train.lengths, plan),
                            "real_utterances": real, "padded_utterances": padded}
         log(f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
-            f"padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / {padded} padded "
+            f"{cfg.batching} batches, padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / {padded} padded "
             f"utterances); seeds {self.seeds} {'vmapped in one step' if self.vmap else 'one after the other'}")
         self.train_fn, self.predict_fn = make_steps(preset.model, preset.loss, cfg, self.vmap)
         keys = [seed_keys(s)[1] for s in self.seeds]
@@ -262,7 +263,8 @@ class Trainer:
 
         from mister_jax.data import epoch_plan, iterate_batches
 
-        plan = epoch_plan(split.lengths, self.pad_lengths, self.preset.train.batch_size, seed=None, epoch=0)
+        cfg = self.preset.train
+        plan = epoch_plan(split.lengths, self.pad_lengths, cfg.batch_size, seed=None, epoch=0, batching=cfg.batching)
         return [(rows, jax.device_put(batch)) for rows, batch in iterate_batches(split, plan)]
 
     def _initial(self):
@@ -344,8 +346,8 @@ class Trainer:
         from mister_jax.data import batch_rows, epoch_plan, make_batch
 
         cfg, K = self.preset.train, len(self.seeds)
-        plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch)
-                 for s in self.seeds]
+        plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch,
+                            batching=cfg.batching) for s in self.seeds]
         t0 = time.perf_counter()
         metrics = [[] for _ in self.seeds]
         if self.vmap:

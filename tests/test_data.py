@@ -7,8 +7,8 @@ import pytest
 
 from bridges.demo import build_demo_store
 from bridges import FeatureStore
-from mister_jax.data import (batch_rows, bucket_lengths, carve_validation, epoch_plan, load_split, make_batch,
-                             padding_efficiency)
+from mister_jax.data import (BATCHING, batch_rows, bucket_lengths, carve_validation, choose_pad_lengths, epoch_plan,
+                             load_split, make_batch, padding_efficiency, sorted_batch_maxima)
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,11 @@ def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
     assert _waste(lengths, pads) == best
 
 
-def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_0_8(demo):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_0_8(demo, batching):
     train = demo["train"]
-    lengths = np.concatenate([d.lengths for d in demo.values()])
-    pads = bucket_lengths(lengths, num_buckets=4, multiple=8)
-    plan = epoch_plan(train.lengths, pads, batch_size=8, seed=0, epoch=0)
+    pads = choose_pad_lengths([d.lengths for d in demo.values()], 8, num_buckets=4, multiple=8, batching=batching)
+    plan = epoch_plan(train.lengths, pads, batch_size=8, seed=0, epoch=0, batching=batching)
     assert len({p.length for p in plan}) <= 4
     real = sum(int((batch_rows(train, p) >= 0).sum()) for p in plan)
     slots = sum(batch_rows(train, p).size for p in plan)
@@ -46,11 +46,32 @@ def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_
     assert real / slots > 0.8
 
 
-def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conversation_once(demo):
+def test_sorted_batches_hold_neighbours_in_length_and_pad_less_than_shuffled_ones():
+    lengths = np.random.default_rng(0).lognormal(3.9, 0.35, size=92).astype(int).clip(24, 110)
+    efficiency = {}
+    for batching in BATCHING:
+        pads = choose_pad_lengths([lengths], 8, num_buckets=4, multiple=8, batching=batching)
+        plan = epoch_plan(lengths, pads, 8, seed=0, epoch=0, batching=batching)
+        efficiency[batching] = padding_efficiency(lengths, plan)
+    assert efficiency["sorted"] > efficiency["shuffled"] + 0.05
+    pads = choose_pad_lengths([lengths], 8, num_buckets=4, multiple=8)
+    plan = epoch_plan(lengths, pads, 8, seed=0, epoch=0)
+    maxima = sorted(max(lengths[c] for c in p.conversations if c >= 0) for p in plan)
+    assert maxima == sorted(sorted_batch_maxima(lengths, 8).tolist())
+    assert sum(int(np.sum(p.conversations >= 0)) < 8 for p in plan) == 1  # 92 = 11 x 8 + 4
+    for p in plan:  # a batch holds a run of neighbours in length: no other conversation lies strictly inside
+        members = [c for c in p.conversations if c >= 0]
+        low, high = min(lengths[members]), max(lengths[members])
+        others = np.delete(lengths, members)
+        assert not np.any((others > low) & (others < high))
+
+
+@pytest.mark.parametrize("batching", BATCHING)
+def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conversation_once(demo, batching):
     lengths = demo["train"].lengths
-    pads = bucket_lengths(lengths, 3, 8)
+    pads = choose_pad_lengths([lengths], 8, 3, 8, batching)
     plan = lambda seed, epoch: [(p.length, p.conversations.tolist()) for p in
-                                epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch)]
+                                epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching)]
     assert plan(1, 5) == plan(1, 5)
     assert plan(1, 5) != plan(1, 6) and plan(1, 5) != plan(2, 5)
     for seed, epoch in [(0, 0), (1, 5)]:
@@ -59,10 +80,12 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conver
         assert all(lengths[c] <= t for t, convs in plan(seed, epoch) for c in convs if c >= 0)
 
 
-def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo, batching):
     lengths = demo["train"].lengths
-    pads = bucket_lengths(lengths, 4, 8)
-    shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3)] for seed in range(4)}
+    pads = choose_pad_lengths([lengths], 8, 4, 8, batching)
+    shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3, batching=batching)]
+              for seed in range(4)}
     assert all(s == shapes[0] for s in shapes.values())
 
 
