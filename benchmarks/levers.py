@@ -1,12 +1,13 @@
-"""The GRU recurrence, the largest cost of a MiSTER-E step, written three ways in JAX and timed.
+"""The GRU recurrence, the largest cost of a MiSTER-E step, written three ways in JAX for the profile.
 
 - naive:   one `lax.scan` per (modality, direction, layer); the cell does x W_i + h W_h each step
            (what `flax.linen.RNN(GRUCell)` does).
 - hoisted: x W_i for every time step as one large matmul before the scan; the scan does only h W_h.
 - fused:   hoisted, and the four recurrences of a layer (speech/text × forward/backward) stepped
            together in one scan as one batched matmul [4, B, H] × [4, H, 3H].
-All three compute the same function (PyTorch GRU equations); the backward direction stays on the
-real utterances by holding the state at zero over padded steps, so padding never leaks in.
+All three compute the same function (PyTorch GRU equations) and are differentiated by JAX itself;
+`benchmarks/profile_step.py` times them against `mister_jax.gru`, which is `fused` with a
+hand-written backward pass and all-padding steps skipped.
 """
 
 from __future__ import annotations
@@ -119,120 +120,3 @@ def fused(params, xs, mask):
         fwd, bwd = ys[:, :, 0], jnp.flip(ys[:, :, 1], 0)                                 # [T, S, B, H]
         x = jnp.transpose(jnp.concatenate([fwd, bwd], -1), (1, 2, 0, 3))                # [S, B, T, 2H]
     return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# Drop-in replacements for two methods of the project's model, measured by the benchmarks without
-# editing mister_jax: same parameter names, shapes and initialisers, same outputs.
-
-
-def flip_hold_gru_call(self, x, mask):
-    """`mister_jax.gru.BidirectionalGRU.__call__` without gathers: the backward streams are `jnp.flip`ped
-    over the whole padded length, and every stream holds its state at a padded step. Padding sits at
-    the end of each row, so a flipped row starts with padding; the state stays zero until the row's
-    last real utterance, exactly as `reverse_within_length` would start it.
-
-    Args: x [M, B, T, W], mask bool [B, T]. Returns [M, B, T, 2H].
-    """
-    import flax.linen as nn  # noqa: F401  (the method runs inside the flax module)
-
-    num_modalities, _, _, width = x.shape
-    hidden, streams = self.hidden, 2 * x.shape[0]
-    bound = 1.0 / hidden ** 0.5
-    dtype = self.dtype
-
-    def param(name, shape):
-        return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
-
-    hold = jnp.stack([mask, jnp.flip(mask, 1)])                                     # [2, B, T]
-    hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[..., None]      # [T, G, B, 1]
-    for layer in range(self.layers):
-        w_ih = param(f"w_ih_{layer}", (streams, width, 3 * hidden))
-        b_ih = param(f"b_ih_{layer}", (streams, 3 * hidden))
-        w_hh = param(f"w_hh_{layer}", (streams, hidden, 3 * hidden))
-        b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
-        x = jnp.where(mask[None, :, :, None], x, 0.0)
-        both = jnp.stack([x, jnp.flip(x, 2)], axis=1).reshape((streams,) + x.shape[1:])
-        x_proj = jnp.einsum("gbti,gik->tgbk", both.astype(dtype), w_ih.astype(dtype),
-                            preferred_element_type=jnp.float32) + b_ih[None, :, None]
-        w = w_hh.astype(dtype)
-
-        def step(h, inputs, w=w, b_hh=b_hh):
-            x_t, m_t = inputs
-            gh = jnp.einsum("gbh,ghk->gbk", h.astype(dtype), w, preferred_element_type=jnp.float32) + b_hh[:, None]
-            return (lambda new: (jnp.where(m_t, new, h),) * 2)(_gates(x_t, gh, h))
-
-        _, hs = jax.lax.scan(step, jnp.zeros((streams,) + x.shape[1:2] + (hidden,), jnp.float32), (x_proj, hold))
-        hs = jnp.transpose(hs, (1, 2, 0, 3)).reshape((num_modalities, 2) + x.shape[1:3] + (hidden,))
-        x = jnp.concatenate([hs[:, 0], jnp.flip(hs[:, 1], 2)], axis=-1)
-        width = 2 * hidden
-    return x
-
-
-def matmul_inception_call(self, x, mask):
-    """`mister_jax.model.TemporalInception.__call__` as one matmul: every tap of the three kernels
-    (1 + 3 + 5 = 9) in one x [B·T, D] × [D, 9F] product, then shifted sums per kernel ('same' zero
-    padding), bias and ReLU. Parameters stay `conv{k}/kernel [k, D, F]` and `conv{k}/bias [F]`.
-    """
-    import flax.linen as nn
-
-    x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
-    kernels, biases = {}, {}
-    for k in (1, 3, 5):
-        conv = nn.Conv(self.features, (k,), padding="SAME", dtype=self.dtype, name=f"conv{k}")
-        kernels[k], biases[k] = _conv_params(conv, x)
-    taps = jnp.concatenate([kernels[k][j] for k in (1, 3, 5) for j in range(k)], axis=-1)    # [D, 9F]
-    y = jnp.einsum("btd,df->btf", x.astype(self.dtype), taps.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    y = y.reshape(y.shape[:2] + (9, self.features))
-    t = x.shape[1]
-    out, tap = 0.0, 0
-    for k in (1, 3, 5):
-        pad = k // 2
-        padded = jnp.pad(y[:, :, tap:tap + k], ((0, 0), (pad, pad), (0, 0), (0, 0)))
-        conv = sum(padded[:, j:j + t, j] for j in range(k))     # output t sums x[t + j - pad] W[j]
-        out = out + jax.nn.relu(conv + biases[k])
-        tap += k
-    return out.astype(self.dtype)
-
-
-def _conv_params(conv, x):
-    """(kernel [k, D, F], bias [F]) of an `nn.Conv` submodule: one call on a [1, 1, D] zero row binds
-    (or creates) its parameters, which are then read back."""
-    conv(jnp.zeros((1, 1, x.shape[-1]), x.dtype))
-    params = conv.variables["params"]
-    return params["kernel"], params["bias"]
-
-
-PATCHES = ("gru-flip", "inception-matmul")
-
-
-def flip_hold_gru_class():
-    """A `mister_jax.gru.BidirectionalGRU` subclass whose `__call__` is `flip_hold_gru_call`."""
-    import flax.linen as nn
-
-    from mister_jax import gru
-
-    return type("FlipHoldGRU", (gru.BidirectionalGRU,), {"__call__": nn.compact(flip_hold_gru_call)})
-
-
-def matmul_inception_class():
-    """A `mister_jax.model.TemporalInception` subclass whose `__call__` is `matmul_inception_call`."""
-    import flax.linen as nn
-
-    from mister_jax import model
-
-    return type("MatmulInception", (model.TemporalInception,), {"__call__": nn.compact(matmul_inception_call)})
-
-
-def apply_patches(names):
-    """Binds the drop-in modules to the names model.py instantiates (for benchmarking only)."""
-    from mister_jax import model
-
-    for name in names:
-        if name == "gru-flip":
-            model.BidirectionalGRU = flip_hold_gru_class()
-        elif name == "inception-matmul":
-            model.TemporalInception = matmul_inception_class()
-        else:
-            raise SystemExit(f"benchmarks: unknown patch {name!r}; use any of {', '.join(PATCHES)}.")

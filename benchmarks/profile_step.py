@@ -7,12 +7,14 @@ output) on one [B, T] batch of the IEMOCAP preset: the temporal-inception convol
 recurrences (`mister_jax.gru.BidirectionalGRU`), the multimodal network, the losses, the optimizer
 update, and the whole step of `mister_jax.trainer.make_steps`. Levers, each against its baseline:
 
-  gru:       the recurrences written naive / hoisted / fused (`benchmarks/levers.py`);
+  gru:       the recurrences written naive / hoisted / fused (`benchmarks/levers.py`, gradients by
+             JAX's autodiff) against `mister_jax.gru` (fused, hand-written backward pass);
+  dropout:   `flax.linen.Dropout` (one 32-bit draw per element) against `mister_jax.dropout`
+             (two 16-bit draws per 32-bit word), on the activations the model drops per step;
   donation:  the step with and without donated state buffers;
   sync:      `block_until_ready` after every step vs once at the end of 8 steps;
   xla-opt0:  the step compiled with XLA_FLAGS=--xla_backend_optimization_level=0 (compile and run
-             time, measured in a subprocess because XLA reads its flags at start-up);
-  patched:   the step with the drop-in GRU and inception methods of `benchmarks/levers.py`.
+             time, measured in a subprocess because XLA reads its flags at start-up).
 
 Prints one line per figure and writes benchmarks/results/profile_step.json.
 """
@@ -107,11 +109,6 @@ def profile_parts(args) -> dict:
     gru_in = jnp.zeros((2,) + mask.shape + (width,), jnp.float32) + 0.1
     parts["GRU recurrences (2 modalities x L-layer BiGRU, mister_jax.gru)"] = grad_of(
         BidirectionalGRU(hidden, model_cfg.gru_layers), gru_in, mask)
-    levers_parts = {"inception as one matmul (2 modalities)": grad_of(gru_levers.matmul_inception_class()(width),
-                                                                      batch.speech, mask),
-                    "GRU flip + hold (benchmarks/levers.py)": grad_of(
-                        gru_levers.flip_hold_gru_class()(hidden, model_cfg.gru_layers), gru_in, mask)}
-    levers_parts["inception as one matmul (2 modalities)"]["ms"] *= 2
     parts["multimodal network"] = grad_of(MultimodalNetwork(model_cfg), batch.speech, batch.text, mask,
                                           deterministic=False)
 
@@ -163,8 +160,32 @@ def profile_parts(args) -> dict:
         scalar = lambda p, x, fn=fn: jnp.sum(jnp.square(fn(p, x, mask)))
         levers[f"gru {name} (ms fwd+bwd)"] = rep(jax.jit(jax.value_and_grad(scalar)), gru_params, gru_in)["ms"]
     levers["gru mister_jax.gru (ms fwd+bwd)"] = parts["GRU recurrences (2 modalities x L-layer BiGRU, mister_jax.gru)"]["ms"]
-    levers.update({f"{name} (ms fwd+bwd)": v["ms"] for name, v in levers_parts.items()})
+    levers.update(dropout_levers(model_cfg, mask.shape, rep))
     return {"parts": parts, "levers": levers}
+
+
+def dropout_levers(model_cfg, batch_shape, rep) -> dict:
+    """Forward + backward ms of the dropouts of one step, `flax.linen.Dropout` against ours."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mister_jax.dropout import Dropout
+
+    b, t = batch_shape
+    cfg = model_cfg
+    shapes = ([((2, b, t, 2 * cfg.can_hidden), cfg.can_dropout)]
+              + [((2, b, cfg.attention_heads, t, t), cfg.fusion_dropout)] * (2 * cfg.fusion_layers)
+              + [((b, t, cfg.fusion_dim), cfg.fusion_dropout)])
+    xs = [jnp.ones(shape) for shape, _ in shapes]
+    out = {}
+    for name, module in (("flax.linen.Dropout", nn.Dropout), ("mister_jax.dropout", Dropout)):
+        def total(xs, key, module=module):
+            keys = jax.random.split(key, len(xs))
+            return sum(jnp.sum(module(rate).apply({}, x, False, rngs={"dropout": k}))
+                       for x, (_, rate), k in zip(xs, shapes, keys))
+        out[f"dropout {name} (ms fwd+bwd)"] = rep(jax.jit(jax.value_and_grad(total)), xs, jax.random.key(0))["ms"]
+    return out
 
 
 def profile_torch(args) -> dict:
@@ -207,10 +228,6 @@ def profile_fast_compile(args) -> dict:
     """Compile and run time of the whole step with the fast-compile XLA flags (a child process)."""
     import jax
 
-    if args.patches:
-        from levers import apply_patches
-
-        apply_patches(args.patches.split(","))
     from mister_jax.trainer import create_train_state, make_steps, seed_keys
     from train_epoch import presets
 
@@ -231,14 +248,13 @@ def profile_fast_compile(args) -> dict:
         state, m = compiled(state, batch, key)
         jax.block_until_ready(m)
         runs.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "ms": 1e3 * float(np.median(runs)), "xla_flags": os.environ.get("XLA_FLAGS"),
-            "patches": args.patches}
+    return {"compile_s": compile_s, "ms": 1e3 * float(np.median(runs)), "xla_flags": os.environ.get("XLA_FLAGS")}
 
 
-def child(args, part: str, env_extra: dict | None = None, patches: str = "") -> dict:
+def child(args, part: str, env_extra: dict | None = None) -> dict:
     env = dict(os.environ, **(env_extra or {}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--dims", args.dims,
-           "--length", str(args.length), "--repeats", str(args.repeats), "--patches", patches]
+           "--length", str(args.length), "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"profile part {part} failed:\n{proc.stderr[-3000:]}")
@@ -252,7 +268,6 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per part (median; default 3)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "profile_step.json"), help="results JSON file")
     parser.add_argument("--part", help=argparse.SUPPRESS)
-    parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.length is None:
         args.length = 56 if args.dims == "paper" else 8
@@ -269,8 +284,6 @@ def main(argv=None) -> int:
     result.update(child(args, "jax"))
     result["torch"] = child(args, "torch")
     result["levers"]["xla-opt0"] = child(args, "fast", {"XLA_FLAGS": FAST_COMPILE_FLAGS})
-    result["levers"]["patched: gru-flip"] = child(args, "fast", patches="gru-flip")
-    result["levers"]["patched: gru-flip + inception-matmul"] = child(args, "fast", patches="gru-flip,inception-matmul")
     whole = result["parts"]["whole train step (make_steps)"]["ms"]
     print(f"one step at [B, T] = {result['batch']}, dims {args.dims}: {whole:.1f} ms "
           f"(compile {result['parts']['whole train step (make_steps)']['compile_s']:.1f} s)")

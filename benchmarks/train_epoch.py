@@ -8,12 +8,12 @@ RSS is per variant:
 
   a     the eager PyTorch reference (`benchmarks/torch_reference.py`), each batch padded to its
         longest conversation, conversations shuffled per epoch (the authors' way);
-  b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with our length-bucketed
-        batching (`mister_jax.data.bucket_lengths` + `epoch_plan`); run twice on one fresh
-        persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
+  b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
+        length-sorted batching (`mister_jax.data.choose_pad_lengths` + `epoch_plan`); run twice on one
+        fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
   c     3 seeds: `c-vmap` (one vmapped step) and `c-seq` (one seed after the other, same step as b);
-  l     b with the levers of `benchmarks/levers.py` swapped into the model (GRU without gathers,
-        inception as one matmul): what the proposed changes to mister_jax would give.
+  s     b with `batching="shuffled"` (random batch composition within length buckets): the
+        padding lever measured end to end.
 
 Warm-up before the timed epochs: two batches (PyTorch) or one step per compiled shape (JAX).
 Every epoch's batches are gathered on the host and put on the device before its first step (the
@@ -24,6 +24,7 @@ Prints one line per figure and writes benchmarks/results/train_epoch.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
 from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
-VARIANTS = ("a", "b", "c", "l")
+VARIANTS = ("a", "b", "c", "s")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
 
 
@@ -124,16 +125,13 @@ def run_jax(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if args.patches:
-        from levers import apply_patches
-
-        apply_patches([p for p in args.patches.split(",") if p])
-    from mister_jax.data import batch_rows, bucket_lengths, epoch_plan, make_batch, padding_efficiency
+    from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
     from mister_jax.model import count_params
     from mister_jax.trainer import create_train_state, make_steps, seed_keys, stack_states
 
     dims = DIMS[args.dims]
     model_cfg, loss_cfg, train_cfg = presets(dims)
+    train_cfg = dataclasses.replace(train_cfg, batching=args.batching)
     data = split_data(make_corpus(dims))
     mode = args.mode
     seeds = list(range(args.seeds))
@@ -147,10 +145,12 @@ def run_jax(args) -> dict:
     train_fn, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap)
     keys = [seed_keys(s)[1] for s in seeds]
     keys = jax.numpy.stack(keys) if vmap else keys
-    pad_lengths = bucket_lengths(data.lengths, train_cfg.num_buckets, train_cfg.bucket_multiple)
+    pad_lengths = choose_pad_lengths([data.lengths], train_cfg.batch_size, train_cfg.num_buckets,
+                                     train_cfg.bucket_multiple, train_cfg.batching)
 
     def plans(epoch):
-        return [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch) for s in seeds]
+        return [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch,
+                           batching=train_cfg.batching) for s in seeds]
 
     def device_batches(epoch):
         """All batches of an epoch on the device: per seed a list, or (vmap) one list of stacked batches."""
@@ -179,7 +179,8 @@ def run_jax(args) -> dict:
             flops[t] = float(cost.get("flops", 0.0))
         except Exception:  # cost analysis is optional information
             flops[t] = 0.0
-    record = {"variant": args.tag, "framework": "jax", "mode": mode, "patches": args.patches, "seeds": len(seeds), "init_s": init_s,
+    record = {"variant": args.tag, "framework": "jax", "mode": mode, "batching": train_cfg.batching,
+              "seeds": len(seeds), "init_s": init_s,
               "compile_s": compile_s, "num_shapes": len(shapes), "shapes": [[train_cfg.batch_size, t] for t in shapes],
               "pad_lengths": list(pad_lengths), "params": count_params(states.params if vmap else states[0].params),
               "epoch_flops": float(sum(flops[p.length] for p in first))}
@@ -271,7 +272,7 @@ def run_all(args) -> dict:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of a,b,c,l.")
+        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of a,b,c,s.")
     timeout = 3600.0
     rounds = []
     for _ in range(args.rounds):
@@ -290,9 +291,9 @@ def run_all(args) -> dict:
                                             timeout)
                 runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
                                                           cache_dir=cache), timeout)
-            if "l" in wanted:
-                runs["l"] = run_worker(worker_command(args, "l", mode="single", seeds=1, cache_dir=cache,
-                                                      patches="gru-flip,inception-matmul"), timeout)
+            if "s" in wanted:
+                runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
+                                                      batching="shuffled"), timeout)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -316,8 +317,8 @@ def derive(args, rounds) -> dict:
     ratios = {}
     if a.get("real_utterances_per_s") and b.get("real_utterances_per_s"):
         ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
-    if a.get("real_utterances_per_s") and med.get("l", {}).get("real_utterances_per_s"):
-        ratios["l_over_a_real_utt_per_s"] = med["l"]["real_utterances_per_s"] / a["real_utterances_per_s"]
+    if b.get("real_utterances_per_s") and med.get("s", {}).get("real_utterances_per_s"):
+        ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
     for tag in ("c-vmap", "c-seq"):
         if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
             ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
@@ -360,7 +361,7 @@ def print_lines(result: dict) -> None:
     print(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
           f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
-             "b": "(b) JAX 1 seed", "l": "(l) JAX 1 seed + levers", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
+             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS"}
@@ -382,7 +383,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up (default 1)")
-    parser.add_argument("--variants", default="a,b,c,l", help="comma-separated subset of a,b,c,l (default all)")
+    parser.add_argument("--variants", default="a,b,c,s", help="comma-separated subset of a,b,c,s (default all)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved; "
                         "the summary takes medians (default 1)")
     parser.add_argument("--threads", type=int, default=0,
@@ -395,7 +396,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--batching", default="sorted", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.epochs < 0 or args.rounds < 1:
         parser.error("--epochs must be >= 0 and --rounds >= 1")

@@ -108,34 +108,20 @@ def test_extract_smoke_times_sorted_shuffled_and_single(tmp_path):
     assert result["passes"]["sorted"]["token_padding_efficiency"] >= result["passes"]["shuffled"]["token_padding_efficiency"]
 
 
-def test_lever_modules_compute_what_the_project_model_computes():
+def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes():
     jax = pytest.importorskip("jax")
     import levers
-    from mister_jax.config import ModelConfig
-    from mister_jax.model import MisterE
+    from mister_jax.gru import BidirectionalGRU
 
-    cfg = ModelConfig(speech_dim=12, text_dim=10, can_hidden=6, gru_layers=2, fusion_dim=8, fusion_layers=1,
-                      attention_dim=4, attention_heads=2)
+    streams, layers, width, hidden = 2, 2, 6, 3
     rng = np.random.default_rng(0)
-    speech = rng.standard_normal((3, 9, 12)).astype(np.float32)
-    text = rng.standard_normal((3, 9, 10)).astype(np.float32)
-    mask = np.arange(9)[None] < np.array([9, 5, 2])[:, None]
-    from mister_jax import model
-
-    params = model.init_params(cfg, jax.random.key(0))
-    def apply(p, s, t, m):  # a fresh function each time, so that jit traces the patched model anew
-        return MisterE(cfg).apply({"params": p}, s, t, m, deterministic=True)
-
-    reference = jax.jit(apply)(params, speech, text, mask)
-    saved = model.BidirectionalGRU, model.TemporalInception
-    try:
-        levers.apply_patches(["gru-flip", "inception-matmul"])
-        shapes = model.param_shapes(cfg)
-        patched = jax.jit(lambda *args: apply(*args))(params, speech, text, mask)
-    finally:
-        model.BidirectionalGRU, model.TemporalInception = saved
-    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
-    assert [x.shape for x in jax.tree_util.tree_leaves(shapes)] == [x.shape for x in jax.tree_util.tree_leaves(params)]
-    for field in ("logits", "speech_logits", "text_logits", "m_speech"):
-        np.testing.assert_allclose(np.asarray(getattr(patched, field))[mask],
-                                   np.asarray(getattr(reference, field))[mask], rtol=1e-5, atol=1e-5)
+    x = rng.standard_normal((streams, 3, 9, width)).astype(np.float32)
+    mask = np.arange(9)[None] < np.array([7, 5, 2])[:, None]  # T = 9 > the longest conversation
+    params = levers.init_gru(jax.random.key(0), streams, layers, width, hidden)
+    # The same weights in mister_jax.gru's layout: streams g = 2 m + d.
+    ours = {f"{name}_{l}": np.asarray(p[key]).reshape((2 * streams,) + p[key].shape[2:])
+            for l, p in enumerate(params) for name, key in (("w_ih", "wi"), ("b_ih", "bi"), ("w_hh", "wh"), ("b_hh", "bh"))}
+    expected = np.asarray(jax.jit(BidirectionalGRU(hidden, layers).apply)({"params": ours}, x, mask))
+    for name in ("naive", "hoisted", "fused"):
+        got = np.asarray(jax.jit(getattr(levers, name))(params, x, mask))
+        np.testing.assert_allclose(got[:, mask], expected[:, mask], rtol=1e-5, atol=1e-5, err_msg=name)
