@@ -64,7 +64,10 @@ def _zero_padding(x: Array, mask: Array) -> Array:
 
 
 class ConvWeights(nn.Module):
-  """Kernel [k, D, F] and bias [F] of a 1-D convolution, with `nn.Conv`'s names and initialisers.
+  """Kernel [D, k, F] and bias [F] of a 1-D convolution over time, with `nn.Conv`'s initialisers.
+
+  Tap j multiplies x[t + j - k // 2]. The kernel is stored input-major (nn.Conv's is [k, D, F]) so that
+  it is a [D, k·F] matrix without a copy.
 
   Attributes:
     width: kernel size k.
@@ -76,7 +79,8 @@ class ConvWeights(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[Array, Array]:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, in_features, self.features))
+    init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)  # fan-in D·k, as nn.Conv
+    kernel = self.param("kernel", init, (in_features, self.width, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     return kernel, bias
 
@@ -85,8 +89,8 @@ class TemporalInception(nn.Module):
   """Three 1-D convolutions over the utterance axis (kernels 1, 3, 5, 'same'), each with ReLU, summed
   (Eq. 3). Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone.
 
-  All 1 + 3 + 5 = 9 kernel taps are applied in one [B·T, D] × [D, 9F] matmul; each convolution is then
-  the sum of its taps' outputs shifted in time (zero beyond the edges, 'same' padding).
+  Each convolution is one [B·T, D] × [D, k·F] matmul giving the outputs of its k taps, then the sum of
+  those outputs shifted in time (zero beyond the edges, 'same' padding).
 
   Attributes:
     features: output width (2H).
@@ -99,20 +103,17 @@ class TemporalInception(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
     """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
-    x = _zero_padding(x, mask)
-    length = x.shape[1]
-    weights = {k: ConvWeights(k, self.features, name=f"conv{k}")(x.shape[-1]) for k in (1, 3, 5)}
-    taps = jnp.concatenate([weights[k][0][j] for k in (1, 3, 5) for j in range(k)], axis=-1)  # [D, 9F]
-    y = jnp.einsum("btd,df->btf", x.astype(self.dtype), taps.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    y = y.reshape(y.shape[:2] + (9, self.features))                                         # [B, T, 9, F]
-    out, first_tap = 0.0, 0
+    x = _zero_padding(x, mask).astype(self.dtype)
+    batch, length, width = x.shape
+    out = 0.0
     for k in (1, 3, 5):
+      kernel, bias = ConvWeights(k, self.features, name=f"conv{k}")(width)
+      taps = jnp.dot(x.reshape(batch * length, width), kernel.reshape(width, k * self.features).astype(self.dtype),
+                     preferred_element_type=jnp.float32).reshape(batch, length, k, self.features)
       half = k // 2
-      padded = jnp.pad(y[:, :, first_tap:first_tap + k], ((0, 0), (half, half), (0, 0), (0, 0)))
-      conv = sum(padded[:, j:j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[j]
-      out = out + nn.relu(conv + weights[k][1])
-      first_tap += k
+      padded = jnp.pad(taps, ((0, 0), (half, half), (0, 0), (0, 0)))
+      conv = sum(padded[:, j:j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[:, j]
+      out = out + nn.relu(conv + bias)
     return out.astype(self.dtype)
 
 
