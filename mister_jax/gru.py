@@ -10,9 +10,9 @@ stream carries its state unchanged over padded steps; a reversed conversation sh
 with padding, over which its state stays zero, so its backward pass begins at its last real utterance
 exactly as if it stood alone. Steps where no stream has a real utterance (t >= L) are skipped.
 
-The gradient is written by hand (`jax.custom_vjp`): the backward scan only carries dh through the
-recurrent matmul, and the weight gradient Σ_t h_{t-1}ᵀ dg_t is one large matmul after it, instead of
-a [G, H, 3H] accumulation inside every step.
+The gradient of a layer is written by hand (`jax.custom_vjp`): the backward scan only carries dh
+through the recurrent matmul; the weight gradients (e.g. Σ_t h_{t-1}ᵀ dg_t) and the input gradient
+are large matmuls after it, instead of a [G, H, 3H] accumulation inside every step.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _gates(x_t: jax.Array, gh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   return r, z, n, hn
 
 
-def _forward(x_proj, hold, w_hh, b_hh, dtype):
-  """The scan of `stacked_gru_scan`; also returns the gates [T, G, B, 4H] (r, z, n, hn) for the VJP."""
+def _recurrence(x_proj, hold, w_hh, b_hh, dtype):
+  """The scan over time; returns hs [T, G, B, H] and the gates [T, G, B, 4H] (r, z, n, hn) for the VJP."""
   _, num_streams, batch, three_h = x_proj.shape
   hidden = three_h // 3
   w_hh = w_hh.astype(dtype)
@@ -55,43 +55,51 @@ def _forward(x_proj, hold, w_hh, b_hh, dtype):
     return h, (h, gates)
 
   h0 = jnp.zeros((num_streams, batch, hidden), jnp.float32)
-  _, (hs, gates) = jax.lax.scan(step, h0, (x_proj.astype(jnp.float32), hold))
+  _, (hs, gates) = jax.lax.scan(step, h0, (x_proj, hold))
   return hs, gates
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def stacked_gru_scan(x_proj: jax.Array, hold: jax.Array, w_hh: jax.Array, b_hh: jax.Array,
-                     dtype=jnp.float32) -> jax.Array:
-  """Runs G independent GRUs (PyTorch gate layout r, z, n) in one `lax.scan`.
+def _input_projection(x, w_ih, b_ih, dtype):
+  """x [G, B, T, I] → x W_ih + b_ih, time-major [T, G, B, 3H] for the scan."""
+  x_proj = jnp.einsum("gbti,gik->tgbk", x.astype(dtype), w_ih.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return x_proj + b_ih[None, :, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def gru_layer(x: jax.Array, hold: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array,
+              b_hh: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """G independent GRUs (PyTorch gate layout r, z, n), stepped together in one `lax.scan`.
 
   h_t = (1 - z) * n + z * h_{t-1} with r, z = σ(x W_i{r,z} + b_i{r,z} + h W_h{r,z} + b_h{r,z}) and
   n = tanh(x W_in + b_in + r * (h W_hn + b_hn)); the initial state is zero. Where `hold` is False the
   state is carried unchanged, so padded steps never alter it; steps where `hold` is False for every
-  stream and row are skipped.
+  stream and row are skipped. The input projections of all steps are one matmul before the scan.
 
   Args:
-    x_proj: [T, G, B, 3H] input projections x W_ih + b_ih of every time step and stream.
+    x: [G, B, T, I] inputs of every stream, each in the time order its GRU reads them.
     hold: bool [T, G, B, 1], True at real steps.
-    w_hh: [G, H, 3H] recurrent weights.
-    b_hh: [G, 3H] recurrent biases.
-    dtype: compute dtype of the recurrent matmul (accumulated and carried in float32).
+    w_ih: [G, I, 3H], b_ih: [G, 3H] input weights and biases.
+    w_hh: [G, H, 3H], b_hh: [G, 3H] recurrent weights and biases.
+    dtype: compute dtype of the matmuls (accumulated and carried in float32).
 
   Returns:
     [T, G, B, H] hidden states (at a padded step: the state carried over it).
   """
-  return _forward(x_proj, hold, w_hh, b_hh, dtype)[0]
+  return _recurrence(_input_projection(x, w_ih, b_ih, dtype), hold, w_hh, b_hh, dtype)[0]
 
 
-def _scan_fwd(x_proj, hold, w_hh, b_hh, dtype):
-  hs, gates = _forward(x_proj, hold, w_hh, b_hh, dtype)
-  return hs, (hs, gates, hold, w_hh)
+def _layer_fwd(x, hold, w_ih, b_ih, w_hh, b_hh, dtype):
+  hs, gates = _recurrence(_input_projection(x, w_ih, b_ih, dtype), hold, w_hh, b_hh, dtype)
+  return hs, (x, hs, gates, hold, w_ih, w_hh)
 
 
-def _scan_bwd(dtype, residuals, d_hs):
-  """Backpropagation through time: dh flows back through h W_hh only; dW_hh and db_hh come after."""
-  hs, gates, hold, w_hh = residuals
+def _layer_bwd(dtype, residuals, d_hs):
+  """Backpropagation through time: dh flows back through h W_hh only; every weight gradient and the
+  input gradient are large matmuls after the scan, on stream-major copies [G, B, T, ·]."""
+  x, hs, gates, hold, w_ih, w_hh = residuals
   h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])                    # [T, G, B, H]
-  w_hh_t = jnp.swapaxes(w_hh, 1, 2).astype(dtype)                                 # [G, 3H, H]
+  w_hh_compute = w_hh.astype(dtype)
 
   def real_step(dh, gates_t, h_prev_t, real_t):
     r, z, n, hn = jnp.split(gates_t, 4, axis=-1)
@@ -100,8 +108,8 @@ def _scan_bwd(dtype, residuals, d_hs):
     d_pre_r = d_pre_n * hn * r * (1.0 - r)
     d_x = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], axis=-1), 0.0)
     d_gh = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=-1), 0.0)
-    d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(
-        "gbk,gkh->gbh", d_gh.astype(dtype), w_hh_t, preferred_element_type=jnp.float32)
+    d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(  # d_gh W_hhᵀ, contracting the weights' last axis
+        "gbk,ghk->gbh", d_gh.astype(dtype), w_hh_compute, preferred_element_type=jnp.float32)
     return d_h_prev, (d_x, d_gh)
 
   def padded_step(dh, gates_t, h_prev_t, real_t):
@@ -113,12 +121,18 @@ def _scan_bwd(dtype, residuals, d_hs):
     return jax.lax.cond(jnp.any(real_t), real_step, padded_step, dh + d_out_t, gates_t, h_prev_t, real_t)
 
   _, (d_x_proj, d_gh) = jax.lax.scan(step, jnp.zeros_like(hs[0]), (d_hs, gates, h_prev, hold), reverse=True)
-  d_w_hh = jnp.einsum("tgbh,tgbk->ghk", h_prev, d_gh).astype(w_hh.dtype)
-  d_b_hh = jnp.sum(d_gh, axis=(0, 2))
-  return d_x_proj, None, d_w_hh, d_b_hh
+  stream_major = lambda a: jnp.transpose(a, (1, 2, 0, 3)).astype(dtype)          # [T, G, B, ·] → [G, B, T, ·]
+  d_x_proj, d_gh, h_prev = stream_major(d_x_proj), stream_major(d_gh), stream_major(h_prev)
+  f32 = dict(preferred_element_type=jnp.float32)
+  d_x = jnp.einsum("gbtk,gik->gbti", d_x_proj, w_ih.astype(dtype), **f32).astype(x.dtype)
+  d_w_ih = jnp.einsum("gbti,gbtk->gik", x.astype(dtype), d_x_proj, **f32)
+  d_w_hh = jnp.einsum("gbth,gbtk->ghk", h_prev, d_gh, **f32)
+  d_b_ih = jnp.sum(d_x_proj, axis=(1, 2), dtype=jnp.float32)
+  d_b_hh = jnp.sum(d_gh, axis=(1, 2), dtype=jnp.float32)
+  return d_x, None, d_w_ih, d_b_ih, d_w_hh, d_b_hh
 
 
-stacked_gru_scan.defvjp(_scan_fwd, _scan_bwd)
+gru_layer.defvjp(_layer_fwd, _layer_bwd)
 
 
 def reverse_conversations(x: jax.Array, length: jax.Array, axis: int) -> jax.Array:
@@ -170,9 +184,7 @@ class BidirectionalGRU(nn.Module):
       b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
       x = jnp.where(mask[None, :, :, None], x, 0.0)
       both = jnp.stack([x, reverse(x, axis=2)], axis=1).reshape((streams, batch, length, width))
-      x_proj = jnp.einsum("gbti,gik->tgbk", both.astype(self.dtype), w_ih.astype(self.dtype),
-                          preferred_element_type=jnp.float32) + b_ih[None, :, None]
-      hs = stacked_gru_scan(x_proj, hold, w_hh, b_hh, self.dtype)                  # [T, G, B, H]
+      hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)                # [T, G, B, H]
       hs = jnp.transpose(hs, (1, 2, 0, 3)).reshape((num_modalities, 2, batch, length, hidden))
       x = jnp.concatenate([hs[:, 0], reverse(hs[:, 1], axis=2)], axis=-1)
       width = 2 * hidden

@@ -11,7 +11,7 @@ import pytest
 
 from mister_jax import losses
 from mister_jax.config import VARIANTS, LossConfig, ModelConfig
-from mister_jax.gru import BidirectionalGRU, stacked_gru_scan
+from mister_jax.gru import BidirectionalGRU, gru_layer
 from mister_jax.model import MisterE, count_params, init_params, param_shapes
 
 # XLA:CPU compiles these small programs ~3x faster with the classic fusion emitters and without LLVM's
@@ -140,8 +140,10 @@ def test_bidirectional_gru_matches_numpy_loop():
     np.testing.assert_allclose(np.where(mask[..., None], y[0], 0), expected, rtol=1e-5, atol=1e-6)
 
 
-def _plain_gru_scan(x_proj, hold, w_hh, b_hh):
-    """The recurrence of `stacked_gru_scan` as a plain `lax.scan`, differentiated by JAX itself."""
+def _plain_gru_layer(x, hold, w_ih, b_ih, w_hh, b_hh):
+    """`gru_layer` as an input projection and a plain `lax.scan`, differentiated by JAX itself."""
+    x_proj = jnp.einsum("gbti,gik->tgbk", x, w_ih) + b_ih[None, :, None]
+
     def step(h, inputs):
         x_t, real_t = inputs
         gh = jnp.einsum("gbh,ghk->gbk", h, w_hh) + b_hh[:, None]
@@ -156,20 +158,20 @@ def _plain_gru_scan(x_proj, hold, w_hh, b_hh):
 def test_gru_hand_written_gradient_matches_autodiff():
     # Streams with different lengths, a row that is all padding, and trailing all-padding steps.
     rng = np.random.default_rng(3)
-    steps, streams, batch, hidden = 6, 2, 3, 4
-    x_proj = rng.normal(size=(steps, streams, batch, 3 * hidden)).astype(np.float32)
+    steps, streams, batch, width, hidden = 6, 2, 3, 5, 4
+    normal = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)
+    x = normal(streams, batch, steps, width)
     lengths = np.array([[4, 1, 0], [2, 4, 3]])
     hold = (np.arange(steps)[:, None, None] < lengths[None])[..., None]
-    w_hh = rng.normal(scale=0.5, size=(streams, hidden, 3 * hidden)).astype(np.float32)
-    b_hh = rng.normal(scale=0.5, size=(streams, 3 * hidden)).astype(np.float32)
-    target = rng.normal(size=(steps, streams, batch, hidden)).astype(np.float32)
+    weights = (normal(streams, width, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5),
+               normal(streams, hidden, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5))
+    target = normal(steps, streams, batch, hidden)
 
-    def gradients(scan):
-        loss = lambda x, w, b: jnp.sum(scan(x, hold, w, b) * target)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), compiler_options=_FAST_COMPILE)(
-            x_proj, w_hh, b_hh)
+    def gradients(layer):
+        loss = lambda x, *w: jnp.sum(layer(x, hold, *w) * target)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), compiler_options=_FAST_COMPILE)(x, *weights)
 
-    (value, grads), (expected_value, expected_grads) = gradients(stacked_gru_scan), gradients(_plain_gru_scan)
+    (value, grads), (expected_value, expected_grads) = gradients(gru_layer), gradients(_plain_gru_layer)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for got, expected in zip(grads, expected_grads):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -254,6 +256,6 @@ def test_temporal_inception_equals_three_same_padded_convolutions():
   for k in (1, 3, 5):
     kernel, bias = np.asarray(params[f"conv{k}"]["kernel"]), np.asarray(params[f"conv{k}"]["bias"])
     padded = np.pad(xz, ((0, 0), (k // 2, k // 2), (0, 0)))
-    conv = sum(padded[:, j:j + 7] @ kernel[j] for j in range(k)) + bias
+    conv = sum(padded[:, j:j + 7] @ kernel[:, j] for j in range(k)) + bias
     want += np.maximum(conv, 0.0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
