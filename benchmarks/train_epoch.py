@@ -125,9 +125,10 @@ def run_jax(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from mister_jax.aot import TrainStepCompiler
     from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
     from mister_jax.model import count_params
-    from mister_jax.trainer import create_train_state, make_steps, seed_keys, stack_states
+    from mister_jax.trainer import abstract_train_state, create_train_state, make_steps, seed_keys, stack_states
 
     dims = DIMS[args.dims]
     model_cfg, loss_cfg, train_cfg = presets(dims)
@@ -137,14 +138,10 @@ def run_jax(args) -> dict:
     seeds = list(range(args.seeds))
     vmap = mode == "vmap"
 
-    t0 = time.perf_counter()
-    states = [create_train_state(model_cfg, train_cfg, s) for s in seeds]
-    states = jax.block_until_ready(stack_states(states) if vmap else states)
-    init_s = time.perf_counter() - t0
-
     train_fn, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap)
     keys = [seed_keys(s)[1] for s in seeds]
     keys = jax.numpy.stack(keys) if vmap else keys
+    key0 = keys if vmap else keys[0]
     pad_lengths = choose_pad_lengths([data.lengths], train_cfg.batch_size, train_cfg.num_buckets,
                                      train_cfg.bucket_multiple, train_cfg.batching)
 
@@ -165,31 +162,31 @@ def run_jax(args) -> dict:
     example = {p.length: make_batch(data, batch_rows(data, p)) for p in first}
     if vmap:
         example = {t: jax.tree_util.tree_map(lambda x: np.stack([x] * len(seeds)), b) for t, b in example.items()}
-    state0 = states if vmap else states[0]
-    key0 = keys if vmap else keys[0]
-    compiled, flops = {}, {}
+    # As the trainer does: every shape compiled from the state's shapes, before the state exists.
+    step_fn = TrainStepCompiler(train_fn, repr((model_cfg, loss_cfg, train_cfg, vmap)), args.cache_dir)
+    abstract = abstract_train_state(model_cfg, train_cfg, len(seeds) if vmap else None)
     t0 = time.perf_counter()
     for t in shapes:
-        compiled[t] = train_fn.lower(state0, example[t], key0).compile()
+        step_fn.compile(abstract, example[t], key0)
     compile_s = time.perf_counter() - t0
-    for t in shapes:
-        try:
-            cost = compiled[t].cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops[t] = float(cost.get("flops", 0.0))
-        except Exception:  # cost analysis is optional information
-            flops[t] = 0.0
+
+    t0 = time.perf_counter()
+    states = [create_train_state(model_cfg, train_cfg, s) for s in seeds]
+    states = jax.block_until_ready(stack_states(states) if vmap else states)
+    if vmap:
+        states = jax.device_put(states)
+    init_s = time.perf_counter() - t0
+
     record = {"variant": args.tag, "framework": "jax", "mode": mode, "batching": train_cfg.batching,
-              "seeds": len(seeds), "init_s": init_s,
-              "compile_s": compile_s, "num_shapes": len(shapes), "shapes": [[train_cfg.batch_size, t] for t in shapes],
-              "pad_lengths": list(pad_lengths), "params": count_params(states.params if vmap else states[0].params),
-              "epoch_flops": float(sum(flops[p.length] for p in first))}
+              "seeds": len(seeds), "init_s": init_s, "compile_s": compile_s, "num_shapes": step_fn.num_shapes,
+              "shapes": [[train_cfg.batch_size, t] for t in shapes], "pad_lengths": list(pad_lengths),
+              "params": count_params(states.params if vmap else states[0].params)}
     if args.compile_only:
         record.update(epoch_s=[], peak_rss_mib=peak_rss_mib())
         return record
 
     def step(k, state, batch):
-        return compiled[batch.mask.shape[-1]](state, batch, keys if vmap else keys[k])
+        return step_fn(state, batch, keys if vmap else keys[k])
 
     # Warm-up: one step per compiled shape (first use of each executable).
     warm = device_batches(0)

@@ -55,17 +55,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def enable_compilation_cache(path: str) -> None:
-    """Persists compiled XLA programs under ``path`` so a second run does not compile again."""
+def enable_compilation_cache(path: str) -> Path | None:
+    """Persists compiled XLA programs under ``path`` so a second run does not compile again; returns
+    the directory, or None when it cannot be created (then nothing is cached)."""
     import jax
 
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError:
-        return
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return Path(path)
 
 
 def open_store(dataset: str, features: str):
@@ -224,11 +226,13 @@ class Trainer:
     run continues with exactly the same selection.
     """
 
-    def __init__(self, preset, label_names, train, val, test, out: Path, seed_mode: str, log):
+    def __init__(self, preset, label_names, train, val, test, out: Path, seed_mode: str, log,
+                 cache_dir: Path | None = None):
         import jax
 
-        from mister_jax.data import choose_pad_lengths, epoch_plan, padding_efficiency
-        from mister_jax.trainer import make_steps, seed_keys
+        from mister_jax.aot import TrainStepCompiler
+        from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
+        from mister_jax.trainer import abstract_train_state, make_steps, seed_keys
 
         self.preset, self.label_names, self.out, self.log = preset, list(label_names), out, log
         self.train, self.val, self.test = train, val, test
@@ -247,9 +251,20 @@ class Trainer:
         log(f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
             f"{cfg.batching} batches, padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / {padded} padded "
             f"utterances); seeds {self.seeds} {'vmapped in one step' if self.vmap else 'one after the other'}")
-        self.train_fn, self.predict_fn = make_steps(preset.model, preset.loss, cfg, self.vmap)
+        train_fn, self.predict_fn = make_steps(preset.model, preset.loss, cfg, self.vmap)
         keys = [seed_keys(s)[1] for s in self.seeds]
         self.dropout_keys = jax.numpy.stack(keys) if self.vmap else keys
+        # Every training shape is compiled before the states exist (lower peak memory), from a disk
+        # cache of traced programs when a run with the same code and configuration has compiled them.
+        self.train_fn = TrainStepCompiler(train_fn, repr((preset.model, preset.loss, cfg, self.vmap)), cache_dir)
+        state = abstract_train_state(preset.model, cfg, len(self.seeds) if self.vmap else None)
+        t0 = time.perf_counter()
+        for t in shapes:
+            example = make_batch(train, batch_rows(train, next(p for p in plan if p.length == t)))
+            if self.vmap:
+                example = jax.tree_util.tree_map(lambda x: np.stack([x] * len(self.seeds)), example)
+            self.train_fn.compile(state, example, self.dropout_keys if self.vmap else self.dropout_keys[0])
+        log(f"compiled {len(shapes)} training shapes in {time.perf_counter() - t0:.1f} s")
         self.eval_batches = {name: self._device_batches(split) for name, split in (("val", val), ("test", test))}
         self.history: list[dict] = []
         self.best: list[dict | None] = [None] * len(self.seeds)
@@ -447,7 +462,7 @@ def _main(args: argparse.Namespace, log) -> int:
     out = prepare_out(args, args.variant is not None)
     train, val, test, val_source = load_splits(store, preset, args.no_val, log)
 
-    enable_compilation_cache(args.jax_cache)
+    cache_dir = enable_compilation_cache(args.jax_cache)
     import shutil
 
     from mister_jax.checkpoint import CheckpointError, RunCheckpoints
@@ -465,7 +480,7 @@ def _main(args: argparse.Namespace, log) -> int:
         check_same_run(out, run_config)
     write_json_atomic(out / "run_config.json", run_config)
 
-    trainer = Trainer(preset, store.label_names, train, val, test, out, args.seed_mode, log)
+    trainer = Trainer(preset, store.label_names, train, val, test, out, args.seed_mode, log, cache_dir)
     try:
         ckpt = RunCheckpoints(out / "checkpoints")
         try:

@@ -29,7 +29,7 @@ import optax
 from mister_jax.config import LossConfig, ModelConfig
 from mister_jax.data import Batch
 from mister_jax.losses import total_loss
-from mister_jax.model import MisterE, init_params
+from mister_jax.model import MisterE, init_params, param_shapes
 from mister_jax.presets import TrainConfig
 
 EXPERT_FIELDS = {"speech": "speech_logits", "text": "text_logits", "multimodal": "multimodal_logits"}
@@ -57,7 +57,18 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def create_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> TrainState:
     """Initial state of one seed (jitted parameter init)."""
     params = init_params(model_cfg, seed_keys(seed)[0])
-    return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(train_cfg).init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(make_optimizer(train_cfg).init)(params))
+
+
+def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, num_seeds: int | None = None) -> TrainState:
+    """The shapes of ``create_train_state`` (``jax.ShapeDtypeStruct`` leaves) without computing it; with
+    ``num_seeds`` every leaf gets a leading seed axis ``[K, ...]`` (vmapped training)."""
+    params = param_shapes(model_cfg)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                       jax.eval_shape(make_optimizer(train_cfg).init, params))
+    if num_seeds is None:
+        return state
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_seeds,) + x.shape, x.dtype), state)
 
 
 def stack_states(states: list) -> Any:
