@@ -16,6 +16,7 @@ The executable takes the state's leaves and donates them, as the jitted step doe
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -81,6 +82,7 @@ class TrainStepCompiler:
     exported = self._load_or_export(flat_step, args, signature)
     executable = jax.jit(exported.call, donate_argnums=0).lower(*args).compile()
     self._executables[signature] = (executable, state_def, key_impl)
+    _release_free_heap()
 
   def _load_or_export(self, flat_step: Callable, args: tuple, signature: tuple):
     path = None
@@ -109,6 +111,15 @@ class TrainStepCompiler:
   @property
   def num_shapes(self) -> int:
     return len(self._executables)
+
+
+def _release_free_heap() -> None:
+  """Returns the compiler's freed heap to the OS (glibc only), so that compiling and training do not
+  add up in the peak memory of the process (about 370 MB at paper dims)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass  # not glibc: the memory stays with the process, which is only a matter of its peak
 
 
 def _read_exported(path: Path):
