@@ -16,6 +16,9 @@ update, and the whole step of `mister_jax.trainer.make_steps`. Levers, each agai
   xla-opt0:  the step compiled with XLA_FLAGS=--xla_backend_optimization_level=0 (compile and run
              time, measured in a subprocess because XLA reads its flags at start-up).
 
+Then the whole step once more under `jax.profiler`: the self time of every XLA op, summed by the part
+of the model its name scope says it belongs to (`TRACE_GROUPS`) — the figures that add up to the step.
+
 Prints one line per figure and writes benchmarks/results/profile_step.json.
 """
 
@@ -188,6 +191,83 @@ def dropout_levers(model_cfg, batch_shape, rep) -> dict:
     return out
 
 
+# Where each XLA op of the step belongs, by the name scope in its metadata (first match wins).
+TRACE_GROUPS = (("GRU recurrences (the scans)", "/can/gru/while"),
+                ("GRU input projections and weight gradients", "/can/gru"),
+                ("temporal inception", "_inception"),
+                ("multimodal network", "/multimodal/"),
+                ("CAN residuals, heads, gate", "/can/"),
+                ("losses", "(losses)"),
+                ("optimizer (clip + Adam)", "/optimizer/"))
+
+
+def _self_times(events: list) -> dict:
+    """Self time (µs) per event name: each event's duration minus that of events nested in it."""
+    import collections
+
+    totals = collections.Counter()
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        by_thread[(e["pid"], e["tid"])].append(e)
+    for thread in by_thread.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack = []
+        for e in thread:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            if stack:
+                totals[stack[-1]["name"]] -= e["dur"]
+            totals[e["name"]] += e["dur"]
+            stack.append(e)
+    return totals
+
+
+def profile_trace(args) -> dict:
+    """The whole train step under `jax.profiler`: self time of every XLA op, grouped by model part."""
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
+    import jax
+
+    from mister_jax.trainer import create_train_state, make_steps, seed_keys
+    from train_epoch import presets
+
+    dims = DIMS[args.dims]
+    model_cfg, loss_cfg, train_cfg = presets(dims)
+    batch = jax.device_put(example_batch(dims, args.length))
+    state = create_train_state(model_cfg, train_cfg, 0)
+    train, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap=False)
+    key = seed_keys(0)[1]
+    compiled = train.lower(state, batch, key).compile()
+    op_names = dict(re.findall(r'%([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text()))
+    for _ in range(2):
+        state, m = compiled(state, batch, key)
+        jax.block_until_ready(m)
+    steps = max(2, args.repeats)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, batch, key)
+            jax.block_until_ready(m)
+        wall_ms = (time.perf_counter() - t0) / steps * 1e3
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e["name"] in op_names]
+    groups = {name: 0.0 for name, _ in TRACE_GROUPS}
+    groups["other model ops"] = groups["other"] = 0.0
+    for name, micros in _self_times(events).items():
+        scope = op_names[name]
+        group = next((g for g, pattern in TRACE_GROUPS if pattern in scope), None)
+        group = group or ("other model ops" if "MisterE" in scope else "other")
+        groups[group] += micros / steps / 1e3
+    return {"traced step (ms, wall)": wall_ms, "ms per group (self time of XLA ops)": groups}
+
+
 def profile_torch(args) -> dict:
     """The same batch through the PyTorch reference: forward+backward+Adam, and the GRU alone."""
     import torch
@@ -277,13 +357,15 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.part:
-        emit({"jax": profile_parts, "torch": profile_torch, "fast": profile_fast_compile}[args.part](args))
+        emit({"jax": profile_parts, "torch": profile_torch, "fast": profile_fast_compile,
+              "trace": profile_trace}[args.part](args))
         return 0
     result = {"dims": args.dims, "batch": [DIMS[args.dims].batch_size, args.length], "machine": machine_info(),
               "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     result.update(child(args, "jax"))
     result["torch"] = child(args, "torch")
     result["levers"]["xla-opt0"] = child(args, "fast", {"XLA_FLAGS": FAST_COMPILE_FLAGS})
+    result["trace"] = child(args, "trace")
     whole = result["parts"]["whole train step (make_steps)"]["ms"]
     print(f"one step at [B, T] = {result['batch']}, dims {args.dims}: {whole:.1f} ms "
           f"(compile {result['parts']['whole train step (make_steps)']['compile_s']:.1f} s)")
@@ -296,6 +378,10 @@ def main(argv=None) -> int:
             print(f"  lever {name}: {value:.1f}")
     for name, value in result["torch"].items():
         print(f"  {name}: {value:.1f}" if isinstance(value, float) else f"  {name}: {value}")
+    trace = result["trace"]
+    print(f"  traced step: {trace['traced step (ms, wall)']:.1f} ms wall; self time of its XLA ops by part:")
+    for name, ms in trace["ms per group (self time of XLA ops)"].items():
+        print(f"    {name}: {ms:.1f} ms")
     write_result(result, args.out)
     return 0
 

@@ -93,7 +93,8 @@ def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelC
     outputs = MisterE(model_cfg).apply({"params": params}, batch.speech, batch.text, batch.mask,
                                        deterministic=deterministic, rngs={"dropout": dropout_key})
     labelled = batch.mask & (batch.labels >= 0)
-    return total_loss(outputs, jnp.maximum(batch.labels, 0), labelled, loss_cfg, model_cfg.variant)
+    with jax.named_scope("losses"):
+        return total_loss(outputs, jnp.maximum(batch.labels, 0), labelled, loss_cfg, model_cfg.variant)
 
 
 def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model_cfg: ModelConfig,
@@ -106,9 +107,11 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
     key = jax.random.fold_in(dropout_key, state.step)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, key, model_cfg, loss_cfg)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
                "utterances": jnp.sum(batch.mask & (batch.labels >= 0))}
     return TrainState(state.step + 1, params, opt_state), metrics
 
