@@ -121,14 +121,13 @@ def _layer_bwd(dtype, residuals, d_hs):
     return jax.lax.cond(jnp.any(real_t), real_step, padded_step, dh + d_out_t, gates_t, h_prev_t, real_t)
 
   _, (d_x_proj, d_gh) = jax.lax.scan(step, jnp.zeros_like(hs[0]), (d_hs, gates, h_prev, hold), reverse=True)
+  d_b_ih, d_b_hh = jnp.sum(d_x_proj, axis=(0, 2)), jnp.sum(d_gh, axis=(0, 2))
   stream_major = lambda a: jnp.transpose(a, (1, 2, 0, 3)).astype(dtype)          # [T, G, B, ·] → [G, B, T, ·]
   d_x_proj, d_gh, h_prev = stream_major(d_x_proj), stream_major(d_gh), stream_major(h_prev)
   f32 = dict(preferred_element_type=jnp.float32)
   d_x = jnp.einsum("gbtk,gik->gbti", d_x_proj, w_ih.astype(dtype), **f32).astype(x.dtype)
   d_w_ih = jnp.einsum("gbti,gbtk->gik", x.astype(dtype), d_x_proj, **f32)
   d_w_hh = jnp.einsum("gbth,gbtk->ghk", h_prev, d_gh, **f32)
-  d_b_ih = jnp.sum(d_x_proj, axis=(1, 2), dtype=jnp.float32)
-  d_b_hh = jnp.sum(d_gh, axis=(1, 2), dtype=jnp.float32)
   return d_x, None, d_w_ih, d_b_ih, d_w_hh, d_b_hh
 
 
