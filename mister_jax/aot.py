@@ -57,7 +57,7 @@ class TrainStepCompiler:
     self._step = step
     self._key = hashlib.sha256((_source_digest() + key).encode()).hexdigest()
     self._cache_dir = Path(cache_dir) / "exported" if cache_dir else None
-    self._executables: dict[tuple, tuple[Any, Any, Any]] = {}
+    self._executables: dict[tuple, tuple[Any, Any]] = {}  # signature -> (executable, state treedef)
 
   def _signature(self, state, batch, dropout_key) -> tuple:
     return tuple((tuple(np.shape(x)), str(x.dtype)) for x in jax.tree_util.tree_leaves((state, batch, dropout_key)))
@@ -81,7 +81,7 @@ class TrainStepCompiler:
     args = ([_abstract(x) for x in state_leaves], [_abstract(x) for x in batch_leaves], key_data)
     exported = self._load_or_export(flat_step, args, signature)
     executable = jax.jit(exported.call, donate_argnums=0).lower(*args).compile()
-    self._executables[signature] = (executable, state_def, key_impl)
+    self._executables[signature] = (executable, state_def)
     _release_free_heap()
 
   def _load_or_export(self, flat_step: Callable, args: tuple, signature: tuple):
@@ -103,7 +103,7 @@ class TrainStepCompiler:
     signature = self._signature(state, batch, dropout_key)
     if signature not in self._executables:
       self.compile(state, batch, dropout_key)
-    executable, state_def, _ = self._executables[signature]
+    executable, state_def = self._executables[signature]
     new_leaves, metrics = executable(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(batch),
                                      jax.random.key_data(dropout_key))
     return jax.tree_util.tree_unflatten(state_def, new_leaves), metrics
