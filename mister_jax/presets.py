@@ -41,7 +41,7 @@ class TrainConfig:
     seeds: int = 3
     batching: str = "sorted"
     num_buckets: int = 4
-    bucket_multiple: int = 8
+    bucket_multiple: int = 2
     checkpoint_every: int = 1
     val_fraction: float = 0.1
     val_carve_seed: int = 0

@@ -239,8 +239,12 @@ class Trainer:
         cfg = preset.train
         self.seeds = list(range(cfg.seeds))
         self.vmap = seed_mode == "vmap" or (seed_mode == "auto" and jax.default_backend() != "cpu")
-        self.pad_lengths = choose_pad_lengths([train.lengths, val.lengths, test.lengths], cfg.batch_size,
-                                              cfg.num_buckets, cfg.bucket_multiple, cfg.batching)
+        # Pad lengths of training (at most num_buckets compiled train shapes) and of evaluation (the
+        # prediction step compiles on its own), each chosen on its own splits.
+        self.pad_lengths = choose_pad_lengths([train.lengths], cfg.batch_size, cfg.num_buckets,
+                                              cfg.bucket_multiple, cfg.batching)
+        self.eval_pad_lengths = choose_pad_lengths([val.lengths, test.lengths], cfg.batch_size, cfg.num_buckets,
+                                                   cfg.bucket_multiple, cfg.batching)
         plan = epoch_plan(train.lengths, self.pad_lengths, cfg.batch_size, seed=0, epoch=0, batching=cfg.batching)
         shapes = sorted({p.length for p in plan})
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
@@ -279,7 +283,8 @@ class Trainer:
         from mister_jax.data import epoch_plan, iterate_batches
 
         cfg = self.preset.train
-        plan = epoch_plan(split.lengths, self.pad_lengths, cfg.batch_size, seed=None, epoch=0, batching=cfg.batching)
+        plan = epoch_plan(split.lengths, self.eval_pad_lengths, cfg.batch_size, seed=None, epoch=0,
+                          batching=cfg.batching)
         return [(rows, jax.device_put(batch)) for rows, batch in iterate_batches(split, plan)]
 
     def _initial(self):
