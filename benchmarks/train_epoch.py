@@ -226,7 +226,7 @@ def run_jax(args) -> dict:
         del batches
     real = int(data.lengths.sum())
     padded = sum(len(p.conversations) * p.length for p in first)
-    if not vmap and args.epochs:
+    if mode == "single" and args.epochs:  # the evaluation rate (b, s): what the protocol estimate needs
         record.update(eval_utterances_per_s=time_evaluation(predict_fn, states[0].params, data, pad_lengths, train_cfg))
     record.update(epoch_s=epoch_s, real_utterances=real, padded_utterances=padded,
                   padding_efficiency=padding_efficiency(data.lengths, first),

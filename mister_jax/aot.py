@@ -51,10 +51,13 @@ class TrainStepCompiler:
     step: the (jitted or plain) step function; ``metrics`` must be a dict of arrays.
     key: what, besides the source and versions, determines the program (e.g. the configurations).
     cache_dir: where the exported programs are kept; None keeps nothing on disk.
+    compiler_options: XLA options for compiling the executables (None: XLA's defaults).
   """
 
-  def __init__(self, step: Callable, key: str, cache_dir: str | Path | None):
+  def __init__(self, step: Callable, key: str, cache_dir: str | Path | None,
+               compiler_options: dict | None = None):
     self._step = step
+    self._compiler_options = compiler_options
     self._key = hashlib.sha256((_source_digest() + key).encode()).hexdigest()
     self._cache_dir = Path(cache_dir) / "exported" if cache_dir else None
     self._executables: dict[tuple, tuple[Any, Any]] = {}  # signature -> (executable, state treedef)
@@ -80,7 +83,7 @@ class TrainStepCompiler:
 
     args = ([_abstract(x) for x in state_leaves], [_abstract(x) for x in batch_leaves], key_data)
     exported = self._load_or_export(flat_step, args, signature)
-    executable = jax.jit(exported.call, donate_argnums=0).lower(*args).compile()
+    executable = jax.jit(exported.call, donate_argnums=0).lower(*args).compile(self._compiler_options)
     self._executables[signature] = (executable, state_def)
     _release_free_heap()
 
