@@ -232,16 +232,7 @@ def profile_trace(args) -> dict:
 
     import jax
 
-    from mister_jax.trainer import create_train_state, make_steps, seed_keys
-    from train_epoch import presets
-
-    dims = DIMS[args.dims]
-    model_cfg, loss_cfg, train_cfg = presets(dims)
-    batch = jax.device_put(example_batch(dims, args.length))
-    state = create_train_state(model_cfg, train_cfg, 0)
-    train, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap=False)
-    key = seed_keys(0)[1]
-    compiled = train.lower(state, batch, key).compile()
+    compiled, state, batch, key, _ = compiled_step(args)
     op_names = dict(re.findall(r'%([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text()))
     for _ in range(2):
         state, m = compiled(state, batch, key)
@@ -304,8 +295,8 @@ def profile_torch(args) -> dict:
             "torch GRU recurrences fwd+bwd (ms)": 1e3 * float(np.median(gru_runs)), "torch_padded_length": last}
 
 
-def profile_fast_compile(args) -> dict:
-    """Compile and run time of the whole step with the fast-compile XLA flags (a child process)."""
+def compiled_step(args):
+    """``(compiled train step, state, batch, dropout key, compile seconds)`` at [B, args.length]."""
     import jax
 
     from mister_jax.trainer import create_train_state, make_steps, seed_keys
@@ -319,7 +310,14 @@ def profile_fast_compile(args) -> dict:
     key = seed_keys(0)[1]
     t0 = time.perf_counter()
     compiled = train.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled, state, batch, key, time.perf_counter() - t0
+
+
+def profile_fast_compile(args) -> dict:
+    """Compile and run time of the whole step with the fast-compile XLA flags (a child process)."""
+    import jax
+
+    compiled, state, batch, key, compile_s = compiled_step(args)
     state, m = compiled(state, batch, key)
     jax.block_until_ready(m)
     runs = []
