@@ -13,12 +13,7 @@ RSS is per variant:
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
   c     3 seeds: `c-vmap` (one vmapped step) and `c-seq` (one seed after the other, same step as b);
   s     b with `batching="shuffled"` (random batch composition within length buckets): the
-        padding lever measured end to end;
-  m     b under glibc's default malloc settings: the heap lever measured end to end.
-
-The JAX workers run with `mister_jax.host_memory.HEAP_TUNABLES` in their environment, as
-`python -m mister_jax.train` does (except m); PyTorch runs with glibc's defaults, under which it is
-faster.
+        padding lever measured end to end.
 
 Warm-up before the timed epochs: two batches (PyTorch) or one step per compiled shape (JAX).
 Every epoch's batches are gathered on the host and put on the device before its first step (the
@@ -47,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
 from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
-VARIANTS = ("a", "b", "c", "s", "m")
+VARIANTS = ("a", "b", "c", "s")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
 # IEMOCAP 6-class: 7,433 utterances, of which the benchmark's training split holds 4,791; the rest are
 # the validation (session 1) and test (session 5) utterances evaluated after every epoch.
@@ -268,16 +263,10 @@ def worker_command(args, tag: str, **extra) -> list[str]:
     return cmd
 
 
-def run_worker(cmd: list[str], timeout: float, heap_tunables: bool = True) -> dict:
-    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added); JAX
-    variants get the trainer's heap tunables unless ``heap_tunables`` is False."""
-    from mister_jax.host_memory import OPT_OUT, with_heap_tunables
-
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
-    if heap_tunables and cmd[cmd.index("--worker") + 1] != "a":
-        env = with_heap_tunables(env)
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])
@@ -300,8 +289,7 @@ def run_all(args) -> dict:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; "
-                         f"use a subset of {','.join(VARIANTS)}.")
+        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of a,b,c,s.")
     timeout = 3600.0
     rounds = []
     for _ in range(args.rounds):
@@ -323,9 +311,6 @@ def run_all(args) -> dict:
             if "s" in wanted:
                 runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
                                                       batching="shuffled"), timeout)
-            if "m" in wanted:
-                runs["m"] = run_worker(worker_command(args, "m", mode="single", seeds=1, cache_dir=cache),
-                                       timeout, heap_tunables=False)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -351,9 +336,6 @@ def derive(args, rounds) -> dict:
         ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
     if b.get("real_utterances_per_s") and med.get("s", {}).get("real_utterances_per_s"):
         ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
-    if b.get("real_utterances_per_s") and med.get("m", {}).get("real_utterances_per_s"):
-        ratios["b_tuned_heap_over_m_default_heap_real_utt_per_s"] = (b["real_utterances_per_s"]
-                                                                     / med["m"]["real_utterances_per_s"])
     for tag in ("c-vmap", "c-seq"):
         if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
             ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
@@ -400,8 +382,7 @@ def print_lines(result: dict) -> None:
     print(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
           f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
-             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
-             "m": "(m) JAX 1 seed, glibc's default heap", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
+             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
@@ -424,8 +405,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up (default 1)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--variants", default="a,b,c,s", help="comma-separated subset of a,b,c,s (default all)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved; "
                         "the summary takes medians (default 1)")
     parser.add_argument("--threads", type=int, default=0,

@@ -11,9 +11,6 @@ validation weighted F1 (MoE prediction) and reports test scores at that epoch. W
 ``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
 ``checkpoints/`` (orbax). Re-running the same command resumes from the last checkpoint and ends with
 the same scores as an uninterrupted run.
-
-On glibc the command restarts itself once with heap tunables that keep XLA's per-step buffers
-allocated (`mister_jax.host_memory`; ``MISTER_HEAP=default`` opts out).
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from mister_jax.host_memory import restart_with_heap_tunables
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
 IGNORED_ON_RESUME = ("epochs", "checkpoint_every")
@@ -514,5 +509,4 @@ def _main(args: argparse.Namespace, log) -> int:
 
 
 if __name__ == "__main__":
-    restart_with_heap_tunables()
     sys.exit(main())
