@@ -32,6 +32,9 @@ class TrainConfig:
       checkpoint_every: save the training state every this many epochs (and after the last).
       val_fraction: fraction of training conversations carved out as validation when a store has none.
       val_carve_seed: the fixed seed of that carving.
+      test_every_epoch: also evaluate the test split after every epoch (test curves in
+        ``metrics.jsonl`` and the report); the reported scores are the same either way, those of each
+        seed's best-validation parameters, which are scored on test once training ends.
     """
 
     batch_size: int = 8
@@ -45,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     val_fraction: float = 0.1
     val_carve_seed: int = 0
+    test_every_epoch: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple", "checkpoint_every"):

@@ -3,7 +3,8 @@
 Figures are drawn with matplotlib's object API on an Agg canvas (no display, no global state):
 ``confusion.png`` (test confusion matrix summed over seeds, rows normalised), ``gate.png`` (mean gate
 weight β per expert for each true class), ``experts.png`` (test weighted F1 per expert, mean ± std over
-seeds), ``curves.png`` (training loss and validation / test weighted F1 per epoch and seed).
+seeds), ``curves.png`` (training loss and validation weighted F1 per epoch and seed, and test weighted F1
+when the run evaluated it every epoch).
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ def _plot_experts(path: Path, experts: dict) -> None:
 
 def _plot_curves(path: Path, history: list[dict], seeds: list[int]) -> None:
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(9, 3.2))
-    axes = fig.subplots(1, 3)
+    splits = ["val", "test"] if all("test" in h for h in history) else ["val"]
+    fig = Figure(figsize=(3 * (1 + len(splits)), 3.2))
+    axes = fig.subplots(1, 1 + len(splits))
     for k, seed in enumerate(seeds):
         axes[0].plot(epochs, [h["train_loss"][k] for h in history], label=f"seed {seed}")
-        axes[1].plot(epochs, [h["val"]["moe"][k] for h in history], label=f"seed {seed}")
-        axes[2].plot(epochs, [h["test"]["moe"][k] for h in history], label=f"seed {seed}")
-    for ax, title in zip(axes, ("training loss (Eq. 18)", "validation weighted F1", "test weighted F1")):
+        for ax, split in zip(axes[1:], splits):
+            ax.plot(epochs, [h[split]["moe"][k] for h in history], label=f"seed {seed}")
+    titles = ["training loss (Eq. 18)", "validation weighted F1", "test weighted F1"]
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)

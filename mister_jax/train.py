@@ -5,8 +5,9 @@
         [--checkpoint-every N] [--restart]
 
 Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
-Every epoch evaluates every seed on validation and test; each seed keeps the parameters of its best
-validation weighted F1 (MoE prediction) and reports test scores at that epoch. Writes to ``DIR``:
+Every epoch evaluates every seed on validation; each seed keeps the parameters of its best validation
+weighted F1 (MoE prediction), and those parameters are scored on test once training ends
+(``--set test_every_epoch=true`` also evaluates test after every epoch, for learning curves). Writes to ``DIR``:
 ``results.json`` (DESIGN §6 plus per-expert, per-class, confusion and gate statistics),
 ``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
 ``checkpoints/`` (orbax). Re-running the same command resumes from the last checkpoint and ends with
@@ -328,36 +329,55 @@ class Trainer:
         self.log(f"resumed {self.out} after epoch {epoch}")
         return epoch
 
-    def predict(self, split_name: str, split) -> list[dict]:
-        """Per seed: ``{expert: probs [N, C], "gate": [N, 3]}`` over the rows of ``split``."""
+    def predict(self, split_name: str, params) -> list[dict]:
+        """Per seed: ``{expert: probs [N, C], "gate": [N, 3]}`` over the rows of split ``split_name``.
+
+        ``params``: the seeds' parameters on the device, stacked ``[K, ...]`` when vmapped, else a list.
+        """
         import jax
 
+        split = self.val if split_name == "val" else self.test
         K = len(self.seeds)
         per_seed = [{} for _ in range(K)]
         for rows, batch in self.eval_batches[split_name]:
             mask = rows >= 0
             if self.vmap:
-                out = jax.device_get(self.predict_fn(self.work.params, batch))
+                out = jax.device_get(self.predict_fn(params, batch))
                 outs = [{name: v[k] for name, v in out.items()} for k in range(K)]
             else:
-                outs = jax.device_get([self.predict_fn(w.params, batch) for w in self.work])
+                outs = jax.device_get([self.predict_fn(p, batch) for p in params])
             for k, out in enumerate(outs):
                 for name, v in out.items():
                     dest = per_seed[k].setdefault(name, np.zeros((split.num_utterances, v.shape[-1]), np.float32))
                     dest[rows[mask]] = v[mask]
         return per_seed
 
-    def evaluate(self) -> dict:
-        """``{split: [(probs {expert: [N, C]}, gate [N, 3] or None, labels [N]) per seed]}``, labelled rows."""
-        result = {}
-        for name, split in (("val", self.val), ("test", self.test)):
-            labelled = split.labels >= 0
-            result[name] = []
-            for probs in self.predict(name, split):
-                gate = probs.pop("gate", None)
-                result[name].append(({e: p[labelled] for e, p in probs.items()},
-                                     None if gate is None else gate[labelled], split.labels[labelled]))
+    def evaluate(self, split_name: str, params) -> list[tuple]:
+        """Per seed ``(probs {expert: [N, C]}, gate [N, 3] or None, labels [N])`` on the labelled rows of
+        split ``split_name`` ("val" or "test"); ``params`` as for `predict`."""
+        split = self.val if split_name == "val" else self.test
+        labelled = split.labels >= 0
+        result = []
+        for probs in self.predict(split_name, params):
+            gate = probs.pop("gate", None)
+            result.append(({e: p[labelled] for e, p in probs.items()}, None if gate is None else gate[labelled],
+                           split.labels[labelled]))
         return result
+
+    def current_params(self):
+        """The seeds' current parameters on the device, as `predict` takes them."""
+        return self.work.params if self.vmap else [w.params for w in self.work]
+
+    def test_best(self) -> None:
+        """Scores each seed's best-validation parameters on the test split (``self.best[k]["test"]``)."""
+        import jax
+
+        from mister_jax.metrics import summarize
+        from mister_jax.trainer import stack_states
+
+        params = jax.device_put(stack_states(self.best_params) if self.vmap else self.best_params)
+        for k, (probs, gate, labels) in enumerate(self.evaluate("test", params)):
+            self.best[k]["test"] = summarize(labels, probs, gate, self.label_names, detailed=True)
 
     def train_epoch(self, epoch: int) -> tuple[list[list[dict]], float]:
         """One pass over train for every seed; returns per-seed step metrics and the seconds taken."""
@@ -401,21 +421,22 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             step_metrics, seconds = self.train_epoch(epoch)
             utterances = sum(int(m["utterances"]) for per_seed in step_metrics for m in per_seed)
-            scores = self.evaluate()
             record = {"epoch": epoch + 1,
                       "train_loss": [float(np.mean([m["loss"] for m in sm])) for sm in step_metrics],
                       "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
                                        if t not in ("loss", "utterances")} for sm in step_metrics],
                       "seconds": seconds, "utterances_per_second": utterances / seconds}
-            for split in ("val", "test"):
-                summaries = [summarize(labels, probs, gate, self.label_names, detailed=False)["weighted_f1"]
-                             for probs, gate, labels in scores[split]]
-                record[split] = {e: [s[e] for s in summaries] for e in summaries[0]}
+            params = self.current_params()
+            val = [summarize(labels, probs, gate, self.label_names, detailed=True)
+                   for probs, gate, labels in self.evaluate("val", params)]
+            record["val"] = {e: [v["weighted_f1"][e] for v in val] for e in val[0]["weighted_f1"]}
+            if cfg.test_every_epoch:
+                test = [summarize(labels, probs, gate, self.label_names, detailed=False)["weighted_f1"]
+                        for probs, gate, labels in self.evaluate("test", params)]
+                record["test"] = {e: [t[e] for t in test] for e in test[0]}
             for k in range(len(self.seeds)):
-                if self.best[k] is None or record["val"]["moe"][k] > self.best[k]["val"]["weighted_f1"]["moe"]:
-                    self.best[k] = {"epoch": epoch + 1, **{
-                        split: summarize(scores[split][k][2], scores[split][k][0], scores[split][k][1],
-                                         self.label_names, detailed=True) for split in ("val", "test")}}
+                if self.best[k] is None or val[k]["weighted_f1"]["moe"] > self.best[k]["val"]["weighted_f1"]["moe"]:
+                    self.best[k] = {"epoch": epoch + 1, "val": val[k]}
                     self.best_params[k] = self.params_of(k)
             self.history.append(record)
             with open(metrics_path, "a", encoding="utf-8") as f:
@@ -491,6 +512,7 @@ def _main(args: argparse.Namespace, log) -> int:
         try:
             trainer.fit(ckpt, trainer.restore(ckpt), progress=not args.quiet)
             trainer.export_best(ckpt)
+            trainer.test_best()
         finally:
             ckpt.close()
     except CheckpointError as err:

@@ -86,6 +86,10 @@ def test_weighted_and_per_class_f1_on_a_worked_example():
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _scores(results: dict) -> dict:
     return {k: results[k] for k in ("test", "val", "best_epoch", "seeds", "epochs")}
 
@@ -142,12 +146,23 @@ def test_results_json_has_the_design_keys_and_fractions(runs):
     assert np.sum(per_seed[0]) == np.sum(per_seed[1]) > 0
     assert np.sum(r["test"]["confusion_matrix"]) == 2 * np.sum(per_seed[0])
     assert r["test"]["gate"]["mean"] and len(r["train_shapes"]) == 1
-    history = [json.loads(line) for line in (runs["whole"] / "metrics.jsonl").read_text().splitlines()]
+    history = _history(runs["whole"])
     for k, epoch in enumerate(r["best_epoch"]):
         assert history[epoch - 1]["val"]["moe"][k] == max(h["val"]["moe"][k] for h in history)
-        assert history[epoch - 1]["test"]["moe"][k] == r["test"]["weighted_f1"]["per_seed"][k]
+        assert history[epoch - 1]["val"]["moe"][k] == r["val"]["weighted_f1"]["per_seed"][k]
     for name in ("report.md", "confusion.png", "gate.png", "experts.png", "curves.png"):
         assert (runs["whole"] / name).stat().st_size > 0
+
+
+def test_test_scores_are_those_of_the_best_validation_epoch_in_a_run_with_test_curves(runs):
+    every = runs["root"] / "every"
+    assert train_cli.main(train_args(runs["features"], every, 6, "--set", "test_every_epoch=true")) == 0
+    results = lambda run_dir: json.loads((run_dir / "results.json").read_text())
+    assert _scores(results(runs["whole"])) == _scores(results(every))
+    assert not any("test" in h for h in _history(runs["whole"]))  # test is scored once, after training
+    curves, r = _history(every), results(every)
+    for k, epoch in enumerate(r["best_epoch"]):
+        assert curves[epoch - 1]["test"]["moe"][k] == r["test"]["weighted_f1"]["per_seed"][k]
 
 
 # ------------------------------------------------------------------------------ vmap = sequential
