@@ -97,6 +97,15 @@ def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
     assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
 
 
+def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tmp_path):
+    out = tmp_path / "protocol.json"
+    proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["epoch_s"] == pytest.approx(result["run_2_epochs_warm_s"] - result["run_1_epoch_warm_s"])
+    assert result["protocol_hours"] == pytest.approx((result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]) / 3600)
+    assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout
+
+
 def test_extract_smoke_times_sorted_shuffled_and_single(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "extract.json"
