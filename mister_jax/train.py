@@ -222,9 +222,9 @@ class Trainer:
     """One run: all seeds epoch by epoch, evaluation, model selection and checkpoints.
 
     ``self.work`` holds the training states: one stacked ``TrainState`` (leading seed axis) when
-    vmapped, else a list with one per seed. ``self.best_params`` holds host copies of each seed's
-    best-validation parameters; they are checkpointed together with the training state, so a resumed
-    run continues with exactly the same selection.
+    vmapped, else a list with one per seed. Two host mirrors (`HostMirror`, buffers allocated once)
+    hold what a checkpoint writes: ``self.saved`` the training states, ``self.best_params`` each
+    seed's best-validation parameters, so a resumed run continues with exactly the same selection.
     """
 
     def __init__(self, preset, label_names, train, val, test, out: Path, seed_mode: str, log,
@@ -233,6 +233,7 @@ class Trainer:
 
         from mister_jax.aot import TrainStepCompiler
         from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
+        from mister_jax.host_mirror import HostMirror
         from mister_jax.trainer import abstract_train_state, make_steps, seed_keys
 
         self.preset, self.label_names, self.out, self.log = preset, list(label_names), out, log
@@ -274,8 +275,12 @@ class Trainer:
         self.history: list[dict] = []
         self.best: list[dict | None] = [None] * len(self.seeds)
         t0 = time.perf_counter()
-        self._set_work(self._initial())
-        self.best_params = [self.params_of(k) for k in range(len(self.seeds))]
+        self.work = jax.block_until_ready(self._initial())
+        one = abstract_train_state(preset.model, cfg)
+        # Host copies: of the training states when a checkpoint is written, of each seed's parameters
+        # when its validation score improves (meaningful for seed k once self.best[k] is set).
+        self.saved = HostMirror(one, len(self.seeds))
+        self.best_params = HostMirror(one.params, len(self.seeds))
         log(f"initialised {len(self.seeds)} seed(s) in {time.perf_counter() - t0:.1f} s")
 
     def _device_batches(self, split):
@@ -289,42 +294,35 @@ class Trainer:
         return [(rows, jax.device_put(batch)) for rows, batch in iterate_batches(split, plan)]
 
     def _initial(self):
-        from mister_jax.trainer import create_train_state, stack_states
-
-        return stack_states([create_train_state(self.preset.model, self.preset.train, s) for s in self.seeds])
-
-    def _set_work(self, stacked) -> None:
+        """Every seed's initial training state on the device (stacked ``[K, ...]`` when vmapped)."""
         import jax
+        import jax.numpy as jnp
 
-        from mister_jax.trainer import unstack_states
+        from mister_jax.trainer import create_train_state
 
-        self.work = jax.device_put(stacked) if self.vmap else jax.device_put(unstack_states(stacked, len(self.seeds)))
+        states = [create_train_state(self.preset.model, self.preset.train, s) for s in self.seeds]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states) if self.vmap else states
 
-    def params_of(self, k: int):
-        """Host copy of the current parameters of seed index ``k``."""
-        import jax
-
-        params = self.work.params if self.vmap else self.work[k].params
-        return jax.tree_util.tree_map(lambda x: np.array(x[k] if self.vmap else x), params)
+    def _seed_params(self, k: int):
+        """Seed ``k``'s current parameters and whether their leaves are stacked ``[K, ...]``."""
+        return (self.work.params, True) if self.vmap else (self.work[k].params, False)
 
     def _checkpoint_tree(self):
-        """Host copies (safe to write in the background while training goes on) of the saved state."""
-        from mister_jax.trainer import stack_states
-
-        import jax
-
-        train = jax.tree_util.tree_map(np.array, self.work) if self.vmap else stack_states(self.work)
-        return {"train": train, "best_params": stack_states(self.best_params)}
+        """The saved state as host arrays (the mirrors' buffers, written in the background)."""
+        return {"train": self.saved.tree, "best_params": self.best_params.tree}
 
     def restore(self, ckpt) -> int:
         """Loads the latest checkpoint if there is one; returns the number of epochs already done."""
-        from mister_jax.trainer import unstack_states
+        import jax
+        import jax.numpy as jnp
 
         if ckpt.latest_epoch() is None:
             return 0
         epoch, tree, meta = ckpt.restore_state(self._checkpoint_tree())
-        self._set_work(tree["train"])
-        self.best_params = unstack_states(tree["best_params"], len(self.seeds))
+        self.saved.tree, self.best_params.tree = tree["train"], tree["best_params"]
+        # jnp.array copies: the device state must never alias the host buffers rewritten later.
+        self.work = (jax.tree_util.tree_map(jnp.array, self.saved.tree) if self.vmap else
+                     [jax.tree_util.tree_map(jnp.array, self.saved.seed(k)) for k in range(len(self.seeds))])
         self.history, self.best = meta["history"], meta["best"]
         self.log(f"resumed {self.out} after epoch {epoch}")
         return epoch
@@ -373,9 +371,9 @@ class Trainer:
         import jax
 
         from mister_jax.metrics import summarize
-        from mister_jax.trainer import stack_states
 
-        params = jax.device_put(stack_states(self.best_params) if self.vmap else self.best_params)
+        params = jax.device_put(self.best_params.tree if self.vmap else
+                                [self.best_params.seed(k) for k in range(len(self.seeds))])
         for k, (probs, gate, labels) in enumerate(self.evaluate("test", params)):
             self.best[k]["test"] = summarize(labels, probs, gate, self.label_names, detailed=True)
 
@@ -426,6 +424,7 @@ class Trainer:
                       "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
                                        if t not in ("loss", "utterances")} for sm in step_metrics],
                       "seconds": seconds, "utterances_per_second": utterances / seconds}
+            ckpt.wait()  # the host mirrors are rewritten below
             params = self.current_params()
             val = [summarize(labels, probs, gate, self.label_names, detailed=True)
                    for probs, gate, labels in self.evaluate("val", params)]
@@ -437,11 +436,16 @@ class Trainer:
             for k in range(len(self.seeds)):
                 if self.best[k] is None or val[k]["weighted_f1"]["moe"] > self.best[k]["val"]["weighted_f1"]["moe"]:
                     self.best[k] = {"epoch": epoch + 1, "val": val[k]}
-                    self.best_params[k] = self.params_of(k)
+                    self.best_params.put(k, *self._seed_params(k))
             self.history.append(record)
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                if self.vmap:
+                    self.saved.put_stacked(self.work)
+                else:
+                    for k, state in enumerate(self.work):
+                        self.saved.put(k, state)
                 ckpt.save_state(epoch + 1, self._checkpoint_tree(),
                                 json.loads(json.dumps({"history": self.history, "best": self.best})))
             bar.update(1)
@@ -453,7 +457,7 @@ class Trainer:
     def export_best(self, ckpt) -> None:
         """Writes each seed's best parameters to ``checkpoints/best/seed_<s>`` (read by predict)."""
         for k, seed in enumerate(self.seeds):
-            ckpt.save_best(seed, self.best[k]["epoch"], self.best_params[k])
+            ckpt.save_best(seed, self.best[k]["epoch"], self.best_params.seed(k))
 
 
 def results_json(dataset: str, preset, label_names, history, best, shape_info, val_source, num_params) -> dict:
@@ -517,7 +521,7 @@ def _main(args: argparse.Namespace, log) -> int:
             ckpt.close()
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    num_params = count_params(trainer.best_params[0])
+    num_params = count_params(trainer.best_params.seed(0))
     results = results_json(args.dataset, preset, store.label_names, trainer.history, trainer.best, trainer.shape_info,
                            val_source, num_params)
     write_json_atomic(out / "results.json", results)

@@ -165,6 +165,17 @@ def test_test_scores_are_those_of_the_best_validation_epoch_in_a_run_with_test_c
         assert curves[epoch - 1]["test"]["moe"][k] == r["test"]["weighted_f1"]["per_seed"][k]
 
 
+def test_a_vmapped_run_resumes_from_its_checkpoint_to_the_same_scores(runs):
+    whole, resumed = runs["root"] / "vmap-whole", runs["root"] / "vmap-resumed"
+    assert train_cli.main(train_args(runs["features"], whole, 4, "--seed-mode", "vmap")) == 0
+    assert train_cli.main(train_args(runs["features"], resumed, 2, "--seed-mode", "vmap")) == 0
+    assert train_cli.main(train_args(runs["features"], resumed, 4, "--seed-mode", "vmap")) == 0
+    results = lambda run_dir: json.loads((run_dir / "results.json").read_text())
+    assert _scores(results(resumed)) == _scores(results(whole))
+    assert _history(resumed)[2:] == [{**h, "seconds": h2["seconds"], "utterances_per_second": h2["utterances_per_second"]}
+                                     for h, h2 in zip(_history(whole)[2:], _history(resumed)[2:])]
+
+
 # ------------------------------------------------------------------------------ vmap = sequential
 
 
@@ -261,3 +272,17 @@ def test_corrupt_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_pa
             f.write_bytes(b"garbage")
     err = _error(capsys, train_args(runs["features"], out, 6))
     assert f"state/{latest}" in err and "--restart" in err and "unreadable" in err
+
+
+def test_a_failed_checkpoint_write_names_the_directory_and_the_fix(tmp_path, monkeypatch):
+    from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+
+    ckpt = RunCheckpoints(tmp_path / "checkpoints")
+
+    def disk_full():
+        raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt._state, "wait_until_finished", disk_full)
+    with pytest.raises(CheckpointError, match=r"checkpoints/state: writing a checkpoint failed \(ValueError: "
+                                              r"RESOURCE_EXHAUSTED.*No space left.*free disk space.*rerun the same"):
+        ckpt.save_state(1, {"w": np.zeros(3, np.float32)}, {})
