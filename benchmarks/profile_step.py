@@ -330,7 +330,12 @@ def profile_fast_compile(args) -> dict:
 
 
 def child(args, part: str, env_extra: dict | None = None) -> dict:
+    """Runs one part in a fresh interpreter; JAX parts under the training CLI's malloc tunables, PyTorch not."""
+    from mister_jax.host_memory import with_malloc_tunables
+
     env = dict(os.environ, **(env_extra or {}))
+    if part != "torch":
+        env = with_malloc_tunables(env)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--dims", args.dims,
            "--length", str(args.length), "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=3600)

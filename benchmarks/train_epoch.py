@@ -13,7 +13,13 @@ RSS is per variant:
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
   c     3 seeds: `c-vmap` (one vmapped step) and `c-seq` (one seed after the other, same step as b);
   s     b with `batching="shuffled"` (random batch composition within length buckets): the
-        padding lever measured end to end.
+        padding lever measured end to end;
+  m     b under glibc's default malloc settings (4 KiB pages): the huge-page lever measured end to end;
+  h     a under the same huge-page tunable as ours: whether PyTorch would gain as much from it.
+
+The JAX workers run with `mister_jax.host_memory.MALLOC_TUNABLES` in their environment, as
+`python -m mister_jax.train` does (except m); PyTorch (a) runs with glibc's defaults, as the authors
+run it.
 
 Warm-up before the timed epochs: two batches (PyTorch) or one step per compiled shape (JAX).
 Every epoch's batches are gathered on the host and put on the device before its first step (the
@@ -42,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
 from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
-VARIANTS = ("a", "b", "c", "s")
+VARIANTS = ("a", "b", "c", "s", "m", "h")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
 # IEMOCAP 6-class: 7,433 utterances, of which the benchmark's training split holds 4,791 and the test
 # split (session 5) 1,623; the validation split (session 1) holds the other 1,019. The trainer scores
@@ -86,7 +92,7 @@ def run_torch(args) -> dict:
         epoch_s.append(time.perf_counter() - t0)
         padded.append(padded_utterances(batches, corpus.lengths))
     real = int(corpus.lengths.sum())
-    return {"variant": "a", "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
+    return {"variant": args.tag, "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
             "init_s": init_s, "compile_s": 0.0, "num_shapes": None, "epoch_s": epoch_s,
             "real_utterances": real, "padded_utterances": float(np.mean(padded)),
             "padding_efficiency": real / float(np.mean(padded)),
@@ -265,10 +271,16 @@ def worker_command(args, tag: str, **extra) -> list[str]:
     return cmd
 
 
-def run_worker(cmd: list[str], timeout: float) -> dict:
-    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added)."""
+def run_worker(cmd: list[str], timeout: float, huge_pages: bool) -> dict:
+    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added);
+    ``huge_pages``: under the training CLI's malloc tunables, else glibc's defaults."""
+    from mister_jax.host_memory import OPT_OUT, with_malloc_tunables
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    if huge_pages:
+        env = with_malloc_tunables(env)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])
@@ -291,7 +303,8 @@ def run_all(args) -> dict:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of a,b,c,s.")
+        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; "
+                         f"use a subset of {','.join(VARIANTS)}.")
     timeout = 3600.0
     rounds = []
     for _ in range(args.rounds):
@@ -299,20 +312,26 @@ def run_all(args) -> dict:
         cache = tempfile.mkdtemp(prefix="mister-jax-cache-")
         try:
             if "a" in wanted:
-                runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout)
+                runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout, huge_pages=False)
+            if "h" in wanted:
+                runs["h"] = run_worker(worker_command(args, "h", threads=args.threads), timeout, huge_pages=True)
             if ("b" in wanted or "c" in wanted) and not args.skip_cold:
                 runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="single", seeds=1,
-                                                           cache_dir=cache, compile_only=True), timeout)
+                                                           cache_dir=cache, compile_only=True), timeout, True)
             if "b" in wanted:
-                runs["b"] = run_worker(worker_command(args, "b", mode="single", seeds=1, cache_dir=cache), timeout)
+                runs["b"] = run_worker(worker_command(args, "b", mode="single", seeds=1, cache_dir=cache), timeout,
+                                       True)
             if "c" in wanted:
                 runs["c-vmap"] = run_worker(worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache),
-                                            timeout)
+                                            timeout, True)
                 runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
-                                                          cache_dir=cache), timeout)
+                                                          cache_dir=cache), timeout, True)
             if "s" in wanted:
                 runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
-                                                      batching="shuffled"), timeout)
+                                                      batching="shuffled"), timeout, True)
+            if "m" in wanted:
+                runs["m"] = run_worker(worker_command(args, "m", mode="single", seeds=1, cache_dir=cache),
+                                       timeout, huge_pages=False)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -338,6 +357,12 @@ def derive(args, rounds) -> dict:
         ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
     if b.get("real_utterances_per_s") and med.get("s", {}).get("real_utterances_per_s"):
         ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
+    if b.get("real_utterances_per_s") and med.get("m", {}).get("real_utterances_per_s"):
+        ratios["b_huge_pages_over_m_default_malloc_real_utt_per_s"] = (b["real_utterances_per_s"]
+                                                                       / med["m"]["real_utterances_per_s"])
+    if med.get("a", {}).get("real_utterances_per_s") and med.get("h", {}).get("real_utterances_per_s"):
+        ratios["h_huge_pages_over_a_default_malloc_real_utt_per_s"] = (med["h"]["real_utterances_per_s"]
+                                                                       / med["a"]["real_utterances_per_s"])
     for tag in ("c-vmap", "c-seq"):
         if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
             ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
@@ -387,7 +412,8 @@ def print_lines(result: dict) -> None:
     print(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
           f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
-             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
+             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
+             "m": "(m) JAX 1 seed, glibc's default malloc", "h": "(h) PyTorch under our huge-page tunable", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
@@ -410,7 +436,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up (default 1)")
-    parser.add_argument("--variants", default="a,b,c,s", help="comma-separated subset of a,b,c,s (default all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved; "
                         "the summary takes medians (default 1)")
     parser.add_argument("--threads", type=int, default=0,
@@ -434,7 +461,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         args.tag = args.worker
-        emit(run_torch(args) if args.worker == "a" else run_jax(args))
+        emit(run_torch(args) if args.worker in ("a", "h") else run_jax(args))
         return 0
     result = run_all(args)
     print_lines(result)

@@ -12,6 +12,9 @@ weighted F1 (MoE prediction), and those parameters are scored on test once train
 ``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
 ``checkpoints/`` (orbax). Re-running the same command resumes from the last checkpoint and ends with
 the same scores as an uninterrupted run.
+
+On glibc the command restarts itself once with a malloc tunable that gives XLA's large buffers
+transparent huge pages (`mister_jax.host_memory`; ``MISTER_HUGEPAGES=default`` opts out).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mister_jax.host_memory import restart_with_huge_pages
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
 IGNORED_ON_RESUME = ("epochs", "checkpoint_every")
@@ -535,4 +540,5 @@ def _main(args: argparse.Namespace, log) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())
