@@ -393,17 +393,20 @@ class Trainer:
                             batching=cfg.batching) for s in self.seeds]
         t0 = time.perf_counter()
         metrics = [[] for _ in self.seeds]
+        # Each pass's batches are gathered and put on the device before its first step, so the host
+        # does not compete with the steps for the cores and nothing waits on the host between steps.
         if self.vmap:
-            for i in range(len(plans[0])):
-                batches = [make_batch(self.train, batch_rows(self.train, plans[k][i])) for k in range(K)]
-                batch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+            per_seed = [[make_batch(self.train, batch_rows(self.train, p)) for p in plan] for plan in plans]
+            batches = jax.device_put([jax.tree_util.tree_map(lambda *xs: np.stack(xs), *step)
+                                      for step in zip(*per_seed)])
+            for batch in batches:
                 self.work, m = self.train_fn(self.work, batch, self.dropout_keys)
                 for k in range(K):
                     metrics[k].append(jax.tree_util.tree_map(lambda x: x[k], m))
         else:
             for k in range(K):
-                for planned in plans[k]:
-                    batch = make_batch(self.train, batch_rows(self.train, planned))
+                batches = jax.device_put([make_batch(self.train, batch_rows(self.train, p)) for p in plans[k]])
+                for batch in batches:
                     self.work[k], m = self.train_fn(self.work[k], batch, self.dropout_keys[k])
                     metrics[k].append(m)
         metrics = jax.device_get(metrics)

@@ -103,6 +103,8 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
     result = json.loads(out.read_text())
     assert result["epoch_s"] == pytest.approx(result["run_2_epochs_warm_s"] - result["run_1_epoch_warm_s"])
     assert result["protocol_hours"] == pytest.approx((result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]) / 3600)
+    assert 0 < result["epoch_training_s"] < result["run_2_epochs_warm_s"]
+    assert result["epoch_rest_s"] == pytest.approx(result["epoch_s"] - result["epoch_training_s"])
     assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout
 
 
