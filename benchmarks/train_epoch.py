@@ -317,18 +317,18 @@ def run_all(args) -> dict:
                 runs["h"] = run_worker(worker_command(args, "h", threads=args.threads), timeout, huge_pages=True)
             if ("b" in wanted or "c" in wanted) and not args.skip_cold:
                 runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="single", seeds=1,
-                                                           cache_dir=cache, compile_only=True), timeout, True)
+                                                           cache_dir=cache, compile_only=True), timeout, huge_pages=True)
             if "b" in wanted:
                 runs["b"] = run_worker(worker_command(args, "b", mode="single", seeds=1, cache_dir=cache), timeout,
-                                       True)
+                                       huge_pages=True)
             if "c" in wanted:
                 runs["c-vmap"] = run_worker(worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache),
-                                            timeout, True)
+                                            timeout, huge_pages=True)
                 runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
-                                                          cache_dir=cache), timeout, True)
+                                                          cache_dir=cache), timeout, huge_pages=True)
             if "s" in wanted:
                 runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
-                                                      batching="shuffled"), timeout, True)
+                                                      batching="shuffled"), timeout, huge_pages=True)
             if "m" in wanted:
                 runs["m"] = run_worker(worker_command(args, "m", mode="single", seeds=1, cache_dir=cache),
                                        timeout, huge_pages=False)

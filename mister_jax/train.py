@@ -392,24 +392,26 @@ class Trainer:
         plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch,
                             batching=cfg.batching) for s in self.seeds]
         t0 = time.perf_counter()
-        metrics = [[] for _ in self.seeds]
         # Each pass's batches are gathered and put on the device before its first step, so the host
         # does not compete with the steps for the cores and nothing waits on the host between steps.
         if self.vmap:
             per_seed = [[make_batch(self.train, batch_rows(self.train, p)) for p in plan] for plan in plans]
             batches = jax.device_put([jax.tree_util.tree_map(lambda *xs: np.stack(xs), *step)
                                       for step in zip(*per_seed)])
+            stacked = []  # per step, metrics with a leading seed axis [K]
             for batch in batches:
                 self.work, m = self.train_fn(self.work, batch, self.dropout_keys)
-                for k in range(K):
-                    metrics[k].append(jax.tree_util.tree_map(lambda x: x[k], m))
+                stacked.append(m)
+            stacked = jax.device_get(stacked)  # one transfer per pass, split per seed on the host
+            metrics = [[jax.tree_util.tree_map(lambda x: x[k], m) for m in stacked] for k in range(K)]
         else:
+            metrics = [[] for _ in self.seeds]
             for k in range(K):
                 batches = jax.device_put([make_batch(self.train, batch_rows(self.train, p)) for p in plans[k]])
                 for batch in batches:
                     self.work[k], m = self.train_fn(self.work[k], batch, self.dropout_keys[k])
                     metrics[k].append(m)
-        metrics = jax.device_get(metrics)
+            metrics = jax.device_get(metrics)
         return metrics, time.perf_counter() - t0
 
     def fit(self, ckpt, start_epoch: int, progress: bool) -> None:
