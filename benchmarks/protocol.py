@@ -5,13 +5,18 @@
 Builds an IEMOCAP-shaped feature store: the 92 training conversations of `train_epoch.py` (4,791
 utterances), a validation split like session 1 (28 conversations, 1,019 utterances) and a test split
 like session 5 (31 conversations, 1,623 utterances); 2048-d Gaussian speech and text, 6 classes. Then
-it runs the training CLI with the iemocap preset as a user would (3 seeds, one after the other on
-CPU, a checkpoint after every epoch, the test split scored once at the end, the report) three times
-on one compilation cache: 1 epoch cold, 1 epoch warm, 1 + N epochs warm. One epoch of the protocol
-(training, validation of every seed, checkpoint writes) is the difference of the last two runs' wall
-times divided by N, of which the trainer's own timing of its training passes (``metrics.jsonl``,
-epochs after the first) is training and the rest validation and checkpointing; the protocol is the
-cold run plus 99 such epochs.
+it runs the training CLI with the iemocap preset as a user would (3 seeds interleaved on CPU, the test
+split scored once at the end, the report) four times on one compilation cache: 1 epoch cold, 1 epoch
+warm, and 1 + N epochs warm twice: with the default checkpoints (every 10 minutes, so none before
+the end of so short a run) and with a checkpoint after every epoch (``--checkpoint-every 1``).
+
+One epoch of the protocol is the difference of a longer run's wall time and the warm 1-epoch run's,
+divided by N: without a checkpoint (training and validation of every seed) and with one; the
+trainer's own timing of its training passes (``metrics.jsonl``, epochs after the first) is training,
+the rest validation (and the checkpoint's host copies). The protocol is the cold run plus 99 epochs
+without a checkpoint plus, per checkpoint the default schedule writes (one per 10 minutes), the
+difference of the two kinds of epoch; with a checkpoint every epoch it is the cold run plus 99 epochs
+with one.
 
 Prints one line per figure and writes benchmarks/results/protocol.json.
 """
@@ -34,8 +39,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import DIMS, RESULTS_DIR, machine_info, make_corpus, write_result  # noqa: E402
+from mister_jax.presets import TrainConfig  # noqa: E402
 
 PROTOCOL_EPOCHS = 100
+CHECKPOINT_MINUTES = TrainConfig().checkpoint_minutes  # the default schedule
 # IEMOCAP 6-class: session 1 (validation) and session 5 (test) as conversations and utterances.
 EVAL_SPLITS = {"paper": {"val": (28, 1019), "test": (31, 1623)}, "tiny": {"val": (4, 20), "test": (4, 22)}}
 LABELS = ["neutral", "happy", "sad", "angry", "excited", "frustrated"]
@@ -69,11 +76,11 @@ def model_overrides(dims_name: str) -> list[str]:
     return flags
 
 
-def timed_run(root: Path, out: Path, epochs: int, cache: Path, dims_name: str) -> float:
+def timed_run(root: Path, out: Path, epochs: int, cache: Path, dims_name: str, *flags: str) -> float:
     """Wall seconds of one training CLI run (a fresh interpreter, as a user starts it)."""
     cmd = [sys.executable, "-m", "mister_jax.train", "--dataset", "iemocap", "--features", str(root),
            "--out", str(out), "--epochs", str(epochs), "--quiet", "--jax-cache", str(cache),
-           *model_overrides(dims_name)]
+           *model_overrides(dims_name), *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=4 * 3600)
     seconds = time.perf_counter() - t0
@@ -90,16 +97,28 @@ def run(args) -> dict:
         cold = timed_run(tmp / "features", tmp / "cold", 1, cache, args.dims)
         warm = timed_run(tmp / "features", tmp / "warm", 1, cache, args.dims)
         longer = timed_run(tmp / "features", tmp / "longer", 1 + args.epochs, cache, args.dims)
-        history = [json.loads(line) for line in (tmp / "longer" / "metrics.jsonl").read_text().splitlines()]
-    epoch_s = (longer - warm) / args.epochs
-    training_s = float(np.mean([h["seconds"] for h in history[1:]]))
+        saving = timed_run(tmp / "features", tmp / "saving", 1 + args.epochs, cache, args.dims, "--checkpoint-every", "1")
+        training = {name: float(np.mean([json.loads(line)["seconds"] for line in
+                                         (tmp / name / "metrics.jsonl").read_text().splitlines()[1:]]))
+                    for name in ("longer", "saving")}
+    n = 1 + args.epochs
+    epoch_s, saving_epoch_s = (longer - warm) / args.epochs, (saving - warm) / args.epochs
+    checkpoint_s = saving_epoch_s - epoch_s
+    saves = int((PROTOCOL_EPOCHS - 1) * epoch_s // (60 * CHECKPOINT_MINUTES))
     return {"dims": args.dims, "extra_epochs": args.epochs, "seeds": 3, "machine": machine_info(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "run_1_epoch_cold_s": cold, "run_1_epoch_warm_s": warm, f"run_{1 + args.epochs}_epochs_warm_s": longer,
-            "epoch_s": epoch_s, "epoch_training_s": training_s, "epoch_rest_s": epoch_s - training_s,
-            "protocol_hours": (cold + (PROTOCOL_EPOCHS - 1) * epoch_s) / 3600,
-            "basis": f"cold 1-epoch run + {PROTOCOL_EPOCHS - 1} x one epoch (3 seeds: training, validation, "
-                     f"checkpoint), one epoch = (warm {1 + args.epochs}-epoch run - warm 1-epoch run) / {args.epochs}"}
+            "run_1_epoch_cold_s": cold, "run_1_epoch_warm_s": warm, f"run_{n}_epochs_warm_s": longer,
+            f"run_{n}_epochs_warm_checkpoint_every_epoch_s": saving,
+            "epoch_s": epoch_s, "epoch_training_s": training["longer"], "epoch_rest_s": epoch_s - training["longer"],
+            "epoch_with_checkpoint_s": saving_epoch_s, "epoch_with_checkpoint_training_s": training["saving"],
+            "checkpoint_s": checkpoint_s, "checkpoints_written": saves + 1,
+            "protocol_hours": (cold + (PROTOCOL_EPOCHS - 1) * epoch_s + saves * checkpoint_s) / 3600,
+            "protocol_hours_checkpoint_every_epoch": (cold + (PROTOCOL_EPOCHS - 1) * saving_epoch_s) / 3600,
+            "basis": f"cold 1-epoch run + {PROTOCOL_EPOCHS - 1} x one epoch (3 seeds: training, validation) + "
+                     f"one checkpoint's cost per {CHECKPOINT_MINUTES:g} minutes of those epochs (the default "
+                     f"schedule; the last checkpoint is in the cold run); one epoch = (warm {n}-epoch run - warm "
+                     f"1-epoch run) / {args.epochs}, a checkpoint's cost = the same with --checkpoint-every 1 "
+                     f"minus that"}
 
 
 def parse_args(argv=None):

@@ -11,7 +11,8 @@ RSS is per variant:
   b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
         length-sorted batching (`mister_jax.data.choose_pad_lengths` + `epoch_plan`); run twice on one
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
-  c     3 seeds: `c-vmap` (one vmapped step) and `c-seq` (one seed after the other, same step as b);
+  c     3 seeds: `c-vmap` (one vmapped step), `c-seq` (one seed after the other, same step as b) and
+        `c-int` (the same steps interleaved: step i of every seed before step i + 1, as the trainer does);
   s     b with `batching="shuffled"` (random batch composition within length buckets): the
         padding lever measured end to end;
   m     b under glibc's default malloc settings (4 KiB pages): the huge-page lever measured end to end;
@@ -84,17 +85,18 @@ def run_torch(args) -> dict:
     rng = np.random.default_rng(0)
     for batch in authors_batches(corpus.lengths, dims.batch_size, rng)[:2]:
         run(batch)
-    epoch_s, padded, losses = [], [], []
+    epoch_s, epoch_cpu_s, padded, losses = [], [], [], []
     for epoch in range(args.epochs):
         batches = authors_batches(corpus.lengths, dims.batch_size, np.random.default_rng([1, epoch]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses += [run(batch) for batch in batches]
         epoch_s.append(time.perf_counter() - t0)
+        epoch_cpu_s.append(time.process_time() - c0)
         padded.append(padded_utterances(batches, corpus.lengths))
     real = int(corpus.lengths.sum())
     return {"variant": args.tag, "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
             "init_s": init_s, "compile_s": 0.0, "num_shapes": None, "epoch_s": epoch_s,
-            "real_utterances": real, "padded_utterances": float(np.mean(padded)),
+            "epoch_cpu_s": epoch_cpu_s, "real_utterances": real, "padded_utterances": float(np.mean(padded)),
             "padding_efficiency": real / float(np.mean(padded)),
             "params": sum(p.numel() for p in model.parameters()),
             "final_loss": losses[-1] if losses else None, "peak_rss_mib": peak_rss_mib()}
@@ -215,9 +217,9 @@ def run_jax(args) -> dict:
     jax.block_until_ready(states)
     del warm
 
-    epoch_s, losses = [], []
+    epoch_s, epoch_cpu_s, losses = [], [], []
     for epoch in range(1, args.epochs + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batches = device_batches(epoch)
         metrics = []
         if vmap:
@@ -225,18 +227,21 @@ def run_jax(args) -> dict:
                 states, m = step(None, states, batch)
                 metrics.append(m["loss"])
         else:
-            for k in range(len(seeds)):
-                for batch in batches[k]:
-                    states[k], m = step(k, states[k], batch)
-                    metrics.append(m["loss"])
+            # "interleaved": batch i of every seed before batch i + 1 (the shape sequence is the same for all).
+            order = ([(k, i) for i in range(len(batches[0])) for k in range(len(seeds))] if mode == "interleaved"
+                     else [(k, i) for k in range(len(seeds)) for i in range(len(batches[k]))])
+            for k, i in order:
+                states[k], m = step(k, states[k], batches[k][i])
+                metrics.append(m["loss"])
         losses = np.asarray(jax.device_get(metrics))
         epoch_s.append(time.perf_counter() - t0)
+        epoch_cpu_s.append(time.process_time() - c0)
         del batches
     real = int(data.lengths.sum())
     padded = sum(len(p.conversations) * p.length for p in first)
     if mode == "single" and args.epochs:  # the evaluation rate (b, s): what the protocol estimate needs
         record.update(eval_utterances_per_s=time_evaluation(predict_fn, states[0].params, data, pad_lengths, train_cfg))
-    record.update(epoch_s=epoch_s, real_utterances=real, padded_utterances=padded,
+    record.update(epoch_s=epoch_s, epoch_cpu_s=epoch_cpu_s, real_utterances=real, padded_utterances=padded,
                   padding_efficiency=padding_efficiency(data.lengths, first),
                   final_loss=float(np.mean(losses[-1])) if len(losses) else None,
                   loss_finite=bool(np.all(np.isfinite(losses))), peak_rss_mib=peak_rss_mib())
@@ -295,6 +300,8 @@ def summarize(record: dict) -> dict:
         sec = float(np.mean(record["epoch_s"]))
         record["seconds_per_epoch"] = sec
         record["real_utterances_per_s"] = record["seeds"] * record["real_utterances"] / sec
+        if record.get("epoch_cpu_s"):  # process CPU seconds per wall second while training (2 = both cores)
+            record["cores_busy"] = float(np.mean(record["epoch_cpu_s"])) / sec
     return record
 
 
@@ -326,6 +333,8 @@ def run_all(args) -> dict:
                                             timeout, huge_pages=True)
                 runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
                                                           cache_dir=cache), timeout, huge_pages=True)
+                runs["c-int"] = run_worker(worker_command(args, "c-int", mode="interleaved", seeds=3,
+                                                          cache_dir=cache), timeout, huge_pages=True)
             if "s" in wanted:
                 runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
                                                       batching="shuffled"), timeout, huge_pages=True)
@@ -347,7 +356,7 @@ def derive(args, rounds) -> dict:
     """The headline figures: medians over rounds, ratios, targets and the 100-epoch × 3-seed estimate."""
     tags = sorted({t for r in rounds for t in r})
     med = {t: {k: _median(rounds, t, k) for k in ("seconds_per_epoch", "real_utterances_per_s", "compile_s",
-                                                   "init_s", "peak_rss_mib", "padding_efficiency", "num_shapes", "eval_utterances_per_s",
+                                                   "init_s", "peak_rss_mib", "padding_efficiency", "cores_busy", "num_shapes", "eval_utterances_per_s",
                                                    "padded_utterances")} for t in tags}
     out = {"dims": args.dims, "epochs_timed": args.epochs, "rounds": rounds, "median": med,
            "machine": machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
@@ -363,14 +372,14 @@ def derive(args, rounds) -> dict:
     if med.get("a", {}).get("real_utterances_per_s") and med.get("h", {}).get("real_utterances_per_s"):
         ratios["h_huge_pages_over_a_default_malloc_real_utt_per_s"] = (med["h"]["real_utterances_per_s"]
                                                                        / med["a"]["real_utterances_per_s"])
-    for tag in ("c-vmap", "c-seq"):
+    for tag in ("c-vmap", "c-seq", "c-int"):
         if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
             ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
     out["ratios"] = ratios
     estimate = {}
     if a.get("seconds_per_epoch"):
         estimate["torch_hours"] = PROTOCOL_EPOCHS * PROTOCOL_SEEDS * a["seconds_per_epoch"] / 3600
-    three = {t: med[t]["seconds_per_epoch"] for t in ("c-vmap", "c-seq") if med.get(t, {}).get("seconds_per_epoch")}
+    three = {t: med[t]["seconds_per_epoch"] for t in ("c-vmap", "c-seq", "c-int") if med.get(t, {}).get("seconds_per_epoch")}
     if not three and b.get("seconds_per_epoch"):
         three = {"3 x b": 3 * b["seconds_per_epoch"]}
     if three:
@@ -413,11 +422,12 @@ def print_lines(result: dict) -> None:
           f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
              "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
-             "m": "(m) JAX 1 seed, glibc's default malloc", "h": "(h) PyTorch under our huge-page tunable", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential"}
+             "m": "(m) JAX 1 seed, glibc's default malloc", "h": "(h) PyTorch under our huge-page tunable", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential",
+             "c-int": "(c) JAX 3 seeds interleaved"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
-             "eval_utterances_per_s": "real utt/s evaluating"}
+             "eval_utterances_per_s": "real utt/s evaluating", "cores_busy": "cores busy training"}
     for tag, figures in result["median"].items():
         for key, unit in units.items():
             value = figures.get(key)

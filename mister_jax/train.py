@@ -2,7 +2,7 @@
 
     python -m mister_jax.train --dataset NAME [--features ROOT] [--out DIR] [--epochs N] [--seeds K]
         [--variant V] [--set key=value ...] [--seed-mode {auto,vmap,sequential}] [--no-val {carve,refuse}]
-        [--checkpoint-every N] [--restart]
+        [--checkpoint-every N] [--checkpoint-minutes M] [--restart]
 
 Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
 Every epoch evaluates every seed on validation; each seed keeps the parameters of its best validation
@@ -10,8 +10,9 @@ weighted F1 (MoE prediction), and those parameters are scored on test once train
 (``--set test_every_epoch=true`` also evaluates test after every epoch, for learning curves). Writes to ``DIR``:
 ``results.json`` (DESIGN §6 plus per-expert, per-class, confusion and gate statistics),
 ``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
-``checkpoints/`` (orbax). Re-running the same command resumes from the last checkpoint and ends with
-the same scores as an uninterrupted run.
+``checkpoints/`` (orbax), written once 10 minutes have passed since the last one and after the last
+epoch (``--checkpoint-minutes``, ``--checkpoint-every``). Re-running the same command resumes from the
+last checkpoint and ends with the same scores as an uninterrupted run.
 
 On glibc the command restarts itself once with a malloc tunable that gives XLA's large buffers
 transparent huge pages (`mister_jax.host_memory`; ``MISTER_HUGEPAGES=default`` opts out).
@@ -32,7 +33,7 @@ import numpy as np
 from mister_jax.host_memory import restart_with_huge_pages
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
-IGNORED_ON_RESUME = ("epochs", "checkpoint_every")
+IGNORED_ON_RESUME = ("epochs", "checkpoint_every", "checkpoint_minutes")
 
 
 class UsageError(Exception):
@@ -50,10 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0")
     parser.add_argument("--seed-mode", choices=("auto", "vmap", "sequential"), default="auto",
-                        help="train seeds in one vmapped step or one after the other (auto: vmap on GPU/TPU)")
+                        help="train seeds in one vmapped step or in separate steps, interleaved (auto: vmap on GPU/TPU)")
     parser.add_argument("--no-val", choices=("carve", "refuse"), default="carve",
                         help="when the store has no val split: carve one from train (fixed seed) or stop")
-    parser.add_argument("--checkpoint-every", type=int, help="save the training state every N epochs")
+    parser.add_argument("--checkpoint-every", type=int, help="save the training state every N epochs (default: by time)")
+    parser.add_argument("--checkpoint-minutes", type=float,
+                        help="save it once M minutes have passed since the last save (default 10; 0: off)")
     parser.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
     parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
                         help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
@@ -119,7 +122,8 @@ def build_preset(args: argparse.Namespace, store):
         if args.variant not in VARIANTS:
             raise UsageError(f"--variant {args.variant}: unknown variant; choose one of {', '.join(VARIANTS)}")
         overrides.insert(0, f"variant={args.variant}")
-    flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every}
+    flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every,
+             "checkpoint_minutes": args.checkpoint_minutes}
     overrides += [f"train.{k}={v}" for k, v in flags.items() if v is not None]
     try:
         preset = apply_overrides(preset, overrides)
@@ -223,6 +227,14 @@ def aggregate(best: list[dict], label_names: list[str], split: str) -> dict:
     return out
 
 
+def checkpoint_due(cfg, epochs_done: int, seconds_since_save: float) -> bool:
+    """Whether the state is saved after ``epochs_done`` epochs (`TrainConfig.checkpoint_every`,
+    ``checkpoint_minutes``; the last epoch always is)."""
+    return (epochs_done == cfg.epochs
+            or (cfg.checkpoint_every > 0 and epochs_done % cfg.checkpoint_every == 0)
+            or (cfg.checkpoint_minutes > 0 and seconds_since_save >= 60 * cfg.checkpoint_minutes))
+
+
 class Trainer:
     """One run: all seeds epoch by epoch, evaluation, model selection and checkpoints.
 
@@ -261,7 +273,7 @@ class Trainer:
                            "real_utterances": real, "padded_utterances": padded}
         log(f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
             f"{cfg.batching} batches, padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / {padded} padded "
-            f"utterances); seeds {self.seeds} {'vmapped in one step' if self.vmap else 'one after the other'}")
+            f"utterances); seeds {self.seeds} {'vmapped in one step' if self.vmap else 'interleaved step by step'}")
         train_fn, self.predict_fn = make_steps(preset.model, preset.loss, cfg, self.vmap)
         keys = [seed_keys(s)[1] for s in self.seeds]
         self.dropout_keys = jax.numpy.stack(keys) if self.vmap else keys
@@ -405,11 +417,15 @@ class Trainer:
             stacked = jax.device_get(stacked)  # one transfer per pass, split per seed on the host
             metrics = [[jax.tree_util.tree_map(lambda x: x[k], m) for m in stacked] for k in range(K)]
         else:
+            # Interleaved: step i of every seed before step i + 1 (the shapes come in the same order for
+            # every seed). Each seed still sees exactly its own sequence; on 2 CPU cores a 3-seed pass
+            # takes 7 % less wall and CPU time than seed after seed (benchmarks/train_epoch.py, c-int).
+            batches = jax.device_put([[make_batch(self.train, batch_rows(self.train, p)) for p in plan]
+                                      for plan in plans])
             metrics = [[] for _ in self.seeds]
-            for k in range(K):
-                batches = jax.device_put([make_batch(self.train, batch_rows(self.train, p)) for p in plans[k]])
-                for batch in batches:
-                    self.work[k], m = self.train_fn(self.work[k], batch, self.dropout_keys[k])
+            for i in range(len(plans[0])):
+                for k in range(K):
+                    self.work[k], m = self.train_fn(self.work[k], batches[k][i], self.dropout_keys[k])
                     metrics[k].append(m)
             metrics = jax.device_get(metrics)
         return metrics, time.perf_counter() - t0
@@ -426,6 +442,7 @@ class Trainer:
             f.writelines(json.dumps(h) + "\n" for h in self.history)
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=self.preset.model.variant, unit="epoch",
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        last_save = time.monotonic()
         for epoch in range(start_epoch, cfg.epochs):
             step_metrics, seconds = self.train_epoch(epoch)
             utterances = sum(int(m["utterances"]) for per_seed in step_metrics for m in per_seed)
@@ -450,7 +467,7 @@ class Trainer:
             self.history.append(record)
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            if checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save):
                 if self.vmap:
                     self.saved.put_stacked(self.work)
                 else:
@@ -458,6 +475,7 @@ class Trainer:
                         self.saved.put(k, state)
                 ckpt.save_state(epoch + 1, self._checkpoint_tree(),
                                 json.loads(json.dumps({"history": self.history, "best": self.best})))
+                last_save = time.monotonic()
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(record['train_loss']):.3f}",
                             val_f1=f"{np.mean(record['val']['moe']):.3f}",

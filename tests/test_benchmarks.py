@@ -87,12 +87,14 @@ def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
                 "--threads", "1",
                 "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq"}
-    for tag in ("a", "b", "c-vmap", "c-seq"):
+    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq", "c-int"}
+    for tag in ("a", "b", "c-vmap", "c-seq", "c-int"):
         assert result["median"][tag]["real_utterances_per_s"] > 0
         assert result["median"][tag]["peak_rss_mib"] > 0
     assert result["median"]["b"]["num_shapes"] >= 1
-    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq"))
+    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq", "c-int"))
+    # Interleaving the seeds' steps changes no seed's sequence: the last step's loss is the same.
+    assert result["rounds"][0]["c-int"]["final_loss"] == pytest.approx(result["rounds"][0]["c-seq"]["final_loss"])
     assert "b_over_a_real_utt_per_s" in result["ratios"] and "c-vmap_time_over_3b" in result["ratios"]
     assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
 
@@ -102,7 +104,12 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
     proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["epoch_s"] == pytest.approx(result["run_2_epochs_warm_s"] - result["run_1_epoch_warm_s"])
-    assert result["protocol_hours"] == pytest.approx((result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]) / 3600)
+    epochs = result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]
+    assert result["protocol_hours"] == pytest.approx((epochs + (result["checkpoints_written"] - 1)
+                                                      * result["checkpoint_s"]) / 3600)
+    assert result["checkpoint_s"] == pytest.approx(result["epoch_with_checkpoint_s"] - result["epoch_s"])
+    assert result["protocol_hours_checkpoint_every_epoch"] == pytest.approx(
+        (result["run_1_epoch_cold_s"] + 99 * result["epoch_with_checkpoint_s"]) / 3600)
     assert 0 < result["epoch_training_s"] < result["run_2_epochs_warm_s"]
     assert result["epoch_rest_s"] == pytest.approx(result["epoch_s"] - result["epoch_training_s"])
     assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout

@@ -83,6 +83,19 @@ def test_weighted_and_per_class_f1_on_a_worked_example():
     assert weighted_f1(y, p, 4) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
 
 
+def test_checkpoints_are_due_by_time_by_epoch_count_and_after_the_last_epoch():
+    from mister_jax.presets import TrainConfig
+
+    by_time = TrainConfig(epochs=10)  # the default: once 10 minutes have passed since the last save
+    assert (by_time.checkpoint_every, by_time.checkpoint_minutes) == (0, 10.0)
+    assert [train_cli.checkpoint_due(by_time, e, 599.0) for e in (1, 9, 10)] == [False, False, True]
+    assert train_cli.checkpoint_due(by_time, 3, 600.0)
+    every_4 = TrainConfig(epochs=10, checkpoint_every=4, checkpoint_minutes=0)
+    assert [e for e in range(1, 11) if train_cli.checkpoint_due(every_4, e, 1e9)] == [4, 8, 10]
+    with pytest.raises(ValueError, match="checkpoint_minutes=-1"):
+        TrainConfig(checkpoint_minutes=-1)
+
+
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 
