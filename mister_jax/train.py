@@ -451,7 +451,9 @@ class Trainer:
                       "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
                                        if t not in ("loss", "utterances")} for sm in step_metrics],
                       "seconds": seconds, "utterances_per_second": utterances / seconds}
+            t0 = time.perf_counter()
             ckpt.wait()  # the host mirrors are rewritten below
+            waited, t0 = time.perf_counter() - t0, time.perf_counter()
             params = self.current_params()
             val = [summarize(labels, probs, gate, self.label_names, detailed=True)
                    for probs, gate, labels in self.evaluate("val", params)]
@@ -464,18 +466,24 @@ class Trainer:
                 if self.best[k] is None or val[k]["weighted_f1"]["moe"] > self.best[k]["val"]["weighted_f1"]["moe"]:
                     self.best[k] = {"epoch": epoch + 1, "val": val[k]}
                     self.best_params.put(k, *self._seed_params(k))
+            # Wall time beyond the training pass: validation and model selection; the checkpoint's
+            # share is waiting for the previous write and the host copies of this one.
+            record["validation_seconds"], t0 = time.perf_counter() - t0, time.perf_counter()
             self.history.append(record)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save):
+            save = checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save)
+            if save:
                 if self.vmap:
                     self.saved.put_stacked(self.work)
                 else:
                     for k, state in enumerate(self.work):
                         self.saved.put(k, state)
+            record["checkpoint_seconds"] = waited + (time.perf_counter() - t0 if save else 0.0)
+            if save:
                 ckpt.save_state(epoch + 1, self._checkpoint_tree(),
                                 json.loads(json.dumps({"history": self.history, "best": self.best})))
                 last_save = time.monotonic()
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(record['train_loss']):.3f}",
                             val_f1=f"{np.mean(record['val']['moe']):.3f}",

@@ -103,15 +103,14 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
     out = tmp_path / "protocol.json"
     proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--out", str(out))
     result = json.loads(out.read_text())
-    assert result["epoch_s"] == pytest.approx(result["run_2_epochs_warm_s"] - result["run_1_epoch_warm_s"])
     epochs = result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]
     assert result["protocol_hours"] == pytest.approx((epochs + (result["checkpoints_written"] - 1)
                                                       * result["checkpoint_s"]) / 3600)
     assert result["checkpoint_s"] == pytest.approx(result["epoch_with_checkpoint_s"] - result["epoch_s"])
     assert result["protocol_hours_checkpoint_every_epoch"] == pytest.approx(
         (result["run_1_epoch_cold_s"] + 99 * result["epoch_with_checkpoint_s"]) / 3600)
-    assert 0 < result["epoch_training_s"] < result["run_2_epochs_warm_s"]
-    assert result["epoch_rest_s"] == pytest.approx(result["epoch_s"] - result["epoch_training_s"])
+    assert 0 < result["epoch_training_s"] < result["epoch_s"] < result["run_1_epoch_cold_s"]
+    assert result["epoch_with_checkpoint_copies_s"] > 0
     assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout
 
 
