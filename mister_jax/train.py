@@ -354,13 +354,16 @@ class Trainer:
         split = self.val if split_name == "val" else self.test
         K = len(self.seeds)
         per_seed = [{} for _ in range(K)]
-        for rows, batch in self.eval_batches[split_name]:
+        batches = self.eval_batches[split_name]
+        # Every batch of every seed is dispatched before the first result is fetched: one transfer,
+        # and no host sync between steps.
+        if self.vmap:
+            stacked = jax.device_get([self.predict_fn(params, batch) for _, batch in batches])
+            fetched = [[{name: v[k] for name, v in out.items()} for k in range(K)] for out in stacked]
+        else:
+            fetched = jax.device_get([[self.predict_fn(p, batch) for p in params] for _, batch in batches])
+        for (rows, _), outs in zip(batches, fetched):
             mask = rows >= 0
-            if self.vmap:
-                out = jax.device_get(self.predict_fn(params, batch))
-                outs = [{name: v[k] for name, v in out.items()} for k in range(K)]
-            else:
-                outs = jax.device_get([self.predict_fn(p, batch) for p in params])
             for k, out in enumerate(outs):
                 for name, v in out.items():
                     dest = per_seed[k].setdefault(name, np.zeros((split.num_utterances, v.shape[-1]), np.float32))
