@@ -472,16 +472,15 @@ class Trainer:
             # Wall time beyond the training pass: validation and model selection; the checkpoint's
             # share is waiting for the previous write and the host copies of this one.
             record["validation_seconds"], t0 = time.perf_counter() - t0, time.perf_counter()
+            record["checkpoint_seconds"] = waited
             self.history.append(record)
-            save = checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save)
-            if save:
+            if checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save):
                 if self.vmap:
                     self.saved.put_stacked(self.work)
                 else:
                     for k, state in enumerate(self.work):
                         self.saved.put(k, state)
-            record["checkpoint_seconds"] = waited + (time.perf_counter() - t0 if save else 0.0)
-            if save:
+                record["checkpoint_seconds"] += time.perf_counter() - t0
                 ckpt.save_state(epoch + 1, self._checkpoint_tree(),
                                 json.loads(json.dumps({"history": self.history, "best": self.best})))
                 last_save = time.monotonic()

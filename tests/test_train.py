@@ -192,6 +192,16 @@ def test_a_vmapped_run_resumes_from_its_checkpoint_to_the_same_scores(runs):
     assert _untimed(_history(resumed)) == _untimed(_history(whole))
 
 
+def test_interleaved_seeds_train_as_the_vmapped_ones_do(runs):
+    """The CLI's sequential mode steps the seeds interleaved; each seed must still see its own batches."""
+    vmapped = runs["root"] / "vmap-2"
+    assert train_cli.main(train_args(runs["features"], vmapped, 2, "--seed-mode", "vmap")) == 0
+    interleaved, stacked = _history(runs["whole"])[:2], _history(vmapped)
+    for a, b in zip(interleaved, stacked):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+    assert interleaved[0]["train_loss"][0] != interleaved[0]["train_loss"][1]
+
+
 # ------------------------------------------------------------------------------ vmap = sequential
 
 
