@@ -2,7 +2,13 @@
 
 Every (modality, direction) pair is a *stream* g with its own weights. All streams of one layer are
 stepped together: the input projections x W_ih of every time step are one matmul outside the scan, and
-each scan step does one batched h W_hh einsum over the stacked recurrent weights [G, H, 3H].
+each scan step does one batched W_hhᵀ h product over the stacked recurrent weights.
+
+Inside the scan the state is feature-major, h [G, H, B]: with B a handful of conversations, the step's
+product is then W_hhᵀ [3H, H] × h [H, B], a tall matrix times a thin one, which the CPU's matmul library
+runs about twice as fast as the row-major h [B, H] × W_hh [H, 3H] (and the backward step's W_hh × dg
+[3H, B] likewise; see docs/BENCHMARKS.md). The projections, the gates and the hidden states are laid
+out [T, G, ·, B] to match, and transposed once per layer outside the scan.
 
 The backward direction reads each batch in reverse over its longest conversation (length L): time
 steps 0..L-1 are reversed, and so are the all-padding steps L..T-1, so no gather is needed. Every
@@ -25,9 +31,10 @@ import jax.numpy as jnp
 
 
 def _gates(x_t: jax.Array, gh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """r, z, n and the recurrent part h W_hn + b_hn of one GRU step (PyTorch gate layout r, z, n)."""
-  xr, xz, xn = jnp.split(x_t, 3, axis=-1)
-  hr, hz, hn = jnp.split(gh, 3, axis=-1)
+  """r, z, n and the recurrent part h W_hn + b_hn of one GRU step (PyTorch gate layout r, z, n), from
+  x_t, gh [G, 3H, B]; each [G, H, B]."""
+  xr, xz, xn = jnp.split(x_t, 3, axis=1)
+  hr, hz, hn = jnp.split(gh, 3, axis=1)
   r = jax.nn.sigmoid(xr + hr)
   z = jax.nn.sigmoid(xz + hz)
   n = jnp.tanh(xn + r * hn)
@@ -35,35 +42,36 @@ def _gates(x_t: jax.Array, gh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
 
 
 def _recurrence(x_proj, hold, w_hh, b_hh, dtype):
-  """The scan over time; returns hs [T, G, B, H] and the gates [T, G, B, 4H] (r, z, n, hn) for the VJP."""
-  _, num_streams, batch, three_h = x_proj.shape
+  """The scan over time on x_proj [T, G, 3H, B]; returns hs [T, G, H, B] and the gates [T, G, 4H, B]
+  (r, z, n, hn) for the VJP."""
+  _, num_streams, three_h, batch = x_proj.shape
   hidden = three_h // 3
-  w_hh = w_hh.astype(dtype)
+  w_hh_t = jnp.swapaxes(w_hh, 1, 2).astype(dtype)                               # [G, 3H, H]
 
   def real_step(h, x_t, real_t):
-    gh = jnp.einsum("gbh,ghk->gbk", h.astype(dtype), w_hh, preferred_element_type=jnp.float32) + b_hh[:, None]
-    r, z, n, hn = _gates(x_t, gh)
+    gh = jnp.einsum("gkh,ghb->gkb", w_hh_t, h.astype(dtype), preferred_element_type=jnp.float32)
+    r, z, n, hn = _gates(x_t, gh + b_hh[:, :, None])
     h = jnp.where(real_t, (1.0 - z) * n + z * h, h)
-    return h, jnp.concatenate([r, z, n, hn], axis=-1)
+    return h, jnp.concatenate([r, z, n, hn], axis=1)
 
   def padded_step(h, x_t, real_t):
-    return h, jnp.zeros(h.shape[:-1] + (4 * hidden,), jnp.float32)
+    return h, jnp.zeros((num_streams, 4 * hidden, batch), jnp.float32)
 
   def step(h, inputs):
     x_t, real_t = inputs
     h, gates = jax.lax.cond(jnp.any(real_t), real_step, padded_step, h, x_t, real_t)
     return h, (h, gates)
 
-  h0 = jnp.zeros((num_streams, batch, hidden), jnp.float32)
+  h0 = jnp.zeros((num_streams, hidden, batch), jnp.float32)
   _, (hs, gates) = jax.lax.scan(step, h0, (x_proj, hold))
   return hs, gates
 
 
 def _input_projection(x, w_ih, b_ih, dtype):
-  """x [G, B, T, I] → x W_ih + b_ih, time-major [T, G, B, 3H] for the scan."""
-  x_proj = jnp.einsum("gbti,gik->tgbk", x.astype(dtype), w_ih.astype(dtype),
+  """x [G, B, T, I] → x W_ih + b_ih, time-major and feature-major [T, G, 3H, B] for the scan."""
+  x_proj = jnp.einsum("gbti,gik->tgkb", x.astype(dtype), w_ih.astype(dtype),
                       preferred_element_type=jnp.float32)
-  return x_proj + b_ih[None, :, None]
+  return x_proj + b_ih[None, :, :, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -78,13 +86,13 @@ def gru_layer(x: jax.Array, hold: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w
 
   Args:
     x: [G, B, T, I] inputs of every stream, each in the time order its GRU reads them.
-    hold: bool [T, G, B, 1], True at real steps.
+    hold: bool [T, G, 1, B], True at real steps.
     w_ih: [G, I, 3H], b_ih: [G, 3H] input weights and biases.
     w_hh: [G, H, 3H], b_hh: [G, 3H] recurrent weights and biases.
     dtype: compute dtype of the matmuls (accumulated and carried in float32).
 
   Returns:
-    [T, G, B, H] hidden states (at a padded step: the state carried over it).
+    [T, G, H, B] hidden states, feature-major (at a padded step: the state carried over it).
   """
   return _recurrence(_input_projection(x, w_ih, b_ih, dtype), hold, w_hh, b_hh, dtype)[0]
 
@@ -98,22 +106,22 @@ def _layer_bwd(dtype, residuals, d_hs):
   """Backpropagation through time: dh flows back through h W_hh only; every weight gradient and the
   input gradient are large matmuls after the scan, on stream-major copies [G, B, T, ·]."""
   x, hs, gates, hold, w_ih, w_hh = residuals
-  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])                    # [T, G, B, H]
+  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])                    # [T, G, H, B]
   w_hh_compute = w_hh.astype(dtype)
 
   def real_step(dh, gates_t, h_prev_t, real_t):
-    r, z, n, hn = jnp.split(gates_t, 4, axis=-1)
+    r, z, n, hn = jnp.split(gates_t, 4, axis=1)
     d_pre_n = dh * (1.0 - z) * (1.0 - n * n)
     d_pre_z = dh * (h_prev_t - n) * z * (1.0 - z)
     d_pre_r = d_pre_n * hn * r * (1.0 - r)
-    d_x = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], axis=-1), 0.0)
-    d_gh = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=-1), 0.0)
-    d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(  # d_gh W_hhᵀ, contracting the weights' last axis
-        "gbk,ghk->gbh", d_gh.astype(dtype), w_hh_compute, preferred_element_type=jnp.float32)
+    d_x = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], axis=1), 0.0)
+    d_gh = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=1), 0.0)
+    d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(  # W_hh d_gh: [H, 3H] × [3H, B] per stream
+        "ghk,gkb->ghb", w_hh_compute, d_gh.astype(dtype), preferred_element_type=jnp.float32)
     return d_h_prev, (d_x, d_gh)
 
   def padded_step(dh, gates_t, h_prev_t, real_t):
-    zeros = jnp.zeros(dh.shape[:-1] + (3 * dh.shape[-1],), jnp.float32)
+    zeros = jnp.zeros((dh.shape[0], 3 * dh.shape[1], dh.shape[2]), jnp.float32)
     return dh, (zeros, zeros)
 
   def step(dh, inputs):
@@ -121,8 +129,8 @@ def _layer_bwd(dtype, residuals, d_hs):
     return jax.lax.cond(jnp.any(real_t), real_step, padded_step, dh + d_out_t, gates_t, h_prev_t, real_t)
 
   _, (d_x_proj, d_gh) = jax.lax.scan(step, jnp.zeros_like(hs[0]), (d_hs, gates, h_prev, hold), reverse=True)
-  d_b_ih, d_b_hh = jnp.sum(d_x_proj, axis=(0, 2)), jnp.sum(d_gh, axis=(0, 2))
-  stream_major = lambda a: jnp.transpose(a, (1, 2, 0, 3)).astype(dtype)          # [T, G, B, ·] → [G, B, T, ·]
+  d_b_ih, d_b_hh = jnp.sum(d_x_proj, axis=(0, 3)), jnp.sum(d_gh, axis=(0, 3))
+  stream_major = lambda a: jnp.transpose(a, (1, 3, 0, 2)).astype(dtype)          # [T, G, ·, B] → [G, B, T, ·]
   d_x_proj, d_gh, h_prev = stream_major(d_x_proj), stream_major(d_gh), stream_major(h_prev)
   f32 = dict(preferred_element_type=jnp.float32)
   d_x = jnp.einsum("gbtk,gik->gbti", d_x_proj, w_ih.astype(dtype), **f32).astype(x.dtype)
@@ -175,7 +183,7 @@ class BidirectionalGRU(nn.Module):
       return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
 
     hold = jnp.stack([mask, reverse(mask, axis=1)])                                # [2, B, T]
-    hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[..., None]   # [T, G, B, 1]
+    hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[:, :, None]  # [T, G, 1, B]
     for layer in range(self.layers):
       w_ih = param(f"w_ih_{layer}", (streams, width, 3 * hidden))
       b_ih = param(f"b_ih_{layer}", (streams, 3 * hidden))
@@ -183,8 +191,8 @@ class BidirectionalGRU(nn.Module):
       b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
       x = jnp.where(mask[None, :, :, None], x, 0.0)
       both = jnp.stack([x, reverse(x, axis=2)], axis=1).reshape((streams, batch, length, width))
-      hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)                # [T, G, B, H]
-      hs = jnp.transpose(hs, (1, 2, 0, 3)).reshape((num_modalities, 2, batch, length, hidden))
+      hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)                # [T, G, H, B]
+      hs = jnp.transpose(hs, (1, 3, 0, 2)).reshape((num_modalities, 2, batch, length, hidden))
       x = jnp.concatenate([hs[:, 0], reverse(hs[:, 1], axis=2)], axis=-1)
       width = 2 * hidden
     return x

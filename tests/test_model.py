@@ -168,10 +168,13 @@ def test_gru_hand_written_gradient_matches_autodiff():
     target = normal(steps, streams, batch, hidden)
 
     def gradients(layer):
-        loss = lambda x, *w: jnp.sum(layer(x, hold, *w) * target)
+        loss = lambda x, *w: jnp.sum(layer(x, *w) * target)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), compiler_options=_FAST_COMPILE)(x, *weights)
 
-    (value, grads), (expected_value, expected_grads) = gradients(gru_layer), gradients(_plain_gru_layer)
+    # gru_layer is feature-major ([T, G, 1, B] hold, [T, G, H, B] states); the reference is row-major.
+    feature_major = lambda x, *w: jnp.swapaxes(gru_layer(x, np.swapaxes(hold, 2, 3), *w), 2, 3)
+    plain = lambda x, *w: _plain_gru_layer(x, hold, *w)
+    (value, grads), (expected_value, expected_grads) = gradients(feature_major), gradients(plain)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for got, expected in zip(grads, expected_grads):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
