@@ -1,19 +1,30 @@
-"""Orbax checkpoints of a training run: periodic training state and the best parameters per seed.
+"""Checkpoints of a training run: periodic training state and the best parameters per seed.
 
 Layout under ``<run>/checkpoints``::
 
-    state/<epoch>/     {"state": training state of every seed, "meta": JSON (history, best records)}
-    best/seed_<s>/<epoch>/  {"params": best-validation parameters of seed s}
+    state/<epoch>/          the training state of every seed and the best parameters so far:
+        train.bin, best_params.bin   the host mirrors' buffers (`mister_jax.host_mirror`) as they are
+        index.json                   each buffer's layout (leaf paths, dtypes, shapes, byte offsets)
+        meta.json                    JSON (history, best records)
+    best/seed_<s>/<epoch>/  {"params": best-validation parameters of seed s} (orbax, read by predict)
 
-Orbax commits a step by renaming a finished temporary directory, so a run killed mid-save leaves
-the previous step intact. Anything unreadable raises ``CheckpointError`` with a one-line message
-naming the directory and the fix.
+A state step is written in the background into ``state/<epoch>.partial`` and committed by renaming
+it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. The
+buffers go to disk with direct I/O (``O_DIRECT``) where the filesystem allows: no page cache. On the
+project's VMs every fresh page-cache page costs a fault in the hypervisor, and the kernel reclaims a
+checkpoint's cached pages within a minute, so a buffered 4.5 GB write took ≈ 16 s of kernel CPU from
+training, every time; a direct one takes ≈ 0.2 s (docs/BENCHMARKS.md). Anything unreadable raises
+``CheckpointError`` with a one-line message naming the directory and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -24,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-# Orbax logs a failed background write with its traceback before raising it; `CheckpointError`
-# reports it in one line instead.
+# Orbax logs a failed write with its traceback before raising it; `CheckpointError` reports it in
+# one line instead.
 logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
@@ -55,27 +66,12 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
                            f"delete that directory or rerun with --restart")
 
 
-def _manager(path: Path, keep: int, background: bool = False, item_handlers=None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=background)
+def _manager(path: Path, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     try:
-        return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
+        return ocp.CheckpointManager(path, options=options)
     except Exception as err:  # orbax raises many types on a damaged directory
         raise _unreadable(path, err) from None
-
-
-def _host_state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Writes a pytree of host NumPy arrays in the background straight from the caller's buffers.
-
-    Orbax's defaults would first deep-copy every array (4.5 GB of fresh memory per paper-dims
-    checkpoint: ~13 s of page faults on a 2-core VM) and compress it with zstd (~12 % less disk for
-    ~8 s of CPU taken from training); the caller instead promises not to touch the arrays until
-    `RunCheckpoints.wait` returns (docs/BENCHMARKS.md)."""
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (np.number, ocp.type_handlers.ScalarHandler()), (int, ocp.type_handlers.ScalarHandler()),
-        (float, ocp.type_handlers.ScalarHandler()))
-    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
 def _unwritable(path: Path, err: Exception) -> CheckpointError:
@@ -90,8 +86,66 @@ def _writing(path: Path):
     """Turns any failure of a (background) checkpoint write into one `CheckpointError`."""
     try:
         yield
-    except Exception as err:  # orbax and tensorstore raise many types (OSError, ValueError, ...)
+    except Exception as err:  # OSError from the state writer; orbax and tensorstore raise many types
         raise _unwritable(path, err) from None
+
+
+_CHUNK = 1 << 26  # bytes per read or write call (Linux moves at most ~2 GiB per call)
+
+
+def _write_buffer(path: Path, buffer: np.ndarray) -> None:
+    """Writes ``buffer`` (uint8, page-aligned, a multiple of 4 KiB) to a new file ``path`` and syncs it,
+    with ``O_DIRECT`` where the filesystem accepts it, else through the page cache."""
+    direct = getattr(os, "O_DIRECT", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    view = memoryview(buffer).cast("B")
+    for mode in ((flags | direct, flags) if direct else (flags,)):
+        try:
+            fd = os.open(path, mode, 0o644)
+        except OSError as err:
+            if mode != flags and err.errno == errno.EINVAL:
+                continue  # the filesystem does not do direct I/O (e.g. tmpfs)
+            raise
+        try:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:done + _CHUNK])
+            os.fsync(fd)
+            return
+        except OSError as err:
+            if mode == flags or err.errno != errno.EINVAL:
+                raise
+        finally:
+            os.close(fd)
+
+
+def _read_buffer(path: Path, buffer: np.ndarray) -> None:
+    """Fills ``buffer`` with the file ``path``, which must have exactly its size."""
+    view = memoryview(buffer).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:done + _CHUNK])
+            if not n:
+                raise ValueError(f"{path.name} holds {done} bytes, {len(view)} expected")
+            done += n
+        if f.read(1):
+            raise ValueError(f"{path.name} is longer than the {len(view)} bytes expected")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _abstract(tree: Any) -> Any:
@@ -99,50 +153,79 @@ def _abstract(tree: Any) -> Any:
 
 
 class RunCheckpoints:
-    """Checkpoints of one run directory (``root = <run>/checkpoints``)."""
+    """Checkpoints of one run directory (``root = <run>/checkpoints``); keeps the last ``keep`` states."""
 
     def __init__(self, root: Path, keep: int = 2):
         self.root = Path(root).absolute()
-        self._state = _manager(self.root / "state", keep, background=True,
-                               item_handlers={"state": _host_state_handler(), "meta": ocp.JsonCheckpointHandler()})
+        self._state_dir = self.root / "state"
+        self._keep = keep
+        self._writer: threading.Thread | None = None
+        self._write_error: Exception | None = None
         self._best: dict[int, ocp.CheckpointManager] = {}
 
     def latest_epoch(self) -> int | None:
         """The last committed epoch of the training state, or ``None``."""
-        return self._state.latest_step()
+        steps = self._committed()
+        return steps[-1] if steps else None
+
+    def _committed(self) -> list[int]:
+        if not self._state_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self._state_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
     def wait(self) -> None:
         """Returns when the training state being written in the background is on disk."""
-        with interrupts_deferred(), _writing(self.root / "state"):
-            self._state.wait_until_finished()
+        with interrupts_deferred(), _writing(self._state_dir):
+            if self._writer is not None:
+                self._writer.join()
+                self._writer = None
+            error, self._write_error = self._write_error, None
+            if error is not None:
+                raise error
 
-    def save_state(self, epoch: int, state: Any, meta: dict) -> None:
-        """Saves ``state`` (a flax-serialisable pytree of host NumPy arrays) and JSON ``meta`` as step
-        ``epoch``.
+    def save_state(self, epoch: int, mirrors: dict, meta: dict) -> None:
+        """Saves the buffers of ``mirrors`` (name → `HostMirror`) and JSON ``meta`` as step ``epoch``.
 
-        Returns at once; the files are written in the background from ``state``'s own arrays, so the
-        caller must not modify them before `wait` returns. Each step is committed atomically
-        (``close`` waits for the last one)."""
-        with interrupts_deferred(), _writing(self.root / "state"):
-            self._state.wait_until_finished()
-            self._state.save(epoch, args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(serialization.to_state_dict(state)),
-                meta=ocp.args.JsonSave(meta)), force=True)
+        Returns at once; the buffers are written in the background as they are, so the caller must
+        not modify them before `wait` returns. Each step is committed atomically (``close`` waits for
+        the last one)."""
+        self.wait()
+        self._writer = threading.Thread(target=self._write_state, args=(epoch, dict(mirrors), meta),
+                                        name="checkpoint-writer")
+        self._writer.start()
 
-    def restore_state(self, target: Any) -> tuple[int, Any, dict]:
-        """``(epoch, state, meta)`` of the latest step; ``target`` (host NumPy arrays) gives the pytree
-        structure, shapes and dtypes."""
-        epoch = self.latest_epoch()
-        path = self.root / "state" / str(epoch)
-        item = serialization.to_state_dict(target)
+    def _write_state(self, epoch: int, mirrors: dict, meta: dict) -> None:
         try:
-            restored = self._state.restore(epoch, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
-                meta=ocp.args.JsonRestore()))
-            state = serialization.from_state_dict(target, restored["state"])
+            partial, final = self._state_dir / f"{epoch}.partial", self._state_dir / str(epoch)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            for name, mirror in mirrors.items():
+                _write_buffer(partial / f"{name}.bin", mirror.buffer)
+            _write_json(partial / "index.json", {name: mirror.layout for name, mirror in mirrors.items()})
+            _write_json(partial / "meta.json", meta)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            _sync_directory(self._state_dir)
+            for old in self._committed()[:-self._keep]:
+                shutil.rmtree(self._state_dir / str(old), ignore_errors=True)
+        except Exception as err:  # reported by the next `wait`
+            self._write_error = err
+
+    def restore_state(self, mirrors: dict) -> tuple[int, dict]:
+        """Fills the buffers of ``mirrors`` (name → `HostMirror`) from the latest step; returns
+        ``(epoch, meta)``. The step must have been written for the same pytrees (layouts)."""
+        epoch = self.latest_epoch()
+        path = self._state_dir / str(epoch)
+        try:
+            index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+            for name, mirror in mirrors.items():
+                if index.get(name) != mirror.layout:
+                    raise ValueError(f"{name}.bin holds other arrays than this run's model and optimizer")
+                _read_buffer(path / f"{name}.bin", mirror.buffer)
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         except Exception as err:
             raise _unreadable(path, err) from None
-        return epoch, state, dict(restored["meta"])
+        return epoch, meta
 
     def _best_manager(self, seed: int) -> ocp.CheckpointManager:
         if seed not in self._best:
@@ -177,8 +260,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         """Waits for pending writes and releases the managers."""
-        with interrupts_deferred(), _writing(self.root / "state"):
-            self._state.wait_until_finished()
-            self._state.close()
-            for manager in self._best.values():
-                manager.close()
+        self.wait()
+        for manager in self._best.values():
+            manager.close()

@@ -8,21 +8,43 @@ other.
 Why not a fresh copy each time: at paper dims the three training states are 3.4 GB, and filling
 freshly allocated memory costs the page faults of every page (about 3 s per GB on the project's
 2-core VMs), against 0.1 s per GB into buffers that are already mapped (docs/BENCHMARKS.md).
+
+All leaves are views into one page-aligned buffer (``buffer``), each starting on a 4 KiB boundary,
+so a checkpoint writes the buffer as it is, with direct I/O (`mister_jax.checkpoint`).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import Any
 
 import jax
 import numpy as np
 
+ALIGNMENT = 4096  # bytes: direct I/O's alignment of memory, file offsets and sizes
+
 
 class HostMirror:
-    """``tree``: the pytree of ``example_one`` (one seed's leaves) with ``[K, ...]`` NumPy leaves."""
+    """``tree``: the pytree of ``example_one`` (one seed's leaves) with ``[K, ...]`` NumPy leaves.
+
+    ``buffer`` (uint8, a multiple of `ALIGNMENT` bytes) holds every leaf; ``layout`` lists each leaf's
+    path, dtype, shape and byte offset in it, which identifies the pytree a saved buffer belongs to.
+    """
 
     def __init__(self, example_one: Any, num_seeds: int):
-        self.tree = jax.tree_util.tree_map(lambda x: np.empty((num_seeds,) + tuple(x.shape), x.dtype), example_one)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(example_one)
+        self.layout, size = [], 0
+        for path, x in leaves:
+            dtype, shape = np.dtype(x.dtype), (num_seeds,) + tuple(x.shape)
+            self.layout.append({"path": jax.tree_util.keystr(path), "dtype": dtype.str, "shape": list(shape),
+                                "offset": size})
+            size += -(-math.prod(shape) * dtype.itemsize // ALIGNMENT) * ALIGNMENT
+        self._memory = mmap.mmap(-1, max(size, ALIGNMENT))  # anonymous, page-aligned
+        self.buffer = np.frombuffer(self._memory, np.uint8)
+        views = [self.buffer[e["offset"]:e["offset"] + math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize]
+                 .view(e["dtype"]).reshape(e["shape"]) for e in self.layout]
+        self.tree = jax.tree_util.tree_unflatten(treedef, views)
 
     def put(self, k: int, tree: Any, stacked: bool = False) -> None:
         """Copies seed ``k``'s pytree (device or host arrays) into slot ``k``; ``stacked``: ``tree`` has

@@ -10,7 +10,7 @@ weighted F1 (MoE prediction), and those parameters are scored on test once train
 (``--set test_every_epoch=true`` also evaluates test after every epoch, for learning curves). Writes to ``DIR``:
 ``results.json`` (DESIGN §6 plus per-expert, per-class, confusion and gate statistics),
 ``metrics.jsonl`` (one line per epoch), ``report.md`` with PNG figures, ``run_config.json`` and
-``checkpoints/`` (orbax), written once 10 minutes have passed since the last one and after the last
+``checkpoints/`` (`mister_jax.checkpoint`), written once 10 minutes have passed since the last one and after the last
 epoch (``--checkpoint-minutes``, ``--checkpoint-every``). Re-running the same command resumes from the
 last checkpoint and ends with the same scores as an uninterrupted run.
 
@@ -324,9 +324,9 @@ class Trainer:
         """Seed ``k``'s current parameters and whether their leaves are stacked ``[K, ...]``."""
         return (self.work.params, True) if self.vmap else (self.work[k].params, False)
 
-    def _checkpoint_tree(self):
-        """The saved state as host arrays (the mirrors' buffers, written in the background)."""
-        return {"train": self.saved.tree, "best_params": self.best_params.tree}
+    def _mirrors(self) -> dict:
+        """What a checkpoint holds: the host mirrors by name (written and read as whole buffers)."""
+        return {"train": self.saved, "best_params": self.best_params}
 
     def restore(self, ckpt) -> int:
         """Loads the latest checkpoint if there is one; returns the number of epochs already done."""
@@ -335,8 +335,7 @@ class Trainer:
 
         if ckpt.latest_epoch() is None:
             return 0
-        epoch, tree, meta = ckpt.restore_state(self._checkpoint_tree())
-        self.saved.tree, self.best_params.tree = tree["train"], tree["best_params"]
+        epoch, meta = ckpt.restore_state(self._mirrors())
         # jnp.array copies: the device state must never alias the host buffers rewritten later.
         self.work = (jax.tree_util.tree_map(jnp.array, self.saved.tree) if self.vmap else
                      [jax.tree_util.tree_map(jnp.array, self.saved.seed(k)) for k in range(len(self.seeds))])
@@ -481,7 +480,7 @@ class Trainer:
                     for k, state in enumerate(self.work):
                         self.saved.put(k, state)
                 record["checkpoint_seconds"] += time.perf_counter() - t0
-                ckpt.save_state(epoch + 1, self._checkpoint_tree(),
+                ckpt.save_state(epoch + 1, self._mirrors(),
                                 json.loads(json.dumps({"history": self.history, "best": self.best})))
                 last_save = time.monotonic()
             with open(metrics_path, "a", encoding="utf-8") as f:

@@ -40,3 +40,11 @@ def test_a_copy_does_not_follow_later_changes_of_the_source():
     mirror.put(0, {"w": source, "step": np.int32(0)})
     source += 1
     assert not mirror.tree["w"].any()
+
+
+def test_every_leaf_starts_on_a_page_boundary_of_one_buffer():
+    mirror = HostMirror({"a": np.zeros(3, np.float32), "b": np.zeros((5, 7), np.int32), "c": np.float32(0)}, 3)
+    assert mirror.buffer.ctypes.data % 4096 == 0 and mirror.buffer.nbytes % 4096 == 0
+    for leaf in jax.tree_util.tree_leaves(mirror.tree):
+        assert (leaf.ctypes.data - mirror.buffer.ctypes.data) % 4096 == 0
+        assert np.shares_memory(leaf, mirror.buffer)

@@ -293,7 +293,7 @@ def test_corrupt_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(runs["whole"], out)
     latest = max(int(p.name) for p in (out / "checkpoints" / "state").iterdir() if p.name.isdigit())
-    for f in (out / "checkpoints" / "state" / str(latest) / "state").rglob("*"):
+    for f in (out / "checkpoints" / "state" / str(latest)).rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
     err = _error(capsys, train_args(runs["features"], out, 6))
@@ -301,14 +301,17 @@ def test_corrupt_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_pa
 
 
 def test_a_failed_checkpoint_write_names_the_directory_and_the_fix(tmp_path, monkeypatch):
-    from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+    from mister_jax import checkpoint
+    from mister_jax.host_mirror import HostMirror
 
-    ckpt = RunCheckpoints(tmp_path / "checkpoints")
+    ckpt = checkpoint.RunCheckpoints(tmp_path / "checkpoints")
 
-    def disk_full():
-        raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+    def disk_full(path, buffer):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt._state, "wait_until_finished", disk_full)
-    with pytest.raises(CheckpointError, match=r"checkpoints/state: writing a checkpoint failed \(ValueError: "
-                                              r"RESOURCE_EXHAUSTED.*No space left.*free disk space.*rerun the same"):
-        ckpt.save_state(1, {"w": np.zeros(3, np.float32)}, {})
+    monkeypatch.setattr(checkpoint, "_write_buffer", disk_full)
+    ckpt.save_state(1, {"train": HostMirror({"w": np.zeros(3, np.float32)}, 1)}, {})
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/state: writing a checkpoint failed \(OSError: "
+                                                         r".*No space left.*free disk space.*rerun the same"):
+        ckpt.wait()
+    assert ckpt.latest_epoch() is None
