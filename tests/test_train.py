@@ -315,3 +315,23 @@ def test_a_failed_checkpoint_write_names_the_directory_and_the_fix(tmp_path, mon
                                                          r".*No space left.*free disk space.*rerun the same"):
         ckpt.wait()
     assert ckpt.latest_epoch() is None
+
+
+def test_a_checkpoint_holds_its_own_epoch_while_the_next_one_runs(tmp_path, monkeypatch):
+    """The background write of epoch 1 is still going while epoch 2 trains and validates: the trainer
+    must not refill the host mirrors before it ends, so state/1 holds what a 1-epoch run saves."""
+    from mister_jax import checkpoint
+
+    features = tiny_store(tmp_path / "features")
+    assert train_cli.main(train_args(features, tmp_path / "one", 1)) == 0
+    write = checkpoint._write_buffer
+
+    def slow_write(path, buffer):
+        time.sleep(3.0)  # longer than an epoch of this tiny model
+        write(path, buffer)
+
+    monkeypatch.setattr(checkpoint, "_write_buffer", slow_write)
+    assert train_cli.main(train_args(features, tmp_path / "two", 2)) == 0
+    for name in ("train.bin", "best_params.bin"):
+        saved = (tmp_path / "two" / "checkpoints" / "state" / "1" / name).read_bytes()
+        assert saved == (tmp_path / "one" / "checkpoints" / "state" / "1" / name).read_bytes(), name
