@@ -16,7 +16,9 @@ RSS is per variant:
   s     b with `batching="shuffled"` (random batch composition within length buckets): the
         padding lever measured end to end;
   m     b under glibc's default malloc settings (4 KiB pages): the huge-page lever measured end to end;
-  h     a under the same huge-page tunable as ours: whether PyTorch would gain as much from it.
+  h     a under the same huge-page tunable as ours: whether PyTorch would gain as much from it;
+  f     b with bfloat16 matmuls and convolutions (`--set dtype=bfloat16`; parameters, optimizer and
+        losses stay float32): what a CPU with AVX-512 BF16 gains from them.
 
 The JAX workers run with `mister_jax.host_memory.MALLOC_TUNABLES` in their environment, as
 `python -m mister_jax.train` does (except m); PyTorch (a) runs with glibc's defaults, as the authors
@@ -49,7 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
 from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
-VARIANTS = ("a", "b", "c", "s", "m", "h")
+VARIANTS = ("a", "b", "c", "s", "m", "h", "f")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
 # IEMOCAP 6-class: 7,433 utterances, of which the benchmark's training split holds 4,791 and the test
 # split (session 5) 1,623; the validation split (session 1) holds the other 1,019. The trainer scores
@@ -145,6 +147,7 @@ def run_jax(args) -> dict:
 
     dims = DIMS[args.dims]
     model_cfg, loss_cfg, train_cfg = presets(dims)
+    model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
     train_cfg = dataclasses.replace(train_cfg, batching=args.batching)
     data = split_data(make_corpus(dims))
     mode = args.mode
@@ -341,6 +344,9 @@ def run_all(args) -> dict:
             if "m" in wanted:
                 runs["m"] = run_worker(worker_command(args, "m", mode="single", seeds=1, cache_dir=cache),
                                        timeout, huge_pages=False)
+            if "f" in wanted:
+                runs["f"] = run_worker(worker_command(args, "f", mode="single", seeds=1, cache_dir=cache,
+                                                      dtype="bfloat16"), timeout, huge_pages=True)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -369,6 +375,10 @@ def derive(args, rounds) -> dict:
     if b.get("real_utterances_per_s") and med.get("m", {}).get("real_utterances_per_s"):
         ratios["b_huge_pages_over_m_default_malloc_real_utt_per_s"] = (b["real_utterances_per_s"]
                                                                        / med["m"]["real_utterances_per_s"])
+    if b.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
+        ratios["f_bfloat16_over_b_real_utt_per_s"] = med["f"]["real_utterances_per_s"] / b["real_utterances_per_s"]
+    if a.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
+        ratios["f_bfloat16_over_a_real_utt_per_s"] = med["f"]["real_utterances_per_s"] / a["real_utterances_per_s"]
     if med.get("a", {}).get("real_utterances_per_s") and med.get("h", {}).get("real_utterances_per_s"):
         ratios["h_huge_pages_over_a_default_malloc_real_utt_per_s"] = (med["h"]["real_utterances_per_s"]
                                                                        / med["a"]["real_utterances_per_s"])
@@ -423,7 +433,7 @@ def print_lines(result: dict) -> None:
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
              "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
              "m": "(m) JAX 1 seed, glibc's default malloc", "h": "(h) PyTorch under our huge-page tunable", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential",
-             "c-int": "(c) JAX 3 seeds interleaved"}
+             "c-int": "(c) JAX 3 seeds interleaved", "f": "(f) JAX 1 seed, bfloat16 matmuls"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
@@ -461,6 +471,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batching", default="sorted", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.epochs < 0 or args.rounds < 1:
         parser.error("--epochs must be >= 0 and --rounds >= 1")

@@ -14,7 +14,8 @@ weighted F1 (MoE prediction), and those parameters are scored on test once train
 epoch (``--checkpoint-minutes``, ``--checkpoint-every``). Re-running the same command resumes from the
 last checkpoint and ends with the same scores as an uninterrupted run.
 
-On glibc the command restarts itself once with a malloc tunable that gives XLA's large buffers
+On a GPU or TPU the matmuls and convolutions run in bfloat16 (``--set dtype=float32`` keeps float32); the
+parameters, the optimizer and the losses are float32 everywhere. On glibc the command restarts itself once with a malloc tunable that gives XLA's large buffers
 transparent huge pages (`mister_jax.host_memory`; ``MISTER_HUGEPAGES=default`` opts out).
 """
 
@@ -110,8 +111,16 @@ def required_modalities(variant: str) -> tuple[str, ...]:
     return ("text",) if variant == "text-only" else ("speech", "text")
 
 
+def on_accelerator() -> bool:
+    """Whether JAX runs on a GPU or TPU, where the matmuls default to bfloat16."""
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
 def build_preset(args: argparse.Namespace, store):
-    """The dataset preset with the store's labels and dims, then --variant, --set and the flags."""
+    """The dataset preset with the store's labels and dims, then --variant, --set and the flags; on a GPU
+    or TPU the matmuls and convolutions run in bfloat16 unless ``--set dtype=...`` says otherwise."""
     from mister_jax.config import VARIANTS
     from mister_jax.presets import OverrideError, apply_overrides, get_preset
 
@@ -125,6 +134,8 @@ def build_preset(args: argparse.Namespace, store):
     flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every,
              "checkpoint_minutes": args.checkpoint_minutes}
     overrides += [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+    if not any(item.split("=", 1)[0].rpartition(".")[2] == "dtype" for item in overrides) and on_accelerator():
+        overrides.insert(0, "dtype=bfloat16")
     try:
         preset = apply_overrides(preset, overrides)
         preset = dataclasses.replace(preset, model=dataclasses.replace(

@@ -83,19 +83,20 @@ def test_torch_reference_matches_our_parameter_count():
 
 def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
     out = tmp_path / "train_epoch.json"
-    proc = _run("train_epoch.py", "--dims", "tiny", "--epochs", "1", "--variants", "a,b,c", "--skip-cold",
+    proc = _run("train_epoch.py", "--dims", "tiny", "--epochs", "1", "--variants", "a,b,c,f", "--skip-cold",
                 "--threads", "1",
                 "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq", "c-int"}
-    for tag in ("a", "b", "c-vmap", "c-seq", "c-int"):
+    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq", "c-int", "f"}
+    for tag in ("a", "b", "c-vmap", "c-seq", "c-int", "f"):
         assert result["median"][tag]["real_utterances_per_s"] > 0
         assert result["median"][tag]["peak_rss_mib"] > 0
     assert result["median"]["b"]["num_shapes"] >= 1
-    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq", "c-int"))
+    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq", "c-int", "f"))
     # Interleaving the seeds' steps changes no seed's sequence: the last step's loss is the same.
     assert result["rounds"][0]["c-int"]["final_loss"] == pytest.approx(result["rounds"][0]["c-seq"]["final_loss"])
     assert "b_over_a_real_utt_per_s" in result["ratios"] and "c-vmap_time_over_3b" in result["ratios"]
+    assert "f_bfloat16_over_b_real_utt_per_s" in result["ratios"]
     assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
 
 

@@ -75,6 +75,16 @@ def test_set_overrides_convert_types_and_reject_unknown_keys():
         apply_overrides(get_preset("iemocap"), ["epochs=many"])
 
 
+def test_matmuls_default_to_bfloat16_on_an_accelerator_only(tmp_path, monkeypatch):
+    tiny_store(tmp_path / "features")
+    store = train_cli.open_store("demo", str(tmp_path / "features"))
+    args = lambda *extra: train_cli.parse_args(["--dataset", "demo", *extra])
+    assert train_cli.build_preset(args(), store).model.dtype == "float32"  # this machine: CPU
+    monkeypatch.setattr(train_cli, "on_accelerator", lambda: True)
+    assert train_cli.build_preset(args(), store).model.dtype == "bfloat16"
+    assert train_cli.build_preset(args("--set", "model.dtype=float32"), store).model.dtype == "float32"
+
+
 def test_weighted_and_per_class_f1_on_a_worked_example():
     # true 0 0 0 1 1 2; predicted 0 0 1 1 2 2 -> per class F1: 0: 2*2/(3+2)=0.8, 1: 2*1/(2+2)=0.5,
     # 2: 2*1/(1+2)=2/3, class 3 absent and never predicted: 0; weighted by support 3, 2, 1, 0.
