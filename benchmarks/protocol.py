@@ -1,6 +1,6 @@
 """The IEMOCAP protocol through `python -m mister_jax.train`, end to end: what 100 epochs × 3 seeds cost.
 
-    .venv/bin/python benchmarks/protocol.py [--dims paper|tiny] [--epochs N]
+    .venv/bin/python benchmarks/protocol.py [--dims paper|tiny] [--epochs N] [--set KEY=VALUE ...]
 
 Builds an IEMOCAP-shaped feature store: the 92 training conversations of `train_epoch.py` (4,791
 utterances), a validation split like session 1 (28 conversations, 1,019 utterances) and a test split
@@ -74,11 +74,12 @@ def model_overrides(dims_name: str) -> list[str]:
     return flags
 
 
-def timed_run(root: Path, out: Path, epochs: int, cache: Path, dims_name: str, *flags: str) -> float:
+def timed_run(root: Path, out: Path, epochs: int, cache: Path, dims_name: str, overrides: list[str],
+              *flags: str) -> float:
     """Wall seconds of one training CLI run (a fresh interpreter, as a user starts it)."""
     cmd = [sys.executable, "-m", "mister_jax.train", "--dataset", "iemocap", "--features", str(root),
            "--out", str(out), "--epochs", str(epochs), "--quiet", "--jax-cache", str(cache),
-           *model_overrides(dims_name), *flags]
+           *model_overrides(dims_name), *[f for item in overrides for f in ("--set", item)], *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=4 * 3600)
     seconds = time.perf_counter() - t0
@@ -105,14 +106,16 @@ def run(args) -> dict:
         tmp = Path(tmp)
         build_store(tmp / "features", args.dims)
         cache = tmp / "jax-cache"
-        cold = timed_run(tmp / "features", tmp / "cold", 1, cache, args.dims)
-        timed_run(tmp / "features", tmp / "longer", 1 + args.epochs, cache, args.dims)
-        timed_run(tmp / "features", tmp / "saving", 1 + args.epochs, cache, args.dims, "--checkpoint-every", "1")
+        cold = timed_run(tmp / "features", tmp / "cold", 1, cache, args.dims, args.overrides)
+        timed_run(tmp / "features", tmp / "longer", 1 + args.epochs, cache, args.dims, args.overrides)
+        timed_run(tmp / "features", tmp / "saving", 1 + args.epochs, cache, args.dims, args.overrides,
+                  "--checkpoint-every", "1")
         # The default run's last checkpoint is the one every run ends with, counted in the cold run.
         default, every = epoch_seconds(tmp / "longer", last_checkpoint=False), epoch_seconds(tmp / "saving", True)
     checkpoint_s = every["epoch"] - default["epoch"]
     saves = int((PROTOCOL_EPOCHS - 1) * default["epoch"] // (60 * CHECKPOINT_MINUTES))
-    return {"dims": args.dims, "extra_epochs": args.epochs, "seeds": 3, "machine": machine_info(),
+    return {"dims": args.dims, "extra_epochs": args.epochs, "seeds": 3, "overrides": args.overrides,
+            "machine": machine_info(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "run_1_epoch_cold_s": cold,
             "epoch_s": default["epoch"], "epoch_training_s": default["training"],
@@ -134,6 +137,8 @@ def parse_args(argv=None):
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=2, help="extra epochs of the longer run (default 2)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "protocol.json"), help="results JSON file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed on to every training run (e.g. dtype=bfloat16)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

@@ -102,8 +102,10 @@ def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
 
 def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tmp_path):
     out = tmp_path / "protocol.json"
-    proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--out", str(out))
+    # In bfloat16, so that the training CLI is run end to end with it as well.
+    proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--set", "dtype=bfloat16", "--out", str(out))
     result = json.loads(out.read_text())
+    assert result["overrides"] == ["dtype=bfloat16"]
     epochs = result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]
     assert result["protocol_hours"] == pytest.approx((epochs + (result["checkpoints_written"] - 1)
                                                       * result["checkpoint_s"]) / 3600)
