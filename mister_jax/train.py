@@ -14,9 +14,10 @@ weighted F1 (MoE prediction), and those parameters are scored on test once train
 epoch (``--checkpoint-minutes``, ``--checkpoint-every``). Re-running the same command resumes from the
 last checkpoint and ends with the same scores as an uninterrupted run.
 
-On a GPU or TPU the matmuls and convolutions run in bfloat16 (``--set dtype=float32`` keeps float32); the
-parameters, the optimizer and the losses are float32 everywhere. On glibc the command restarts itself once with a malloc tunable that gives XLA's large buffers
-transparent huge pages (`mister_jax.host_memory`; ``MISTER_HUGEPAGES=default`` opts out).
+On a GPU or TPU the matmuls and convolutions run in bfloat16 (``--set dtype=float32`` keeps float32);
+the parameters, the optimizer and the losses are float32 everywhere. On glibc the command restarts
+itself once with a malloc tunable that gives XLA's large buffers transparent huge pages
+(`mister_jax.host_memory`; ``MISTER_HUGEPAGES=default`` opts out).
 """
 
 from __future__ import annotations
