@@ -258,6 +258,21 @@ def test_init_params_has_the_module_structure_and_scales():
     assert np.abs(gru).max() <= 1 / math.sqrt(TINY["can_hidden"])
 
 
+def test_init_params_draws_the_original_threefry_stream():
+    cfg = ModelConfig(**TINY)
+    key = jax.random.key(7)
+    leaves = jax.tree_util.tree_flatten_with_path(init_params(cfg, key))[0]
+    kernels = [(tuple(k.key for k in path), np.asarray(x)) for path, x in leaves
+               if path[-1].key in ("kernel", "kernels") and path[-2].key != "gru"]  # the truncated normals
+    (path, first), total = kernels[0], sum(x.size for _, x in kernels)
+    fan_in = first.shape[-2] if path[-1] == "kernels" else math.prod(first.shape[:-1])
+    with jax.threefry_partitionable(False):  # one Threefry hash per two words
+        normal_key = jax.random.split(key)[0]
+        source = np.asarray(jax.random.truncated_normal(normal_key, -2.0, 2.0, (total,), jnp.float32))
+    want = source[:first.size].reshape(first.shape) * np.float32(fan_in ** -0.5 / 0.87962566103423978)
+    np.testing.assert_allclose(first, want, rtol=1e-6)
+
+
 def test_wrong_feature_dim_is_one_readable_error():
     cfg, params, _ = _model("mister-e")
     speech, text, mask, _, _ = _padding_case()[0]
