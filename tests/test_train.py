@@ -23,7 +23,8 @@ from mister_jax import train as train_cli
 from mister_jax.data import Batch
 from mister_jax.metrics import per_class_f1, weighted_f1
 from mister_jax.presets import OverrideError, apply_overrides, get_preset
-from mister_jax.trainer import create_train_state, make_steps, seed_keys, stack_states, unstack_states
+from mister_jax.trainer import (clip_by_global_norm, create_train_state, make_steps, seed_keys, stack_states,
+                                unstack_states)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
@@ -83,6 +84,23 @@ def test_matmuls_default_to_bfloat16_on_an_accelerator_only(tmp_path, monkeypatc
     monkeypatch.setattr(train_cli, "on_accelerator", lambda: True)
     assert train_cli.build_preset(args(), store).model.dtype == "bfloat16"
     assert train_cli.build_preset(args("--set", "model.dtype=float32"), store).model.dtype == "float32"
+
+
+def test_clipping_scales_the_gradient_to_the_global_norm_as_optax_does():
+    import optax
+
+    rng = np.random.default_rng(0)
+    grads = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
+    clipped, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for name, g in grads.items():
+        np.testing.assert_allclose(clipped[name], g / norm, rtol=1e-6)
+        np.testing.assert_allclose(clipped[name], theirs[name], rtol=1e-6)
+    assert np.isclose(np.sqrt(sum(np.sum(np.square(c)) for c in clipped.values())), 1.0, rtol=1e-6)
+    unclipped, _ = clip_by_global_norm(2.0 * norm).update(grads, optax.EmptyState())
+    for name, g in grads.items():
+        np.testing.assert_array_equal(unclipped[name], g)
 
 
 def test_weighted_and_per_class_f1_on_a_worked_example():
