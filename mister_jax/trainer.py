@@ -69,6 +69,13 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip_by_global_norm(train_cfg.clip_norm), optax.adam(train_cfg.learning_rate))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def init_optimizer_state(params: Any, train_cfg: TrainConfig) -> Any:
+    """Adam's zero moments and counters for ``params`` (jitted once per configuration; arrays or
+    `jax.ShapeDtypeStruct`s through ``init_optimizer_state.eval_shape``)."""
+    return make_optimizer(train_cfg).init(params)
+
+
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """``(init_key, dropout_key)`` of a seed."""
     key = jax.random.key(seed)
@@ -78,7 +85,7 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def create_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> TrainState:
     """Initial state of one seed (jitted parameter init)."""
     params = init_params(model_cfg, seed_keys(seed)[0])
-    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(make_optimizer(train_cfg).init)(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, init_optimizer_state(params, train_cfg))
 
 
 def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, num_seeds: int | None = None) -> TrainState:
@@ -86,7 +93,7 @@ def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, num_see
     ``num_seeds`` every leaf gets a leading seed axis ``[K, ...]`` (vmapped training)."""
     params = param_shapes(model_cfg)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                       jax.eval_shape(make_optimizer(train_cfg).init, params))
+                       init_optimizer_state.eval_shape(params, train_cfg))
     if num_seeds is None:
         return state
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_seeds,) + x.shape, x.dtype), state)
