@@ -88,17 +88,20 @@ def embed_split(
 
     Utterances are sorted by length and cut into chunks of `chunk_size` (a multiple of `batch_size`);
     chunk `k` covers sorted positions `[k·chunk_size, (k+1)·chunk_size)` and is written atomically to
-    `work_dir/chunk_{k:05d}.npz`. Chunks already on disk with the same `fingerprint` are not recomputed.
+    `work_dir/chunk_{k:05d}.npz`. Chunks already on disk with the same `fingerprint` and the same sorted
+    order are not recomputed; any other work dir is cleared first (a chunk holds sorted positions, so
+    an order that changed, e.g. with the tokenizer, would put its rows in the wrong places).
     """
     chunk_size = max(batch_size, chunk_size - chunk_size % batch_size)
+    order = np.argsort([model.encoder.length(u) for u in utterances], kind="stable")
     meta_path = work_dir / "meta.json"
-    meta = {"fingerprint": fingerprint, "n": len(utterances), "batch_size": batch_size, "chunk_size": chunk_size}
+    meta = {"fingerprint": fingerprint, "n": len(utterances), "batch_size": batch_size, "chunk_size": chunk_size,
+            "order": hashlib.sha256(order.astype(np.int64).tobytes()).hexdigest()[:16]}
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta))
     model.to(device).eval()
-    order = np.argsort([model.encoder.length(u) for u in utterances], kind="stable")
     embeddings = np.zeros((len(utterances), model.head.config.embedding_dim), np.float32)
     logits = np.zeros((len(utterances), model.head.config.num_classes), np.float32)
     n_chunks = -(-len(order) // chunk_size)

@@ -68,7 +68,10 @@ class TextEncoder(UtteranceEncoder):
         return self.template.format(text=utterance.transcript or "", speaker=utterance.speaker)
 
     def length(self, utterance: Utterance) -> float:
-        return float(len(self._text(utterance)))
+        """The tokens `collate` gives the utterance (after truncation), so that batches sorted by it pad
+        least; characters are a poorer proxy (docs/BENCHMARKS.md, embedding extraction)."""
+        ids = self.tokenizer(self._text(utterance), truncation=True, max_length=self.max_length)["input_ids"]
+        return float(len(ids))
 
     def collate(self, utterances: Sequence[Utterance]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(

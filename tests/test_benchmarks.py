@@ -117,15 +117,16 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
     assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout
 
 
-def test_extract_smoke_times_sorted_shuffled_and_single(tmp_path):
+def test_extract_smoke_times_sorted_by_tokens_by_chars_shuffled_and_single(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "extract.json"
     _run("extract.py", "--size", "tiny", "--utterances", "12", "--batch-size", "4", "--embedding-dim", "16", "--threads", "1",
          "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["passes"]) == {"sorted", "shuffled", "single"}
+    assert set(result["passes"]) == {"sorted", "by-chars", "shuffled", "single"}
     assert result["passes"]["single"]["token_padding_efficiency"] == 1.0
-    assert result["passes"]["sorted"]["token_padding_efficiency"] >= result["passes"]["shuffled"]["token_padding_efficiency"]
+    efficiency = {name: p["token_padding_efficiency"] for name, p in result["passes"].items()}
+    assert efficiency["sorted"] >= efficiency["by-chars"] and efficiency["sorted"] >= efficiency["shuffled"]
 
 
 def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes():

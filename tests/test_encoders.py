@@ -12,7 +12,7 @@ import torch
 from bridges import FeatureStore
 from bridges.check import main as check_store
 from encoders_torch import extract
-from encoders_torch.corpora import read_corpus
+from encoders_torch.corpora import Utterance, read_corpus
 from encoders_torch.encoder import EmotionModel
 from encoders_torch.finetune import TrainConfig, fit, make_optimizer, train_epoch
 from encoders_torch.heads import AttentiveStatisticsPooling, ClassifierHead, HeadConfig, focal_loss, masked_mean
@@ -209,6 +209,30 @@ def test_interrupted_extraction_resumes_without_redoing_finished_chunks(world, t
     calls.clear()
     extract.embed_split(model, utterances, tmp_path / "work", "other adapter", 4, 8, torch.device("cpu"), log=lambda s: None)
     assert len(calls) == 9
+
+
+def test_text_length_is_the_token_count_collate_gives_after_truncation(world):
+    words = "okay fine then furious angry mad glad happy smile".split()
+    transcripts = [" ".join(words[:n]) for n in range(1, 10)] + ["furious furious", "okay fine then"]
+    utterances = [Utterance(f"u{i}", "A", t, None, 0) for i, t in enumerate(transcripts)]
+    encoder = TextEncoder(world["llama"], max_length=6)
+    tokens = [int(encoder.collate([u])["attention_mask"].sum()) for u in utterances]
+    assert [encoder.length(u) for u in utterances] == tokens
+    assert max(tokens) == 6 and min(tokens) < 6  # some utterances truncated, some not
+    assert encoder.length(utterances[-2]) < encoder.length(utterances[-1])  # fewer tokens, more characters
+
+
+def test_extraction_recomputes_every_chunk_when_the_sorted_order_changes(world, tmp_path):
+    model = _model(TextEncoder(world["llama"]), world["corpus"])
+    utterances = world["corpus"].utterances("train")
+    reference, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    calls = []
+    forward = model.encoder.forward
+    model.encoder.forward = lambda batch: calls.append(1) or forward(batch)
+    model.encoder.length = lambda u: -float(len(u.transcript or ""))  # another order of the same utterances
+    reordered, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    assert len(calls) == 9
+    np.testing.assert_allclose(reordered, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_encoders_torch_never_imports_jax():
