@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 VARIANTS = ("mister-e", "feat-moe", "no-loss-moe", "monolithic", "text-only")
+INITS = ("torch", "flax")
 GATES = ("fc", "mlp")
 DTYPES = ("float32", "bfloat16")
 CONTRASTIVE_SCOPES = ("conversation", "batch")
@@ -37,12 +38,16 @@ class ModelConfig:
       fusion_layers: cross/self-attention layers of the multimodal network.
       attention_dim: query/key/value width of every multi-head attention.
       attention_heads: heads of every multi-head attention.
-      fusion_dropout: dropout of the multimodal network.
+      fusion_dropout: dropout on each attention sub-layer's output in the multimodal network, before its
+        residual (the paper's "dropout 0.5 in the fusion network", placed as the authors' code does).
+      attention_dropout: dropout on the attention probabilities of every multi-head attention.
       gate: "fc" (paper, Eq. 10) or "mlp" (authors' code: 3C → gate_hidden → 3).
       gate_hidden: hidden width of the "mlp" gate.
       gate_temperature: β = softmax(g / gate_temperature) (authors' code uses 2 with the "mlp" gate).
       variant: "mister-e", "feat-moe", "no-loss-moe", "monolithic" or "text-only" (see model.py).
       dtype: compute dtype of matmuls and convolutions ("float32" or "bfloat16"); parameters stay float32.
+      init: initial weights: "torch" (PyTorch's defaults, as the paper trained) or "flax" (flax's
+        defaults); see `mister_jax.layers`.
     """
 
     speech_dim: int = 2048
@@ -56,16 +61,19 @@ class ModelConfig:
     attention_dim: int = 120
     attention_heads: int = 4
     fusion_dropout: float = 0.5
+    attention_dropout: float = 0.1
     gate: str = "fc"
     gate_hidden: int = 10
     gate_temperature: float = 1.0
     variant: str = "mister-e"
     dtype: str = "float32"
+    init: str = "torch"
 
     def __post_init__(self):
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("gate", self.gate, GATES)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("init", self.init, INITS)
         for name in ("speech_dim", "text_dim", "can_hidden", "gru_layers", "fusion_dim", "fusion_layers",
                      "attention_dim", "attention_heads", "gate_hidden", "gate_temperature"):
             _check_positive(name, getattr(self, name))
@@ -76,7 +84,7 @@ class ModelConfig:
             raise ValueError(
                 f"mister_jax/config.py: attention_dim={self.attention_dim} is not divisible by "
                 f"attention_heads={self.attention_heads}; pick sizes where it is.")
-        for name in ("can_dropout", "fusion_dropout"):
+        for name in ("can_dropout", "fusion_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must lie in [0, 1).")
 

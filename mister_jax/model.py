@@ -21,19 +21,18 @@ Variants (`ModelConfig.variant`):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mister_jax.attention import StackedDense, StackedLayerNorm, StackedMultiHeadAttention
+from mister_jax.attention import StackedMultiHeadAttention
 from mister_jax.config import ModelConfig
 from mister_jax.dropout import Dropout
 from mister_jax.gru import BidirectionalGRU
+from mister_jax.layers import Dense, StackedLayerNorm, bias_init, kernel_init
 
 Array = jax.Array
 
@@ -64,7 +63,7 @@ def _zero_padding(x: Array, mask: Array) -> Array:
 
 
 class ConvWeights(nn.Module):
-  """Kernel [D, k, F] and bias [F] of a 1-D convolution over time, with `nn.Conv`'s initialisers.
+  """Kernel [D, k, F] and bias [F] of a 1-D convolution over time; fan-in D·k (`mister_jax.layers`).
 
   Tap j multiplies x[t + j - k // 2]. The kernel is stored input-major (nn.Conv's is [k, D, F]) so that
   it is a [D, k·F] matrix without a copy.
@@ -72,16 +71,18 @@ class ConvWeights(nn.Module):
   Attributes:
     width: kernel size k.
     features: F.
+    initialization: "torch" or "flax".
   """
 
   width: int
   features: int
+  initialization: str = "torch"
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[Array, Array]:
-    init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)  # fan-in D·k, as nn.Conv
-    kernel = self.param("kernel", init, (in_features, self.width, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    fan_in = in_features * self.width
+    kernel = self.param("kernel", kernel_init(self.initialization, fan_in), (in_features, self.width, self.features))
+    bias = self.param("bias", bias_init(self.initialization, fan_in), (self.features,))
     return kernel, bias
 
 
@@ -94,10 +95,12 @@ class TemporalInception(nn.Module):
 
   Attributes:
     features: output width (2H).
+    initialization: "torch" or "flax".
     dtype: compute dtype.
   """
 
   features: int
+  initialization: str = "torch"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -107,7 +110,7 @@ class TemporalInception(nn.Module):
     batch, length, width = x.shape
     out = 0.0
     for k in (1, 3, 5):
-      kernel, bias = ConvWeights(k, self.features, name=f"conv{k}")(width)
+      kernel, bias = ConvWeights(k, self.features, self.initialization, name=f"conv{k}")(width)
       taps = jnp.dot(x.reshape(batch * length, width), kernel.reshape(width, k * self.features).astype(self.dtype),
                      preferred_element_type=jnp.float32).reshape(batch, length, k, self.features)
       half = k // 2
@@ -144,24 +147,34 @@ class ContextAdditionNetworks(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         width = 2 * cfg.can_hidden
-        inception = jnp.stack([TemporalInception(width, dtype, name=f"{name}_inception")(x, mask)
+        inception = jnp.stack([TemporalInception(width, cfg.init, dtype, name=f"{name}_inception")(x, mask)
                                for name, x in zip(self.modalities, inputs)])
         context = BidirectionalGRU(cfg.can_hidden, cfg.gru_layers, dtype, name="gru")(inception, mask)
         representations, logits = [], []
         for name, x, h in zip(self.modalities, inputs, context):
-            h = h + nn.Dense(width, dtype=dtype, name=f"{name}_residual")(x)
+            h = h + Dense(width, cfg.init, dtype, name=f"{name}_residual")(x)
             h = Dropout(cfg.can_dropout)(h, deterministic=deterministic)
             h = _zero_padding(h, mask)
             representations.append(h)
             if self.heads:
-                logits.append(nn.Dense(cfg.num_classes, dtype=dtype, name=f"{name}_head")(h))
+                logits.append(Dense(cfg.num_classes, cfg.init, dtype, name=f"{name}_head")(h))
         return tuple(representations), (tuple(logits) if self.heads else None)
 
 
+def _other_modality(x: Array) -> Array:
+    """x [2, ...] stacked as (speech, text) → (text, speech): the keys of each stream's cross-attention."""
+    return x[::-1]
+
+
 class CrossModalLayer(nn.Module):
-    """One layer of the multimodal network (Eq. 5–8) on modality-stacked activations (0: speech, 1: text):
-    bidirectional cross-attention M^{t→s} = LN(FC(X^s) + MHA(Q^s, K^t, V^t)) and M^{s→t} symmetrically,
-    then per-modality self-attention with residual and LayerNorm.
+    """One layer of the multimodal network (Eq. 5–8) on modality-stacked activations X [2, B, T, Hf]
+    (0: speech, 1: text), each sub-layer with an identity residual and a LayerNorm:
+
+        cross-attention (Eq. 5–6)  X^s ← LN(X^s + Drop(MHA(Q = X^s, K = V = X^t))), X^t likewise;
+        self-attention (Eq. 7–8)   X^s ← LN(X^s + Drop(MHA(Q = K = V = X^s))),     X^t likewise.
+
+    Drop is `fusion_dropout` on the sub-layer's output; inside MHA, `attention_dropout` acts on the
+    attention probabilities (the authors' placement of the paper's "dropout 0.5 in the fusion network").
 
     Attributes:
       config: the model configuration.
@@ -173,23 +186,25 @@ class CrossModalLayer(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
         """Args: x [2, B, T, Hf] (speech, text); mask bool [B, T]. Returns [2, B, T, Hf]."""
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
 
-        def attention(name, queries, keys):
-            module = StackedMultiHeadAttention(cfg.attention_heads, cfg.attention_dim, cfg.fusion_dim,
-                                               cfg.fusion_dropout, dtype, name=name)
-            return module(queries, keys, mask, deterministic)
+        def sublayer(name: str, queries: Array, keys: Array) -> Array:
+            attended = StackedMultiHeadAttention(cfg.attention_heads, cfg.attention_dim, cfg.fusion_dim,
+                                                 cfg.attention_dropout, cfg.init, jnp.dtype(cfg.dtype),
+                                                 name=f"{name}_attention")(queries, keys, mask, deterministic)
+            attended = Dropout(cfg.fusion_dropout)(attended, deterministic=deterministic)
+            return StackedLayerNorm(name=f"{name}_norm")(queries + attended)
 
-        other = x[::-1]  # the other modality of each stream
-        cross = StackedLayerNorm(name="cross_norm")(
-            StackedDense(cfg.fusion_dim, dtype, name="cross_residual")(x) + attention("cross_attention", x, other))
-        return StackedLayerNorm(name="self_norm")(cross + attention("self_attention", cross, cross))
+        x = sublayer("cross", x, _other_modality(x))
+        return sublayer("self", x, x)
 
 
 class MultimodalNetwork(nn.Module):
-    """The multimodal expert (Eq. 5–9): inputs projected to Hf, `fusion_layers` cross-modal layers, a
-    residual connection from the projected inputs giving M^s, M^t, and the classifier
-    [M^s; M^t] → LN → FC → ReLU → FC → C.
+    """The multimodal expert (Eq. 5–9):
+
+        X^s_0 = FC_in(E^s), X^t_0 = FC_in(E^t)              input projections to Hf (Eq. 5's FC(E))
+        X_l = CrossModalLayer(X_{l-1}), l = 1 .. L          Eq. 5–8
+        M^s = X^s_L + FC_res(E^s), M^t = X^t_L + FC_res(E^t) residual projections with their own weights
+        ŷ^m = FC(ReLU(FC(LN([M^s; M^t]))))                  the classifier (Eq. 9), no dropout in it
 
     Attributes:
       config: the model configuration.
@@ -207,17 +222,16 @@ class MultimodalNetwork(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        projected = jnp.stack([nn.Dense(cfg.fusion_dim, dtype=dtype, name="speech_projection")(speech),
-                               nn.Dense(cfg.fusion_dim, dtype=dtype, name="text_projection")(text)])
-        projected = projected.astype(jnp.float32)
-        x = projected
+        dense = lambda features, name: Dense(features, cfg.init, dtype, name=name)
+        x = jnp.stack([dense(cfg.fusion_dim, "speech_projection")(speech),
+                       dense(cfg.fusion_dim, "text_projection")(text)]).astype(jnp.float32)  # [2, B, T, Hf]
         for layer in range(cfg.fusion_layers):
             x = CrossModalLayer(cfg, name=f"layer_{layer}")(x, mask, deterministic)
-        m_speech, m_text = x + projected
-        hidden = nn.LayerNorm(name="classifier_norm")(jnp.concatenate([m_speech, m_text], axis=-1))
-        hidden = nn.relu(nn.Dense(cfg.fusion_dim, dtype=dtype, name="classifier_hidden")(hidden))
-        hidden = Dropout(cfg.fusion_dropout)(hidden, deterministic=deterministic)
-        logits = nn.Dense(cfg.num_classes, dtype=dtype, name="classifier_out")(hidden)
+        m_speech = x[0] + dense(cfg.fusion_dim, "speech_residual")(speech).astype(jnp.float32)
+        m_text = x[1] + dense(cfg.fusion_dim, "text_residual")(text).astype(jnp.float32)
+        hidden = nn.LayerNorm(epsilon=1e-6, name="classifier_norm")(jnp.concatenate([m_speech, m_text], axis=-1))
+        hidden = nn.relu(dense(cfg.fusion_dim, "classifier_hidden")(hidden))
+        logits = dense(cfg.num_classes, "classifier_out")(hidden)
         return m_speech, m_text, hidden, logits
 
 
@@ -237,8 +251,8 @@ class MoEGate(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         if cfg.gate == "mlp":
-            x = nn.relu(nn.Dense(cfg.gate_hidden, dtype=dtype, name="hidden")(x))
-        g = nn.Dense(3, dtype=dtype, name="out")(x).astype(jnp.float32)
+            x = nn.relu(Dense(cfg.gate_hidden, cfg.init, dtype, name="hidden")(x))
+        g = Dense(3, cfg.init, dtype, name="out")(x).astype(jnp.float32)
         return jax.nn.softmax(g / cfg.gate_temperature, axis=-1)
 
 
@@ -308,11 +322,11 @@ class MisterE(nn.Module):
             (speech, text), mask, deterministic)
         m_s, m_t, hidden_m, logits_m = MultimodalNetwork(cfg, name="multimodal")(speech, text, mask, deterministic)
         if cfg.variant == "feat-moe":
-            features = tuple(nn.Dense(cfg.fusion_dim, dtype=dtype, name=f"{name}_feature_projection")(x)
+            features = tuple(Dense(cfg.fusion_dim, cfg.init, dtype, name=f"{name}_feature_projection")(x)
                              for name, x in (("speech", rep_s), ("text", rep_t), ("multimodal", hidden_m)))
             beta = MoEGate(cfg, name="gate")(jnp.concatenate(features, axis=-1))
             mixture = _mix(beta, features).astype(dtype)
-            logits = nn.Dense(cfg.num_classes, dtype=dtype, name="feature_classifier")(mixture)
+            logits = Dense(cfg.num_classes, cfg.init, dtype, name="feature_classifier")(mixture)
         else:
             experts = (logits_s, logits_t, logits_m)
             beta = MoEGate(cfg, name="gate")(jnp.concatenate(experts, axis=-1))
@@ -342,63 +356,16 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return _init_variables.eval_shape(cfg, jax.random.key(0))
 
 
-_TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
-
-
-def _initializer(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, float]:
-    """(kind, scale) of the module default initializer of the parameter at `path`.
-
-    Kernels: LeCun truncated normal (flax's default; stacked `kernels` [S, in, out] per stream); biases
-    zero; LayerNorm scales one; GRU weights and biases U(-1/√H, 1/√H) (`BidirectionalGRU`).
-    """
-    name, parent = path[-1], path[-2]
-    if parent == "gru":
-        return "uniform", (shape[-1] // 3) ** -0.5
-    if name in ("kernel", "kernels"):
-        fan_in = shape[-2] if name == "kernels" else math.prod(shape[:-1])
-        return "normal", fan_in ** -0.5 / _TRUNCATED_NORMAL_STD
-    if name in ("bias", "biases", "scale", "scales"):
-        return ("zeros" if name.startswith("bias") else "ones"), 1.0
-    raise ValueError(f"mister_jax/model.py: no initializer known for parameter {'/'.join(path)}; "
-                     "add it to _initializer.")
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _draw(rng: Array, plans: tuple[tuple[str, float, tuple[int, ...]], ...]) -> list[Array]:
-    """The parameters of `plans` ((kind, scale, shape) per leaf) from one truncated-normal and one uniform
-    vector, sliced and scaled in the same program."""
-    sizes = {kind: sum(math.prod(shape) for k, _, shape in plans if k == kind) for kind in ("normal", "uniform")}
-    normal_key, uniform_key = jax.random.split(rng)
-    source = {"normal": jax.random.truncated_normal(normal_key, -2.0, 2.0, (sizes["normal"],), jnp.float32),
-              "uniform": jax.random.uniform(uniform_key, (sizes["uniform"],), jnp.float32, -1.0, 1.0)}
-    offsets = {"normal": 0, "uniform": 0}
-    params = []
-    for kind, scale, shape in plans:
-        if kind in offsets:
-            start, size = offsets[kind], math.prod(shape)
-            offsets[kind] += size
-            params.append(source[kind][start:start + size].reshape(shape) * jnp.float32(scale))
-        else:
-            params.append(jnp.full(shape, 0.0 if kind == "zeros" else 1.0, jnp.float32))
-    return params
-
-
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
-    """Initial float32 parameters of `MisterE(cfg)`, distributed as `MisterE(cfg).init` draws them.
+    """Initial float32 parameters of `MisterE(cfg)`, each drawn by its module's initializer
+    (`ModelConfig.init`, see `mister_jax.layers`), in one jitted program.
 
-    All random numbers come from one truncated-normal and one uniform vector, split and scaled per
-    parameter in one jitted program: XLA compiles one program instead of one per parameter and the
-    parameters never pass through the host, so a 90M-parameter init takes seconds.
-
-    The vectors are drawn with JAX's original Threefry stream (`jax.threefry_partitionable(False)`:
-    one hash per two 32-bit words instead of one per word; the draw is never sharded). At paper dims
-    its program compiles faster and holds 738 instead of 1,200 MiB of temporaries.
+    The draws use JAX's original Threefry stream (`jax.threefry_partitionable(False)`: one hash per two
+    32-bit words instead of one per word; the draw is never sharded), whose init program compiles faster
+    and holds fewer temporaries.
     """
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    plans = tuple(_initializer(tuple(k.key for k in path), leaf.shape) + (tuple(leaf.shape),) for path, leaf in leaves)
     with jax.threefry_partitionable(False):
-        return jax.tree_util.tree_unflatten(treedef, _draw(rng, plans))
+        return _init_variables(cfg, rng)
 
 
 def count_params(params) -> int:

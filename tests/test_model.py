@@ -221,56 +221,72 @@ def test_bfloat16_training_gradients_run_and_stay_close_to_float32():
         np.testing.assert_allclose(got, expected, atol=0.05 * float(np.max(np.abs(expected))) + 1e-6)
 
 
-def _expected_param_count(cfg):
-    """Eq. 3–11 layer sizes counted by hand (weights + biases)."""
-    d_s, d_t, h, c = cfg.speech_dim, cfg.text_dim, cfg.can_hidden, cfg.num_classes
-    f, a = cfg.fusion_dim, cfg.attention_dim
+def _paper_param_count(gate_params):
+    """The MiSTER-E size at the paper's dimensions, layer by layer from Sec. 3 (weights + biases):
+    2048-dim speech and text embeddings, 6 classes, CAN hidden 512 per direction with 3 GRU layers,
+    fusion width 1024, 4 layers of attention at width 120."""
     dense = lambda i, o: i * o + o
-
-    def can(d):
-        inception = sum(dense(k * d, 2 * h) for k in (1, 3, 5))
-        gru = cfg.gru_layers * 2 * (dense(2 * h, 3 * h) + dense(h, 3 * h))
-        return inception + gru + dense(d, 2 * h) + dense(2 * h, c)
-
-    attention = 3 * dense(f, a) + dense(a, f)
-    layer = 4 * attention + 2 * dense(f, f) + 4 * 2 * f
-    classifier = 2 * 2 * f + dense(2 * f, f) + dense(f, c)
-    multimodal = dense(d_s, f) + dense(d_t, f) + cfg.fusion_layers * layer + classifier
-    return can(d_s) + can(d_t) + multimodal + dense(3 * c, 3)
-
-
-def test_parameter_count_at_paper_dims():
-    cfg = ModelConfig()  # IEMOCAP preset: 2048/2048 features, C = 6, H = 512, L = 3
-    count = count_params(param_shapes(cfg))
-    print(f"MiSTER-E parameters at paper dims: {count:,}")
-    assert count == _expected_param_count(cfg)
+    gru_direction = 3 * 512 * (1024 + 512) + 2 * 3 * 512       # W_ih, W_hh, b_ih, b_hh of torch.nn.GRU
+    can = (sum(dense(2048 * k, 1024) for k in (1, 3, 5))       # temporal inception, Eq. 3
+           + 3 * 2 * gru_direction                             # bidirectional GRU, Eq. 4
+           + dense(2048, 1024) + dense(1024, 6))               # residual FC(E), classifier
+    attention = 3 * dense(1024, 120) + dense(120, 1024)        # Q, K, V projections and the output projection
+    layer = 4 * attention + 4 * 2 * 1024                       # cross and self attention per modality, 4 LayerNorms
+    multimodal = (2 * dense(2048, 1024) + 4 * layer            # FC_in, Eq. 5–8
+                  + 2 * dense(2048, 1024)                      # FC_res
+                  + 2 * 2048 + dense(2048, 1024) + dense(1024, 6))  # LN, FC, FC (Eq. 9)
+    return 2 * can + multimodal + gate_params
 
 
-def test_init_params_has_the_module_structure_and_scales():
+@pytest.mark.parametrize("gate, gate_params, expected", [("fc", 18 * 3 + 3, 88_732_363),
+                                                          ("mlp", 18 * 10 + 10 + 10 * 3 + 3, 88_732_529)])
+def test_parameter_count_at_paper_dims(gate, gate_params, expected):
+    assert _paper_param_count(gate_params) == expected
+    assert count_params(param_shapes(ModelConfig(gate=gate))) == expected
+
+
+def _leaf_kind(path):
+    """How `path` starts under PyTorch's initialisation: ("uniform", fan_in) or ("ones" | "zeros", None)."""
+    names = [k.key for k in path]
+    if names[-2] == "gru":
+        return "uniform", TINY["can_hidden"]                    # torch.nn.GRU: U(±1/√H)
+    if "norm" in names[-2]:
+        return ("ones" if names[-1] in ("scale", "scales") else "zeros"), None
+    return "uniform", None
+
+
+def test_pytorch_initialisation_draws_every_leaf_from_its_formula():
+    cfg = ModelConfig(**TINY)
+    params = init_params(cfg, jax.random.key(0))
+    flat = {tuple(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, x in flat.items():
+        kind, fan_in = _leaf_kind([jax.tree_util.DictKey(k) for k in path])
+        if kind != "uniform":
+            np.testing.assert_array_equal(x, 1.0 if kind == "ones" else 0.0, err_msg=str(path))
+            continue
+        if fan_in is None:   # a dense layer or convolution: fan-in from its weight's shape
+            weight = flat[path[:-1] + ({"bias": "kernel", "biases": "kernels"}.get(path[-1], path[-1]),)]
+            fan_in = weight.shape[0] * weight.shape[1] if path[-2].startswith("conv") else weight.shape[-2]
+        bound = fan_in ** -0.5
+        assert np.abs(x).max() <= bound, path
+        if x.size >= 200:    # U(±b) has max ≈ b and std b/√3
+            assert np.abs(x).max() > 0.9 * bound, path
+            assert abs(x.std() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3), path
+
+
+def test_flax_initialisation_is_lecun_normal_with_zero_biases():
+    cfg = ModelConfig(init="flax", **TINY)
+    params = init_params(cfg, jax.random.key(0))
+    kernel = np.asarray(params["can"]["text_inception"]["conv5"]["kernel"])  # fan_in = 12 · 5
+    assert abs(kernel.std() * math.sqrt(5 * TINY["text_dim"]) - 1.0) < 0.1
+    assert np.all(params["multimodal"]["classifier_hidden"]["bias"] == 0)
+    assert np.all(params["multimodal"]["classifier_norm"]["scale"] == 1)
+
+
+def test_init_params_has_the_module_structure():
     cfg, params, _ = _model("mister-e")
     shapes = param_shapes(cfg)
-    assert jax.tree.structure(params) == jax.tree.structure(shapes)
     assert jax.tree.map(lambda p: (p.shape, p.dtype), params) == jax.tree.map(lambda s: (s.shape, s.dtype), shapes)
-    kernel = np.asarray(params["can"]["text_inception"]["conv5"]["kernel"])  # fan_in = 5 · 12
-    assert abs(kernel.std() * math.sqrt(5 * TINY["text_dim"]) - 1.0) < 0.1
-    assert np.all(params["multimodal"]["classifier_norm"]["scale"] == 1)
-    gru = np.asarray(params["can"]["gru"]["w_hh_0"])
-    assert np.abs(gru).max() <= 1 / math.sqrt(TINY["can_hidden"])
-
-
-def test_init_params_draws_the_original_threefry_stream():
-    cfg = ModelConfig(**TINY)
-    key = jax.random.key(7)
-    leaves = jax.tree_util.tree_flatten_with_path(init_params(cfg, key))[0]
-    kernels = [(tuple(k.key for k in path), np.asarray(x)) for path, x in leaves
-               if path[-1].key in ("kernel", "kernels") and path[-2].key != "gru"]  # the truncated normals
-    (path, first), total = kernels[0], sum(x.size for _, x in kernels)
-    fan_in = first.shape[-2] if path[-1] == "kernels" else math.prod(first.shape[:-1])
-    with jax.threefry_partitionable(False):  # one Threefry hash per two words
-        normal_key = jax.random.split(key)[0]
-        source = np.asarray(jax.random.truncated_normal(normal_key, -2.0, 2.0, (total,), jnp.float32))
-    want = source[:first.size].reshape(first.shape) * np.float32(fan_in ** -0.5 / 0.87962566103423978)
-    np.testing.assert_allclose(first, want, rtol=1e-6)
 
 
 def test_wrong_feature_dim_is_one_readable_error():
