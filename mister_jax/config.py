@@ -12,6 +12,7 @@ INITS = ("torch", "flax")
 GATES = ("fc", "mlp")
 DTYPES = ("float32", "bfloat16")
 CONTRASTIVE_SCOPES = ("conversation", "batch")
+KL_FORMS = ("directional", "symmetric")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -100,6 +101,8 @@ class LossConfig:
       temperature: τ of the supervised contrastive loss (Eq. 14).
       contrastive_scope: "conversation" (paper: pairs within one conversation) or "batch" (authors' code:
         all conversations of a batch pooled into one matrix).
+      kl_form: "directional" (paper, Eq. 17: KL(p^m ‖ p^s) + KL(p^m ‖ p^t)) or "symmetric" (authors' code:
+        symmetric KL averaged over the three expert pairs).
     """
 
     gamma: float = 3.0
@@ -107,9 +110,11 @@ class LossConfig:
     alpha_kl: float = 0.1
     temperature: float = 1.0
     contrastive_scope: str = "conversation"
+    kl_form: str = "directional"
 
     def __post_init__(self):
         _check_choice("contrastive_scope", self.contrastive_scope, CONTRASTIVE_SCOPES)
+        _check_choice("kl_form", self.kl_form, KL_FORMS)
         _check_positive("temperature", self.temperature)
         for name in ("gamma", "lambda_con", "alpha_kl"):
             if getattr(self, name) < 0:

@@ -153,6 +153,29 @@ def kl_consistency(logits_multimodal: Array, logits_speech: Array, logits_text: 
     return _masked_mean(kl, mask)
 
 
+def symmetric_kl_consistency(logits_multimodal: Array, logits_speech: Array, logits_text: Array,
+                             mask: Array) -> Array:
+    """Symmetric KL consistency over the three pairs of experts, the authors' public code's form of Eq. 17:
+    (1/3) Σ_{(p, q)} [KL(p ‖ q) + KL(q ‖ p)] over (s, t), (s, m), (t, m), mean over `mask`.
+
+    The authors sum over every position of the padded batch and divide by the batch size; here each
+    utterance's term is averaged over real utterances, like every other loss (module docstring).
+
+    Args:
+      logits_multimodal, logits_speech, logits_text: [..., C].
+      mask: bool [...].
+
+    Returns:
+      Scalar.
+    """
+    logs = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+            for x in (logits_speech, logits_text, logits_multimodal)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    # KL(p ‖ q) + KL(q ‖ p) = Σ_c (p_c - q_c)(log p_c - log q_c)
+    kl = sum(jnp.sum((jnp.exp(logs[i]) - jnp.exp(logs[j])) * (logs[i] - logs[j]), axis=-1) for i, j in pairs)
+    return _masked_mean(kl / len(pairs), mask)
+
+
 _EXPERT_FIELDS = ("speech_logits", "text_logits", "multimodal_logits", "m_speech", "m_text")
 
 
@@ -194,7 +217,8 @@ def total_loss(outputs, labels: Array, mask: Array, loss_cfg: LossConfig, varian
         terms["focal_speech"] = focal(outputs.speech_logits)
         terms["focal_text"] = focal(outputs.text_logits)
         terms["focal_multimodal"] = focal(outputs.multimodal_logits)
-        terms["kl"] = kl_consistency(outputs.multimodal_logits, outputs.speech_logits, outputs.text_logits, mask)
+        kl = symmetric_kl_consistency if loss_cfg.kl_form == "symmetric" else kl_consistency
+        terms["kl"] = kl(outputs.multimodal_logits, outputs.speech_logits, outputs.text_logits, mask)
         terms["can"] = terms["focal_speech"] + terms["focal_text"]
         terms["multi"] = terms["focal_multimodal"] + loss_cfg.lambda_con * terms["contrastive"]
         terms["moe"] = terms["focal_moe"] + loss_cfg.alpha_kl * terms["kl"]

@@ -1,7 +1,7 @@
 """Train MiSTER-E on a feature store with the paper's protocol (DESIGN §5, §6).
 
     python -m mister_jax.train --dataset NAME [--features ROOT] [--out DIR] [--epochs N] [--seeds K]
-        [--variant V] [--set key=value ...] [--seed-mode {auto,vmap,sequential}] [--no-val {carve,refuse}]
+        [--variant V] [--preset {paper,authors-code}] [--set key=value ...] [--seed-mode {auto,vmap,sequential}] [--no-val {carve,refuse}]
         [--checkpoint-every N] [--checkpoint-minutes M] [--restart]
 
 Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--seeds", type=int, help="number of seeds 0..K-1 (default 3)")
     parser.add_argument("--variant", help="mister-e, feat-moe, no-loss-moe, monolithic or text-only")
+    parser.add_argument("--preset", choices=("paper", "authors-code"), default="paper",
+                        help="paper (default): the paper's model and losses; authors-code: what the authors' "
+                             "public code trains (3 heads, MLP gate at temperature 2, batch-pooled contrastive "
+                             "loss, symmetric KL, no CAN dropout), selected on validation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0")
     parser.add_argument("--seed-mode", choices=("auto", "vmap", "sequential"), default="auto",
@@ -125,7 +129,7 @@ def build_preset(args: argparse.Namespace, store):
     from mister_jax.config import VARIANTS
     from mister_jax.presets import OverrideError, apply_overrides, get_preset
 
-    preset = get_preset(args.dataset, store.label_names)
+    preset = get_preset(args.dataset, store.label_names, args.preset)
     dims = {f"{m}_dim": store.modalities[m]["dim"] for m in ("speech", "text") if m in store.modalities}
     overrides = list(args.overrides)
     if args.variant is not None:
@@ -177,7 +181,8 @@ def load_splits(store, preset, no_val: str, log):
 
 
 def prepare_out(args: argparse.Namespace, variant_given: bool) -> Path:
-    out = Path(args.out) if args.out else Path("runs") / (args.dataset + (f"-{args.variant}" if variant_given else ""))
+    suffix = (f"-{args.variant}" if variant_given else "") + ("" if args.preset == "paper" else f"-{args.preset}")
+    out = Path(args.out) if args.out else Path("runs") / (args.dataset + suffix)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

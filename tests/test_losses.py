@@ -25,6 +25,7 @@ supcon_batch = jax.jit(losses.supervised_contrastive_loss_batch, static_argnums=
 supcon_conversations = jax.jit(losses.supervised_contrastive_loss_conversations, static_argnums=4,
                                compiler_options=_FAST_COMPILE)
 kl_consistency = jax.jit(losses.kl_consistency, compiler_options=_FAST_COMPILE)
+symmetric_kl = jax.jit(losses.symmetric_kl_consistency, compiler_options=_FAST_COMPILE)
 
 
 def _log_softmax(x):
@@ -182,6 +183,22 @@ def test_kl_consistency_zero_when_experts_agree():
     logits, _, mask = _random_batch(15)
     shifted = logits + 5.0  # same distributions
     np.testing.assert_allclose(kl_consistency(logits, shifted, logits, mask), 0.0, atol=1e-6)
+
+
+def test_symmetric_kl_consistency_matches_pairwise_kl_divergences():
+    (logits_m, _, mask), (logits_s, _, _), (logits_t, _, _) = (_random_batch(s) for s in (17, 18, 19))
+    logs = [_log_softmax(x.astype(np.float64)) for x in (logits_s, logits_t, logits_m)]
+    kl = lambda a, b: (np.exp(logs[a]) * (logs[a] - logs[b])).sum(-1)  # KL(p_a ‖ p_b)
+    per_utterance = sum(kl(i, j) + kl(j, i) for i, j in ((0, 1), (0, 2), (1, 2))) / 3
+    np.testing.assert_allclose(symmetric_kl(logits_m, logits_s, logits_t, mask), per_utterance[mask].mean(),
+                               rtol=1e-5)
+
+
+def test_symmetric_kl_consistency_ignores_padding():
+    (logits_m, _, mask), (logits_s, _, _), (logits_t, _, _) = (_random_batch(s) for s in (20, 21, 22))
+    garbage = np.where(mask[..., None], 0.0, 1e3).astype(np.float32)
+    np.testing.assert_allclose(symmetric_kl(logits_m + garbage, logits_s - garbage, logits_t, mask),
+                               symmetric_kl(logits_m, logits_s, logits_t, mask), rtol=1e-6)
 
 
 def test_total_loss_names_missing_outputs_for_the_variant():

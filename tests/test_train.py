@@ -66,6 +66,15 @@ def test_presets_follow_the_paper_table():
     assert other.model.num_classes == 3 and other.train == get_preset("iemocap").train
 
 
+def test_authors_code_preset_is_the_paper_preset_with_their_departures():
+    paper, authors = get_preset("meld"), get_preset("meld", style="authors-code")
+    assert (authors.model.attention_heads, authors.model.gate, authors.model.gate_temperature,
+            authors.model.can_dropout) == (3, "mlp", 2.0, 0.0)
+    assert (authors.loss.contrastive_scope, authors.loss.kl_form) == ("batch", "symmetric")
+    assert (authors.train, authors.model.gru_layers, authors.loss.lambda_con) == (paper.train, 2, 1.0)
+    assert (paper.model.attention_heads, paper.model.gate, paper.loss.kl_form) == (4, "fc", "directional")
+
+
 def test_set_overrides_convert_types_and_reject_unknown_keys():
     p = apply_overrides(get_preset("iemocap"), ["lambda_con=0", "train.epochs=7", "gate=mlp", "loss.gamma=0"])
     assert p.loss.lambda_con == 0.0 and isinstance(p.loss.lambda_con, float)
