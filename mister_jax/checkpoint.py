@@ -6,7 +6,13 @@ Layout under ``<run>/checkpoints``::
         train.bin, best_params.bin   the host mirrors' buffers (`mister_jax.host_mirror`) as they are
         index.json                   each buffer's layout (leaf paths, dtypes, shapes, byte offsets)
         meta.json                    JSON (history, best records)
+        digests.json                 the SHA-256 of each file above, written last
     best/seed_<s>/<epoch>/  {"params": best-validation parameters of seed s} (orbax, read by predict)
+    best/seed_<s>.digest.json        {"epoch", "sha256"} of those parameters (paths, dtypes, shapes, bytes)
+
+Every step proves its integrity: restoring verifies each file against its digest, and a step that
+fails is reported in one line and passed over for the previous one (two are kept); with none intact,
+or best parameters that fail theirs, `CheckpointError` names the directory and the fix.
 
 A state step is written in the background into ``state/<epoch>.partial`` and committed by renaming
 it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. The
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -60,10 +68,13 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
-def _unreadable(path: Path, err: Exception) -> CheckpointError:
+def _reason(err: Exception) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    return CheckpointError(f"{path}: checkpoint is unreadable ({type(err).__name__}: {first}) — "
-                           f"delete that directory or rerun with --restart")
+    return f"checkpoint is unreadable ({type(err).__name__}: {first})"
+
+
+def _unreadable(path: Path, err: Exception, fix: str = "delete that directory or rerun with --restart") -> CheckpointError:
+    return CheckpointError(f"{path}: {_reason(err)} — {fix}")
 
 
 def _manager(path: Path, keep: int) -> ocp.CheckpointManager:
@@ -133,11 +144,34 @@ def _read_buffer(path: Path, buffer: np.ndarray) -> None:
             raise ValueError(f"{path.name} is longer than the {len(view)} bytes expected")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+def _sha256(data) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> str:
+    """Writes ``obj`` as JSON to ``path``, synced; returns the SHA-256 of the bytes written."""
+    data = json.dumps(obj).encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return _sha256(data)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    _write_json(partial, obj)
+    partial.replace(path)
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 over the leaves of a parameter tree: each leaf's path, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(params))[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def _sync_directory(path: Path) -> None:
@@ -153,10 +187,13 @@ def _abstract(tree: Any) -> Any:
 
 
 class RunCheckpoints:
-    """Checkpoints of one run directory (``root = <run>/checkpoints``); keeps the last ``keep`` states."""
+    """Checkpoints of one run directory (``root = <run>/checkpoints``); keeps the last ``keep`` states.
 
-    def __init__(self, root: Path, keep: int = 2):
+    ``log`` receives the one-line report of a step that fails verification (default: stderr)."""
+
+    def __init__(self, root: Path, keep: int = 2, log=None):
         self.root = Path(root).absolute()
+        self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self._state_dir = self.root / "state"
         self._keep = keep
         self._writer: threading.Thread | None = None
@@ -199,10 +236,14 @@ class RunCheckpoints:
             partial, final = self._state_dir / f"{epoch}.partial", self._state_dir / str(epoch)
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
+            digests = {}
             for name, mirror in mirrors.items():
+                digests[f"{name}.bin"] = _sha256(mirror.buffer)
                 _write_buffer(partial / f"{name}.bin", mirror.buffer)
-            _write_json(partial / "index.json", {name: mirror.layout for name, mirror in mirrors.items()})
-            _write_json(partial / "meta.json", meta)
+            digests["index.json"] = _write_json(partial / "index.json",
+                                                {name: mirror.layout for name, mirror in mirrors.items()})
+            digests["meta.json"] = _write_json(partial / "meta.json", meta)
+            _write_json(partial / "digests.json", digests)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             _sync_directory(self._state_dir)
@@ -212,36 +253,70 @@ class RunCheckpoints:
             self._write_error = err
 
     def restore_state(self, mirrors: dict) -> tuple[int, dict]:
-        """Fills the buffers of ``mirrors`` (name → `HostMirror`) from the latest step; returns
-        ``(epoch, meta)``. The step must have been written for the same pytrees (layouts)."""
-        epoch = self.latest_epoch()
-        path = self._state_dir / str(epoch)
-        try:
-            index = json.loads((path / "index.json").read_text(encoding="utf-8"))
-            for name, mirror in mirrors.items():
-                if index.get(name) != mirror.layout:
-                    raise ValueError(f"{name}.bin holds other arrays than this run's model and optimizer")
-                _read_buffer(path / f"{name}.bin", mirror.buffer)
-            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        except Exception as err:
-            raise _unreadable(path, err) from None
-        return epoch, meta
+        """Fills the buffers of ``mirrors`` (name → `HostMirror`) from the latest intact step; returns
+        ``(epoch, meta)``. The step must have been written for the same pytrees (layouts).
+
+        A step whose files fail their digests, or that cannot be read, is reported through ``log`` and
+        the previous one is tried; `CheckpointError` when none is intact."""
+        steps = self._committed()
+        failures = []
+        for epoch in reversed(steps):
+            path = self._state_dir / str(epoch)
+            try:
+                return epoch, self._read_step(path, mirrors)
+            except Exception as err:
+                failures.append((path, err))
+                older = [e for e in steps if e < epoch]
+                if older:
+                    self._log(f"{path}: {_reason(err)}; resuming from the previous checkpoint "
+                              f"(epoch {older[-1]}) instead")
+        if len(failures) == 1:
+            raise _unreadable(*failures[0])
+        raise CheckpointError(f"{self._state_dir}: no intact checkpoint (epochs {', '.join(map(str, steps))}; "
+                              f"newest: {_reason(failures[0][1])}) — rerun with --restart to train from scratch")
+
+    def _read_step(self, path: Path, mirrors: dict) -> dict:
+        digests = json.loads((path / "digests.json").read_text(encoding="utf-8"))
+        files = {name: (path / name).read_bytes() for name in ("index.json", "meta.json")}
+        for name, data in files.items():
+            if _sha256(data) != digests.get(name):
+                raise ValueError(f"{name} fails its SHA-256 digest")
+        index = json.loads(files["index.json"])
+        for name, mirror in mirrors.items():
+            if index.get(name) != mirror.layout:
+                raise ValueError(f"{name}.bin holds other arrays than this run's model and optimizer")
+            _read_buffer(path / f"{name}.bin", mirror.buffer)
+            if _sha256(mirror.buffer) != digests.get(f"{name}.bin"):
+                raise ValueError(f"{name}.bin fails its SHA-256 digest (its bytes changed after it was written)")
+        return json.loads(files["meta.json"])
 
     def _best_manager(self, seed: int) -> ocp.CheckpointManager:
         if seed not in self._best:
             self._best[seed] = _manager(self.root / "best" / f"seed_{seed}", keep=1)
         return self._best[seed]
 
+    def _digest_path(self, seed: int) -> Path:
+        return self.root / "best" / f"seed_{seed}.digest.json"
+
     def save_best(self, seed: int, epoch: int, params: Any) -> None:
         """Keeps ``params`` as the best parameters of ``seed`` (found at ``epoch``; already kept when a
-        finished run is extended with more epochs and its best epoch stays the same)."""
+        finished run is extended with more epochs and its best epoch stays the same), with their digest."""
         manager = self._best_manager(seed)
-        if epoch in manager.all_steps():
+        digest = params_digest(params)
+        if epoch in manager.all_steps() and self._recorded_digest(seed, epoch) == digest:
             return
         with interrupts_deferred(), _writing(self.root / "best" / f"seed_{seed}"):
             manager.save(epoch, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(serialization.to_state_dict(params))), force=True)
             manager.wait_until_finished()
+            _write_json_atomic(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
+
+    def _recorded_digest(self, seed: int, epoch: int) -> str | None:
+        try:
+            record = json.loads(self._digest_path(seed).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record.get("sha256") if record.get("epoch") == epoch else None
 
     def restore_best(self, seed: int, target: Any) -> tuple[int, Any]:
         """``(epoch, params)`` of the best parameters of ``seed``."""
@@ -255,7 +330,14 @@ class RunCheckpoints:
                 params=ocp.args.StandardRestore(_abstract(target))))
             params = serialization.from_state_dict(target, restored["params"])
         except Exception as err:
-            raise _unreadable(path / str(epoch), err) from None
+            raise _unreadable(path / str(epoch), err, f"delete {path} and rerun the training command, which "
+                              "exports them again from its training checkpoint") from None
+        recorded = self._recorded_digest(seed, epoch)
+        if recorded != params_digest(params):
+            problem = "have no digest" if recorded is None else "fail their SHA-256 digest"
+            raise CheckpointError(f"{path / str(epoch)}: the best parameters of seed {seed} {problem} — delete "
+                                  f"{path} and rerun the training command, which exports them again from its "
+                                  f"training checkpoint")
         return epoch, params
 
     def close(self) -> None:

@@ -91,3 +91,66 @@ def test_a_truncated_buffer_is_unreadable_with_the_fix(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"state/2: checkpoint is unreadable .*train.bin holds 100 bytes.*--restart"):
         ckpt.restore_state(_mirrors(0.0))
+
+
+def _overwrite_with_random_bytes(path):
+    """Same size, other bytes: what a flipped disk block or a bad copy leaves."""
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
+
+
+def test_a_step_whose_bytes_changed_is_reported_and_the_previous_step_resumed(tmp_path):
+    ckpt = RunCheckpoints(tmp_path)
+    for epoch in (1, 2):
+        ckpt.save_state(epoch, _mirrors(float(epoch)), {"epoch": epoch})
+    ckpt.close()
+    _overwrite_with_random_bytes(tmp_path / "state" / "2" / "train.bin")
+    reports, restored = [], _mirrors(0.0)
+    assert RunCheckpoints(tmp_path, log=reports.append).restore_state(restored) == (1, {"epoch": 1})
+    _assert_same(_mirrors(1.0), restored)
+    assert len(reports) == 1 and "state/2" in reports[0] and "train.bin fails its SHA-256 digest" in reports[0]
+    assert "epoch 1" in reports[0]
+
+
+def test_no_intact_step_stops_with_the_directory_and_the_fix(tmp_path):
+    ckpt = RunCheckpoints(tmp_path)
+    for epoch in (1, 2):
+        ckpt.save_state(epoch, _mirrors(float(epoch)), {"epoch": epoch})
+    ckpt.close()
+    for epoch in (1, 2):
+        _overwrite_with_random_bytes(tmp_path / "state" / str(epoch) / "best_params.bin")
+    with pytest.raises(CheckpointError, match=r"state: no intact checkpoint \(epochs 1, 2; .*best_params.bin fails"
+                                              r".*--restart"):
+        RunCheckpoints(tmp_path, log=lambda _: None).restore_state(_mirrors(0.0))
+
+
+def test_edited_meta_fails_its_digest(tmp_path):
+    ckpt = RunCheckpoints(tmp_path)
+    ckpt.save_state(1, _mirrors(1.0), {"best": [0.5]})
+    ckpt.close()
+    (tmp_path / "state" / "1" / "meta.json").write_text('{"best": [0.9]}')
+    with pytest.raises(CheckpointError, match="meta.json fails its SHA-256 digest"):
+        RunCheckpoints(tmp_path).restore_state(_mirrors(0.0))
+
+
+def test_best_parameters_whose_bytes_changed_fail_their_digest(tmp_path):
+    params = {"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.ones(3, np.float32)}
+    ckpt = RunCheckpoints(tmp_path)
+    ckpt.save_best(0, 5, params)
+    ckpt.close()
+    target = {"w": np.zeros((64, 64), np.float32), "b": np.zeros(3, np.float32)}
+    epoch, restored = RunCheckpoints(tmp_path).restore_best(0, target)
+    assert epoch == 5
+    np.testing.assert_array_equal(restored["w"], params["w"])
+    record = tmp_path / "best" / "seed_0.digest.json"
+    record.write_text(record.read_text().replace(checkpoint.params_digest(params), "0" * 64))
+    with pytest.raises(CheckpointError, match=r"best/seed_0/5: the best parameters of seed 0 fail their SHA-256"):
+        RunCheckpoints(tmp_path).restore_best(0, target)
+
+
+def test_params_digest_sees_values_shapes_and_names():
+    params = {"w": np.zeros((2, 3), np.float32)}
+    digest = checkpoint.params_digest(params)
+    assert digest == checkpoint.params_digest({"w": np.zeros((2, 3), np.float32)})
+    for other in ({"w": np.zeros((3, 2), np.float32)}, {"v": np.zeros((2, 3), np.float32)},
+                  {"w": np.full((2, 3), 1e-30, np.float32)}):
+        assert checkpoint.params_digest(other) != digest
