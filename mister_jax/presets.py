@@ -39,6 +39,9 @@ class TrainConfig:
       test_every_epoch: also evaluate the test split after every epoch (test curves in
         ``metrics.jsonl`` and the report); the reported scores are the same either way, those of each
         seed's best-validation parameters, which are scored on test once training ends.
+      on_nonfinite: what a step whose loss or gradient norm is NaN or infinite does: "stop" the run
+        (exit 2, the last good checkpoint kept, no results) or "skip-step" (the update is dropped and
+        counted in ``results.json``).
     """
 
     batch_size: int = 8
@@ -54,6 +57,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_carve_seed: int = 0
     test_every_epoch: bool = False
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple"):
@@ -64,6 +68,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 0.")
         if self.batching not in ("sorted", "shuffled"):
             raise ValueError(f"TrainConfig: batching={self.batching!r} must be 'sorted' or 'shuffled'.")
+        if self.on_nonfinite not in ("stop", "skip-step"):
+            raise ValueError(f"TrainConfig: on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip-step'.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"TrainConfig: val_fraction={self.val_fraction} must lie in (0, 1).")
 

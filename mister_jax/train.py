@@ -35,7 +35,7 @@ import numpy as np
 from mister_jax.host_memory import restart_with_huge_pages
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
-IGNORED_ON_RESUME = ("epochs", "checkpoint_every", "checkpoint_minutes")
+IGNORED_ON_RESUME = ("epochs", "checkpoint_every", "checkpoint_minutes", "on_nonfinite")
 
 
 class UsageError(Exception):
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, help="save the training state every N epochs (default: by time)")
     parser.add_argument("--checkpoint-minutes", type=float,
                         help="save it once M minutes have passed since the last save (default 10; 0: off)")
+    parser.add_argument("--on-nonfinite", choices=("stop", "skip-step"),
+                        help="a step whose loss or gradient is NaN/inf: stop the run (default, exit 2, the last "
+                             "good checkpoint kept) or skip the step and count it")
     parser.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
     parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
                         help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
@@ -137,7 +140,7 @@ def build_preset(args: argparse.Namespace, store):
             raise UsageError(f"--variant {args.variant}: unknown variant; choose one of {', '.join(VARIANTS)}")
         overrides.insert(0, f"variant={args.variant}")
     flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every,
-             "checkpoint_minutes": args.checkpoint_minutes}
+             "checkpoint_minutes": args.checkpoint_minutes, "on_nonfinite": args.on_nonfinite}
     overrides += [f"train.{k}={v}" for k, v in flags.items() if v is not None]
     if not any(item.split("=", 1)[0].rpartition(".")[2] == "dtype" for item in overrides) and on_accelerator():
         overrides.insert(0, "dtype=bfloat16")
@@ -464,12 +467,15 @@ class Trainer:
         last_save = time.monotonic()
         for epoch in range(start_epoch, cfg.epochs):
             step_metrics, seconds = self.train_epoch(epoch)
+            skipped = self.check_finite(epoch, step_metrics, ckpt)
             utterances = sum(int(m["utterances"]) for per_seed in step_metrics for m in per_seed)
             record = {"epoch": epoch + 1,
                       "train_loss": [float(np.mean([m["loss"] for m in sm])) for sm in step_metrics],
                       "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
-                                       if t not in ("loss", "utterances")} for sm in step_metrics],
+                                       if t not in ("loss", "utterances", "nonfinite")} for sm in step_metrics],
                       "seconds": seconds, "utterances_per_second": utterances / seconds}
+            if cfg.on_nonfinite == "skip-step":
+                record["skipped_nonfinite_steps"] = skipped
             t0 = time.perf_counter()
             ckpt.wait()  # the host mirrors are rewritten below
             waited, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -508,15 +514,42 @@ class Trainer:
                             utt_s=f"{record['utterances_per_second']:.0f}")
         bar.close()
 
+    def check_finite(self, epoch: int, step_metrics: list[list[dict]], ckpt) -> list[int]:
+        """The number of non-finite steps of each seed in this epoch; with ``on_nonfinite="stop"`` the
+        first one stops the run (`UsageError`) before anything of this epoch is saved."""
+        skipped = [int(sum(bool(m["nonfinite"]) for m in sm)) for sm in step_metrics]
+        if self.preset.train.on_nonfinite == "skip-step" or not any(skipped):
+            return skipped
+        k = next(k for k, n in enumerate(skipped) if n)
+        step = next(i for i, m in enumerate(step_metrics[k]) if m["nonfinite"])
+        m = step_metrics[k][step]
+        term = next((f"loss term {t} = {float(m[t])}" for t in _LOSS_TERMS if t in m and not np.isfinite(m[t])),
+                    f"gradient norm = {float(m['grad_norm'])}")
+        ckpt.wait()
+        last = ckpt.latest_epoch()
+        kept = f"the checkpoint of epoch {last} is kept" if last else "no checkpoint was written yet"
+        raise UsageError(
+            f"epoch {epoch + 1}, step {step + 1} of {len(step_metrics[k])}, seed {self.seeds[k]}: {term} — training "
+            f"stopped, {kept} and no results.json was written; check the features for NaN/inf "
+            f"(python -m bridges.check), lower the learning rate (--set learning_rate=...), or pass "
+            f"--on-nonfinite skip-step to skip such steps")
+
     def export_best(self, ckpt) -> None:
         """Writes each seed's best parameters to ``checkpoints/best/seed_<s>`` (read by predict)."""
         for k, seed in enumerate(self.seeds):
             ckpt.save_best(seed, self.best[k]["epoch"], self.best_params.seed(k))
 
 
+_LOSS_TERMS = ("focal_speech", "focal_text", "focal_multimodal", "contrastive", "kl", "focal_moe")
+
+
 def results_json(dataset: str, preset, label_names, history, best, shape_info, val_source, num_params) -> dict:
     cfg = preset.train
-    return {"dataset": dataset, "variant": preset.model.variant, "seeds": list(range(cfg.seeds)),
+    skipped = {}
+    if cfg.on_nonfinite == "skip-step":
+        skipped["skipped_nonfinite_steps"] = [int(sum(h.get("skipped_nonfinite_steps", [0] * cfg.seeds)[k]
+                                                      for h in history)) for k in range(cfg.seeds)]
+    return {**skipped,"dataset": dataset, "variant": preset.model.variant, "seeds": list(range(cfg.seeds)),
             "epochs": cfg.epochs, "label_names": list(label_names),
             "test": aggregate(best, label_names, "test"), "val": aggregate(best, label_names, "val"),
             "best_epoch": [b["epoch"] for b in best], "epoch_numbering": "1 = after the first pass over train",

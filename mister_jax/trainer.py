@@ -126,11 +126,14 @@ def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelC
 
 
 def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model_cfg: ModelConfig,
-               loss_cfg: LossConfig, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               loss_cfg: LossConfig, tx: optax.GradientTransformation,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
     """One Adam step of one seed; dropout key ``fold_in(dropout_key, state.step)``.
 
     Returns the new state and scalar metrics: ``loss``, the loss terms, ``grad_norm`` (before
-    clipping) and ``utterances`` (labelled utterances in the batch).
+    clipping), ``nonfinite`` (the loss or the gradient norm is NaN or infinite) and ``utterances``
+    (labelled utterances in the batch). With ``skip_nonfinite`` such a step leaves the parameters and
+    Adam's moments as they were (the step counter still advances).
     """
     key = jax.random.fold_in(dropout_key, state.step)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -139,7 +142,12 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-    metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)
+            params = jax.tree_util.tree_map(keep, params, state.params)
+            opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "nonfinite": ~finite,
                "utterances": jnp.sum(batch.mask & (batch.labels >= 0))}
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -170,7 +178,8 @@ def make_steps(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainCon
     With ``vmap`` every argument carries a leading seed axis ``[K, ...]`` except ``predict``'s batch,
     which all seeds share. The train step donates its state.
     """
-    train = functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, tx=make_optimizer(train_cfg))
+    train = functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, tx=make_optimizer(train_cfg),
+                              skip_nonfinite=train_cfg.on_nonfinite == "skip-step")
     predict = functools.partial(predict_step, model_cfg=model_cfg)
     if vmap:
         train, predict = jax.vmap(train), jax.vmap(predict, in_axes=(0, None))

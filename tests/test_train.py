@@ -324,17 +324,16 @@ def test_unwritable_out(tmp_path, capsys):
     assert "--out" in err and "cannot write there" in err
 
 
-def test_corrupt_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_path):
+def test_no_intact_checkpoint_names_the_directory_and_the_fix(runs, capsys, tmp_path):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(runs["whole"], out)
-    latest = max(int(p.name) for p in (out / "checkpoints" / "state").iterdir() if p.name.isdigit())
-    for f in (out / "checkpoints" / "state" / str(latest)).rglob("*"):
+    for f in (out / "checkpoints" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
     err = _error(capsys, train_args(runs["features"], out, 6))
-    assert f"state/{latest}" in err and "--restart" in err and "unreadable" in err
+    assert f"{out / 'checkpoints' / 'state'}: no intact checkpoint" in err and "--restart" in err
 
 
 def test_a_failed_checkpoint_write_names_the_directory_and_the_fix(tmp_path, monkeypatch):
@@ -373,3 +372,39 @@ def test_a_checkpoint_holds_its_own_epoch_while_the_next_one_runs(tmp_path, monk
     for name in ("train.bin", "best_params.bin"):
         saved = (tmp_path / "two" / "checkpoints" / "state" / "1" / name).read_bytes()
         assert saved == (tmp_path / "one" / "checkpoints" / "state" / "1" / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------ nothing wrong passes
+
+
+def test_a_checkpoint_with_changed_bytes_is_passed_over_for_the_previous_one(runs, capsys, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["whole"], out)
+    newest = max(int(p.name) for p in (out / "checkpoints" / "state").iterdir() if p.name.isdigit())
+    buffer = out / "checkpoints" / "state" / str(newest) / "train.bin"
+    buffer.write_bytes(np.random.default_rng(0).integers(0, 256, buffer.stat().st_size, dtype=np.uint8).tobytes())
+    assert train_cli.main(train_args(runs["features"], out, 6)) == 0
+    err = capsys.readouterr().err
+    assert f"state/{newest}: checkpoint is unreadable" in err and "train.bin fails its SHA-256 digest" in err
+    assert f"resumed {out} after epoch {newest - 1}" in err
+    whole = json.loads((runs["whole"] / "results.json").read_text())
+    assert _scores(json.loads((out / "results.json").read_text())) == _scores(whole)
+
+
+def test_non_finite_training_stops_at_the_step_and_names_seed_and_term(tmp_path, capsys):
+    tiny_store(tmp_path / "features")
+    out = tmp_path / "run"
+    err = _error(capsys, train_args(tmp_path / "features", out, 2) + ["--set", "learning_rate=1e36"])
+    assert "epoch 1, step 2 of 2, seed 0: loss term focal_speech = nan" in err and "--on-nonfinite skip-step" in err
+    assert len(err.strip().splitlines()[-1:]) == 1 and not (out / "results.json").exists()
+
+
+def test_skipped_non_finite_steps_are_counted_in_results(tmp_path):
+    tiny_store(tmp_path / "features")
+    out = tmp_path / "run"
+    args = train_args(tmp_path / "features", out, 2, "--on-nonfinite", "skip-step") + ["--set", "learning_rate=1e36"]
+    assert train_cli.main(args) == 0
+    # Step 1 makes the parameters huge; every later step of each seed (2 per epoch) is non-finite.
+    assert json.loads((out / "results.json").read_text())["skipped_nonfinite_steps"] == [3, 3]
