@@ -43,6 +43,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from mister_jax import atomic
+
 # Orbax logs a failed write with its traceback before raising it; `CheckpointError` reports it in
 # one line instead.
 logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -156,12 +158,6 @@ def _write_json(path: Path, obj: Any) -> str:
         f.flush()
         os.fsync(f.fileno())
     return _sha256(data)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    _write_json(partial, obj)
-    partial.replace(path)
 
 
 def params_digest(params: Any) -> str:
@@ -309,7 +305,7 @@ class RunCheckpoints:
             manager.save(epoch, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(serialization.to_state_dict(params))), force=True)
             manager.wait_until_finished()
-            _write_json_atomic(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
+            atomic.write_json(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
 
     def _recorded_digest(self, seed: int, epoch: int) -> str | None:
         try:

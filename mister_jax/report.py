@@ -5,16 +5,38 @@ Figures are drawn with matplotlib's object API on an Agg canvas (no display, no 
 weight β per expert for each true class), ``experts.png`` (test weighted F1 per expert, mean ± std over
 seeds), ``curves.png`` (training loss and validation weighted F1 per epoch and seed, and test weighted F1
 when the run evaluated it every epoch).
+
+Every file is written atomically (`mister_jax.atomic`), the figures first and ``report.md`` last: a
+failure (a full disk) leaves no truncated file and raises `ReportError` naming the file and why.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from mister_jax import atomic
 from mister_jax.metrics import EXPERTS, GATE_EXPERTS
+
+
+class ReportError(Exception):
+    """A report file that could not be written; the message names it and the reason."""
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic.write_bytes(path, data)
+    except OSError as err:
+        raise ReportError(f"{path}: could not be written ({err.strerror or err})") from None
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _write(path, buffer.getvalue())
 
 
 def _pct(stats: dict) -> str:
@@ -41,7 +63,7 @@ def _plot_confusion(path: Path, matrix: np.ndarray, label_names: list[str]) -> N
     ax.set_ylabel("true")
     ax.set_title("test confusion (rows normalised, all seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def _plot_gate(path: Path, per_class: dict, label_names: list[str]) -> None:
@@ -57,7 +79,7 @@ def _plot_gate(path: Path, per_class: dict, label_names: list[str]) -> None:
     ax.set_title("gate weights per true class (test, mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def _plot_experts(path: Path, experts: dict) -> None:
@@ -71,7 +93,7 @@ def _plot_experts(path: Path, experts: dict) -> None:
     ax.set_ylabel("test weighted F1")
     ax.set_title("per expert (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def _plot_curves(path: Path, history: list[dict], seeds: list[int]) -> None:
@@ -89,11 +111,13 @@ def _plot_curves(path: Path, history: list[dict], seeds: list[int]) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
-    """Writes ``report.md`` and the figures next to ``results.json``; returns the report's path."""
+    """Writes ``report.md`` and the figures next to ``results.json``; returns the report's path.
+
+    Raises `ReportError` when a file cannot be written (none is left half-written)."""
     out_dir = Path(out_dir)
     labels = results["label_names"]
     test, val = results["test"], results["val"]
@@ -128,5 +152,5 @@ def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
         lines += ["## Learning curves", "", "![curves](curves.png)", ""]
         _plot_curves(out_dir / "curves.png", history, results["seeds"])
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    _write(path, "\n".join(lines).encode("utf-8"))
     return path

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mister_jax import atomic
 from mister_jax.host_memory import restart_with_huge_pages
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mister" / "jax"
@@ -194,13 +195,6 @@ def prepare_out(args: argparse.Namespace, variant_given: bool) -> Path:
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write there ({err.strerror}) — choose a writable directory") from None
     return out
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Writes JSON to a temporary file, then renames it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_same_run(out: Path, run_config: dict) -> None:
@@ -584,7 +578,7 @@ def _main(args: argparse.Namespace, log) -> int:
 
     from mister_jax.checkpoint import CheckpointError, RunCheckpoints
     from mister_jax.model import count_params
-    from mister_jax.report import write_report
+    from mister_jax.report import ReportError, write_report
 
     run_config = {"dataset": args.dataset, "store": str(store.directory.resolve()),
                   "label_names": store.label_names, "val_source": val_source,
@@ -595,7 +589,7 @@ def _main(args: argparse.Namespace, log) -> int:
         (out / "run_config.json").unlink(missing_ok=True)
     else:
         check_same_run(out, run_config)
-    write_json_atomic(out / "run_config.json", run_config)
+    atomic.write_json(out / "run_config.json", run_config)
 
     trainer = Trainer(preset, store.label_names, train, val, test, out, args.seed_mode, log, cache_dir)
     try:
@@ -611,8 +605,12 @@ def _main(args: argparse.Namespace, log) -> int:
     num_params = count_params(trainer.best_params.seed(0))
     results = results_json(args.dataset, preset, store.label_names, trainer.history, trainer.best, trainer.shape_info,
                            val_source, num_params)
-    write_json_atomic(out / "results.json", results)
-    write_report(out, results, trainer.history)
+    atomic.write_json(out / "results.json", results)
+    try:
+        write_report(out, results, trainer.history)
+    except ReportError as err:
+        raise UsageError(f"{err}; results.json and metrics.jsonl are complete — free the space and rerun the same "
+                         f"command to write the report") from None
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['weighted_f1']['mean']:.1f}" for e, v in t["experts"].items())
     log(f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} "

@@ -408,3 +408,46 @@ def test_skipped_non_finite_steps_are_counted_in_results(tmp_path):
     assert train_cli.main(args) == 0
     # Step 1 makes the parameters huge; every later step of each seed (2 per epoch) is non-finite.
     assert json.loads((out / "results.json").read_text())["skipped_nonfinite_steps"] == [3, 3]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (the tests run as root); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_the_report_is_written_leaves_no_broken_file(runs, small_disk):
+    from mister_jax.report import ReportError, write_report
+
+    results = json.loads((runs["whole"] / "results.json").read_text())
+    history = [json.loads(line) for line in (runs["whole"] / "metrics.jsonl").read_text().splitlines()]
+    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 60 * 1024))  # room for a figure or two
+    with pytest.raises(ReportError, match=r"\.png: could not be written \(No space left on device\)"):
+        write_report(small_disk, results, history)
+    left = sorted(p.name for p in small_disk.iterdir() if p.name != "filler")
+    assert left and "report.md" not in left and not any(name.startswith(".") for name in left)
+    for name in left:  # each figure that made it is a whole PNG
+        assert (small_disk / name).read_bytes().endswith(b"IEND\xaeB`\x82"), name
+
+
+def test_a_report_that_cannot_be_written_exits_non_zero_after_the_results(runs, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from mister_jax import report
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["whole"], out)
+    (out / "results.json").unlink()
+
+    def full_disk(path, data):
+        raise report.ReportError(f"{path}: could not be written (No space left on device)")
+
+    monkeypatch.setattr(report, "_write", full_disk)
+    err = _error(capsys, train_args(runs["features"], out, 6))
+    assert "confusion.png: could not be written (No space left on device); results.json and metrics.jsonl" in err
+    assert json.loads((out / "results.json").read_text())["best_epoch"]
