@@ -45,11 +45,6 @@ from flax import serialization
 
 from mister_jax import atomic
 
-# Orbax logs a failed write with its traceback before raising it; `CheckpointError` reports it in
-# one line instead.
-logging.getLogger("absl").setLevel(logging.CRITICAL)
-
-
 class CheckpointError(Exception):
     """A checkpoint directory that cannot be read or written."""
 
@@ -96,11 +91,17 @@ def _unwritable(path: Path, err: Exception) -> CheckpointError:
 
 @contextlib.contextmanager
 def _writing(path: Path):
-    """Turns any failure of a (background) checkpoint write into one `CheckpointError`."""
+    """Turns any failure of a (background) checkpoint write into one `CheckpointError`; orbax's own log
+    of the failure (its traceback, through absl) is held back meanwhile."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
         yield
     except Exception as err:  # OSError from the state writer; orbax and tensorstore raise many types
         raise _unwritable(path, err) from None
+    finally:
+        absl.setLevel(level)
 
 
 _CHUNK = 1 << 26  # bytes per read or write call (Linux moves at most ~2 GiB per call)
