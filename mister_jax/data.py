@@ -11,11 +11,21 @@ lengths (the *buckets*), so a jitted step compiles once per bucket. Two ways to 
   of different lengths never mix, so the composition of batches changes little between epochs.
 - ``shuffled``: conversations shuffled per ``(seed, epoch)`` within their bucket (the pad length
   holding them), then cut into batches of ``B``; the order of the batches is shuffled per epoch.
-  Random batch composition, as the authors' training, at the price of more padding.
+- ``random``: the authors' batching (a shuffled DataLoader): all conversations shuffled per
+  ``(seed, epoch)`` and cut into batches of ``B``, each padded to the smallest pad length holding its
+  longest conversation. Composition and order random per seed and per epoch; the most padding.
+- ``bucketed``: ``random`` with little padding: conversations shuffled per ``(seed, epoch)``, cut into
+  pools of ``pool_batches · B``, each pool sorted by length and cut into batches of ``B``. Batches
+  are random per seed and epoch but hold conversations of similar lengths. (``random`` is
+  ``bucketed`` with pools of one batch.)
 
-Either way the plan of an epoch is a pure function of ``(seed, epoch)`` and the sequence of batch
-shapes depends on the epoch only, so the seeds of a vmapped step always see the same shape and a run
-resumed at an epoch replays exactly the batches an uninterrupted run sees.
+For ``random`` and ``bucketed`` the pad lengths are chosen on the longest conversation of each batch
+over several draws. A seed's batches are ranked by pad length and the ranks are visited in an order
+drawn per epoch (the same for every seed): step ``i`` of every seed then needs nearly the same pad
+length, and `align_steps` pads each step to the largest of the seeds' for a vmapped step.
+
+Every plan is a pure function of ``(seed, epoch)``, so a run resumed at an epoch replays exactly the
+batches an uninterrupted run sees.
 
 Shapes: ``speech [B, T, Ds]`` (None when not loaded), ``text [B, T, Dt]``, ``labels [B, T]`` (``-1`` for padding and for
 unlabelled utterances), ``mask [B, T]`` (``True`` for real utterances), ``rows [B, T]`` (row of the
@@ -30,7 +40,8 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 MODALITIES = ("speech", "text")
-BATCHING = ("sorted", "shuffled")
+BATCHING = ("sorted", "shuffled", "random", "bucketed")
+_PAD_DRAWS = 16  # draws of random batches on which their pad lengths are chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,16 +184,37 @@ def sorted_batch_maxima(lengths: Sequence[int], batch_size: int) -> np.ndarray:
     return np.sort(np.asarray(lengths, dtype=np.int64))[::-1][::batch_size]
 
 
+def pooled_batches(lengths: np.ndarray, batch_size: int, pool_batches: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """Conversation indices of random batches: shuffled, cut into pools of ``pool_batches · B``, each
+    pool sorted by length (longest first) and cut into batches of ``B`` (the last may be shorter)."""
+    order = rng.permutation(len(lengths))
+    pool = pool_batches * batch_size
+    batches = []
+    for start in range(0, len(order), pool):
+        members = order[start:start + pool]
+        members = members[np.argsort(-lengths[members], kind="stable")]
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+    return batches
+
+
 def choose_pad_lengths(split_lengths: Sequence[np.ndarray], batch_size: int, num_buckets: int, multiple: int,
-                       batching: str = "sorted") -> tuple[int, ...]:
+                       batching: str = "sorted", pool_batches: int = 8) -> tuple[int, ...]:
     """The pad lengths shared by the batches of several splits (train, val, test).
 
-    ``sorted``: the least padding of the splits' sorted batch maxima; ``shuffled``: of every conversation.
+    The least padding of: ``sorted``, the splits' sorted batch maxima; ``shuffled``, every
+    conversation; ``random`` / ``bucketed``, the batch maxima of `_PAD_DRAWS` draws of their batches.
     """
     if batching not in BATCHING:
         raise ValueError(f"batching={batching!r} is not one of {BATCHING}")
     if batching == "sorted":
         split_lengths = [sorted_batch_maxima(lengths, batch_size) for lengths in split_lengths]
+    elif batching in ("random", "bucketed"):
+        pool = 1 if batching == "random" else pool_batches
+        split_lengths = [np.asarray(lengths, np.int64)[b].max(keepdims=True)
+                         for lengths in split_lengths for draw in range(_PAD_DRAWS)
+                         for b in pooled_batches(np.asarray(lengths, np.int64), batch_size, pool,
+                                                 np.random.default_rng([draw]))]
     return bucket_lengths(np.concatenate([np.asarray(x, dtype=np.int64) for x in split_lengths]), num_buckets, multiple)
 
 
@@ -219,26 +251,44 @@ def _shuffled_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_siz
 
 
 def epoch_plan(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, *,
-               seed: int | None, epoch: int, batching: str = "sorted") -> list[PlannedBatch]:
+               seed: int | None, epoch: int, batching: str = "sorted", pool_batches: int = 8) -> list[PlannedBatch]:
     """The batches of one epoch (see the module docstring); pure function of ``(seed, epoch)``.
 
     ``seed=None`` (evaluation, prediction) keeps the batches in their natural order and breaks ties by
-    store order. Otherwise the contents are randomised with ``default_rng([seed, epoch])`` and the
-    order of the batches with ``default_rng([epoch])``; the shape sequence is the same for every seed.
+    store order (``random`` and ``bucketed`` then batch as ``sorted`` does). Otherwise the contents are
+    randomised with ``default_rng([seed, epoch])`` and the order of the batches with
+    ``default_rng([epoch])``: for ``sorted`` and ``shuffled`` the shape sequence is the same for every
+    seed, for ``random`` and ``bucketed`` nearly so (see `align_steps`).
     """
     if batching not in BATCHING:
         raise ValueError(f"batching={batching!r} is not one of {BATCHING}")
     lengths = np.asarray(lengths, dtype=np.int64)
     content_rng = None if seed is None else np.random.default_rng([seed, epoch])
-    if batching == "sorted":
+    if batching == "shuffled":
+        chunks = _shuffled_batches(lengths, pad_lengths, batch_size, content_rng)
+    elif batching == "sorted" or content_rng is None:
         tie_break = np.arange(len(lengths)) if content_rng is None else content_rng.permutation(len(lengths))
         chunks = _sorted_batches(lengths, pad_lengths, batch_size, tie_break)
     else:
-        chunks = _shuffled_batches(lengths, pad_lengths, batch_size, content_rng)
+        pool = 1 if batching == "random" else pool_batches
+        members = pooled_batches(lengths, batch_size, pool, content_rng)
+        members.sort(key=lambda m: -int(lengths[m].max()))  # ranked by need (stable)
+        pads = [pad_lengths[i] for i in assign_buckets(np.array([lengths[m].max() for m in members]), pad_lengths)]
+        chunks = [_chunk(m, pad, batch_size)[0] for m, pad in zip(members, pads)]
     if seed is None:
         return chunks
-    # Chunk i has the same shape for every seed, so one permutation of the epoch orders them all.
+    # Chunk i has the same (or, ranked by need, nearly the same) shape for every seed, so one
+    # permutation of the epoch orders them all.
     return [chunks[i] for i in np.random.default_rng([epoch]).permutation(len(chunks))]
+
+
+def align_steps(plans: Sequence[Sequence[PlannedBatch]]) -> list[list[PlannedBatch]]:
+    """The seeds' plans with step ``i`` of every seed padded to the largest of their pad lengths at
+    ``i``: one shape per step for a vmapped step. The plans must have equally many batches."""
+    if len({len(p) for p in plans}) > 1:
+        raise ValueError("the seeds' plans have different numbers of batches")
+    steps = [max(p[i].length for p in plans) for i in range(len(plans[0]))] if plans else []
+    return [[PlannedBatch(t, b.conversations) for t, b in zip(steps, plan)] for plan in plans]
 
 
 def padding_efficiency(lengths: np.ndarray, plan: Sequence[PlannedBatch]) -> float:

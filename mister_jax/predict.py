@@ -77,10 +77,8 @@ def predict_split(params, model_cfg, data, train_cfg: dict, batch_size: int):
     from mister_jax.trainer import predict_step
 
     step = jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
-    batching = train_cfg.get("batching", "shuffled")
-    pads = choose_pad_lengths([data.lengths], batch_size, train_cfg["num_buckets"], train_cfg["bucket_multiple"],
-                              batching)
-    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0, batching=batching)
+    pads = choose_pad_lengths([data.lengths], batch_size, train_cfg["num_buckets"], train_cfg["bucket_multiple"])
+    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0)  # length-sorted: least padding
     for rows, batch in iterate_batches(data, plan):
         out = jax.device_get(step(params, batch))
         for b, t in zip(*np.nonzero(rows >= 0)):

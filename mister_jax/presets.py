@@ -25,8 +25,10 @@ class TrainConfig:
       clip_norm: gradient clipping at this global norm.
       epochs: passes over the training split.
       seeds: number of seeds; seeds are ``0 .. seeds-1``.
-      batching: "sorted" (length-sorted batches, least padding) or "shuffled" (random batch composition
-        within length buckets); see `mister_jax.data`.
+      batching: "sorted" (length-sorted batches, least padding), "shuffled" (random composition within
+        length buckets), "random" (the authors': random batches per seed and epoch) or "bucketed" (random
+        per seed and epoch, drawn in pools sorted by length); see `mister_jax.data`.
+      pool_batches: batches per pool of "bucketed" batching (larger: less padding, less random).
       num_buckets: at most this many pad lengths, hence compiled training shapes.
       bucket_multiple: pad lengths are multiples of this.
       checkpoint_every: save the training state every this many epochs (0: not by epoch count).
@@ -50,6 +52,7 @@ class TrainConfig:
     epochs: int = 100
     seeds: int = 3
     batching: str = "sorted"
+    pool_batches: int = 8
     num_buckets: int = 4
     bucket_multiple: int = 2
     checkpoint_every: int = 0
@@ -60,14 +63,15 @@ class TrainConfig:
     on_nonfinite: str = "stop"
 
     def __post_init__(self):
-        for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple"):
+        for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple", "pool_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 1.")
         for name in ("checkpoint_every", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 0.")
-        if self.batching not in ("sorted", "shuffled"):
-            raise ValueError(f"TrainConfig: batching={self.batching!r} must be 'sorted' or 'shuffled'.")
+        if self.batching not in ("sorted", "shuffled", "random", "bucketed"):
+            raise ValueError(f"TrainConfig: batching={self.batching!r} must be 'sorted', 'shuffled', 'random' "
+                             "or 'bucketed'.")
         if self.on_nonfinite not in ("stop", "skip-step"):
             raise ValueError(f"TrainConfig: on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip-step'.")
         if not 0.0 < self.val_fraction < 1.0:
@@ -105,6 +109,7 @@ _DEMO_TRAIN = dict(learning_rate=3e-3, epochs=20, batch_size=8, num_buckets=2)
 AUTHORS_CODE = {  # what the authors' public code trains where it departs from the paper (DESIGN §3, §4)
     "model": dict(attention_heads=3, gate="mlp", gate_temperature=2.0, can_dropout=0.0),
     "loss": dict(contrastive_scope="batch", kl_form="symmetric"),
+    "train": dict(batching="random"),
 }
 STYLES = ("paper", "authors-code")
 
@@ -114,7 +119,7 @@ def get_preset(dataset: str, label_names: typing.Sequence[str] | None = None, st
 
     ``style="authors-code"`` trains what the authors' public code trains (`AUTHORS_CODE`: 3 heads, the
     MLP gate at temperature 2, the batch-pooled contrastive loss, the symmetric KL over the three expert
-    pairs, no dropout in the CANs), with padding masked and the model selected on validation as
+    pairs, no dropout in the CANs, random batches), with padding masked and the model selected on validation as
     everywhere here (their code picks it on test).
     """
     if style not in STYLES:
@@ -134,7 +139,8 @@ def get_preset(dataset: str, label_names: typing.Sequence[str] | None = None, st
         if dataset == "demo":  # the demo's attention width must divide by the authors' 3 heads
             model["attention_dim"] = 3 * (preset.model.attention_dim // 3)
         preset = Preset(dataclasses.replace(preset.model, **model),
-                        dataclasses.replace(preset.loss, **AUTHORS_CODE["loss"]), preset.train)
+                        dataclasses.replace(preset.loss, **AUTHORS_CODE["loss"]),
+                        dataclasses.replace(preset.train, **AUTHORS_CODE["train"]))
     return preset
 
 

@@ -263,7 +263,7 @@ class Trainer:
         import jax
 
         from mister_jax.aot import TrainStepCompiler
-        from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
+        from mister_jax.data import batch_rows, choose_pad_lengths, make_batch, padding_efficiency
         from mister_jax.host_mirror import HostMirror
         from mister_jax.trainer import abstract_train_state, make_steps, seed_keys
 
@@ -275,11 +275,13 @@ class Trainer:
         # Pad lengths of training (at most num_buckets compiled train shapes) and of evaluation (the
         # prediction step compiles on its own), each chosen on its own splits.
         self.pad_lengths = choose_pad_lengths([train.lengths], cfg.batch_size, cfg.num_buckets,
-                                              cfg.bucket_multiple, cfg.batching)
+                                              cfg.bucket_multiple, cfg.batching, cfg.pool_batches)
         self.eval_pad_lengths = choose_pad_lengths([val.lengths, test.lengths], cfg.batch_size, cfg.num_buckets,
-                                                   cfg.bucket_multiple, cfg.batching)
-        plan = epoch_plan(train.lengths, self.pad_lengths, cfg.batch_size, seed=0, epoch=0, batching=cfg.batching)
-        shapes = sorted({p.length for p in plan})
+                                                   cfg.bucket_multiple, "sorted")
+        plan = self.epoch_plans(0)[0]
+        # Random batchings may need any pad length in a later epoch: all of them are compiled.
+        shapes = sorted({p.length for p in plan} | (set(self.pad_lengths) if cfg.batching in ("random", "bucketed")
+                                                      else set()))
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
         self.shape_info = {"batching": cfg.batching, "train_shapes": [[cfg.batch_size, t] for t in shapes],
                            "pad_lengths": list(self.pad_lengths),
@@ -320,8 +322,7 @@ class Trainer:
         from mister_jax.data import epoch_plan, iterate_batches
 
         cfg = self.preset.train
-        plan = epoch_plan(split.lengths, self.eval_pad_lengths, cfg.batch_size, seed=None, epoch=0,
-                          batching=cfg.batching)
+        plan = epoch_plan(split.lengths, self.eval_pad_lengths, cfg.batch_size, seed=None, epoch=0)
         return [(rows, jax.device_put(batch)) for rows, batch in iterate_batches(split, plan)]
 
     def _initial(self):
@@ -410,15 +411,23 @@ class Trainer:
         for k, (probs, gate, labels) in enumerate(self.evaluate("test", params)):
             self.best[k]["test"] = summarize(labels, probs, gate, self.label_names, detailed=True)
 
+    def epoch_plans(self, epoch: int) -> list:
+        """The training batches of ``epoch`` per seed; step ``i`` has one shape for all seeds when vmapped."""
+        from mister_jax.data import align_steps, epoch_plan
+
+        cfg = self.preset.train
+        plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch,
+                            batching=cfg.batching, pool_batches=cfg.pool_batches) for s in self.seeds]
+        return align_steps(plans) if self.vmap else plans
+
     def train_epoch(self, epoch: int) -> tuple[list[list[dict]], float]:
         """One pass over train for every seed; returns per-seed step metrics and the seconds taken."""
         import jax
 
-        from mister_jax.data import batch_rows, epoch_plan, make_batch
+        from mister_jax.data import batch_rows, make_batch
 
         cfg, K = self.preset.train, len(self.seeds)
-        plans = [epoch_plan(self.train.lengths, self.pad_lengths, cfg.batch_size, seed=s, epoch=epoch,
-                            batching=cfg.batching) for s in self.seeds]
+        plans = self.epoch_plans(epoch)
         t0 = time.perf_counter()
         # Each pass's batches are gathered and put on the device before its first step, so the host
         # does not compete with the steps for the cores and nothing waits on the host between steps.

@@ -7,8 +7,8 @@ import pytest
 
 from bridges.demo import build_demo_store
 from bridges import FeatureStore
-from mister_jax.data import (BATCHING, batch_rows, bucket_lengths, carve_validation, choose_pad_lengths, epoch_plan,
-                             load_split, make_batch, padding_efficiency, sorted_batch_maxima)
+from mister_jax.data import (BATCHING, align_steps, batch_rows, bucket_lengths, carve_validation, choose_pad_lengths,
+                             epoch_plan, load_split, make_batch, padding_efficiency, sorted_batch_maxima)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
     assert _waste(lengths, pads) == best
 
 
-@pytest.mark.parametrize("batching", BATCHING)
+@pytest.mark.parametrize("batching", ("sorted", "shuffled", "bucketed"))
 def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_0_8(demo, batching):
     train = demo["train"]
     pads = choose_pad_lengths([d.lengths for d in demo.values()], 8, num_buckets=4, multiple=8, batching=batching)
@@ -80,13 +80,74 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conver
         assert all(lengths[c] <= t for t, convs in plan(seed, epoch) for c in convs if c >= 0)
 
 
-@pytest.mark.parametrize("batching", BATCHING)
+@pytest.mark.parametrize("batching", ("sorted", "shuffled"))
 def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo, batching):
     lengths = demo["train"].lengths
     pads = choose_pad_lengths([lengths], 8, 4, 8, batching)
     shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3, batching=batching)]
               for seed in range(4)}
     assert all(s == shapes[0] for s in shapes.values())
+
+
+def _co_batched(plan):
+    """Pairs of conversations that share a batch."""
+    return {(a, b) for p in plan for a in p.conversations for b in p.conversations if 0 <= a < b}
+
+
+@pytest.mark.parametrize("batching", ("random", "bucketed"))
+def test_random_batches_change_members_from_epoch_to_epoch_and_seed_to_seed(demo, batching):
+    lengths = demo["train"].lengths
+    pads = choose_pad_lengths([lengths], 8, 4, 8, batching, pool_batches=4)
+    plan = lambda seed, epoch: epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching, pool_batches=4)
+    sorted_pads = choose_pad_lengths([lengths], 8, 4, 8)
+    sorted_pairs = [_co_batched(epoch_plan(lengths, sorted_pads, 8, seed=0, epoch=e)) for e in (0, 1)]
+    kept = lambda a, b: len(a & b) / len(a)
+    assert kept(*sorted_pairs) > 0.5   # sorted batches keep most neighbours
+    assert kept(_co_batched(plan(0, 0)), _co_batched(plan(0, 1))) < 0.35
+    assert kept(_co_batched(plan(0, 0)), _co_batched(plan(1, 0))) < 0.35
+
+
+def test_bucketed_batches_hold_conversations_of_one_pool_sorted_by_length():
+    lengths = np.random.default_rng(1).integers(5, 60, size=64)
+    pads = choose_pad_lengths([lengths], 4, 4, 2, "bucketed", pool_batches=4)
+    plan = epoch_plan(lengths, pads, 4, seed=3, epoch=2, batching="bucketed", pool_batches=4)
+    order = np.random.default_rng([3, 2]).permutation(64)   # the pools: 16 consecutive shuffled conversations
+    pool_of = {c: i // 16 for i, c in enumerate(order)}
+    for p in plan:
+        members = [c for c in p.conversations if c >= 0]
+        assert len({pool_of[c] for c in members}) == 1
+        pool = [c for c in order if pool_of[c] == pool_of[members[0]]]
+        ranked = sorted(pool, key=lambda c: -lengths[c])
+        rank = [ranked.index(c) for c in members]
+        assert max(rank) - min(rank) == len(members) - 1   # B neighbours in the pool's length order
+
+
+def test_aligned_steps_give_every_seed_one_shape_that_holds_each():
+    lengths = np.random.default_rng(2).integers(3, 40, size=50)
+    pads = choose_pad_lengths([lengths], 8, 4, 2, "bucketed", pool_batches=2)
+    plans = [epoch_plan(lengths, pads, 8, seed=s, epoch=1, batching="bucketed", pool_batches=2) for s in range(3)]
+    aligned = align_steps(plans)
+    for i in range(len(plans[0])):
+        assert len({p[i].length for p in aligned}) == 1
+        assert all(aligned[k][i].length >= plans[k][i].length for k in range(3))
+        assert aligned[0][i].length in pads
+    assert [[b.conversations.tolist() for b in p] for p in aligned] == [[b.conversations.tolist() for b in p]
+                                                                         for p in plans]
+
+
+def test_bucketed_padding_on_iemocap_shaped_lengths_is_at_least_0_78():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import PAPER, conversation_lengths
+
+    lengths = conversation_lengths(PAPER)
+    pads = choose_pad_lengths([lengths], 8, 4, 2, "bucketed", pool_batches=8)
+    plans = [epoch_plan(lengths, pads, 8, seed=s, epoch=e, batching="bucketed", pool_batches=8)
+             for s in range(3) for e in range(30)]
+    assert len(pads) <= 4
+    assert np.mean([padding_efficiency(lengths, p) for p in plans]) >= 0.78
 
 
 def test_make_batch_places_each_conversation_in_order_and_zeroes_padding(demo):
