@@ -1,8 +1,16 @@
-"""Eager PyTorch MiSTER-E, written from DESIGN §3-4, as the authors run it (the benchmark's baseline).
+"""MiSTER-E in eager PyTorch with the layout of the authors' public code (iiscleap/MiSTER-E,
+`hierarchical_moe.py`: `AttentionMoE`), written here from its key names, shapes and forward semantics.
 
-Batches are padded to the longest conversation of the batch; the GRU runs on packed sequences
-(`pack_padded_sequence`), attention ignores padded keys, losses reduce over real utterances only.
-This file is the yardstick for `benchmarks/train_epoch.py`, not part of the three packages.
+Its `state_dict` has the authors' keys (`audio_self.conv`, `fusion.units.0.multihead_attn_aud.in_proj_weight`,
+`gate.0.weight`, …), so a checkpoint trained with their scripts loads into it, and
+`mister_jax.import_torch` reads either. As theirs, the model sees no mask: attention attends every
+position and the GRU runs over the padded tail, so on a padded batch the outputs of a conversation
+depend on the padding (only unpadded batches compare with `mister_jax`). The losses are those of our
+`--preset authors-code` (focal loss on the four outputs, the batch-pooled supervised contrastive loss,
+the symmetric KL over the three expert pairs), reduced over real utterances.
+
+This file is the yardstick of `benchmarks/train_epoch.py` (a) and `benchmarks/parity.py`, and the source
+of the tests of `mister_jax.import_torch`; it is not part of the three packages.
 """
 
 from __future__ import annotations
@@ -10,171 +18,168 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from common import Dims
 
 
-class ContextAdditionNetwork(nn.Module):
-    """CAN (Eq. 3, 4): inception convs (k = 1, 3, 5) → L-layer BiGRU, plus a residual FC; FC → C logits."""
+class GRUModel(nn.Module):
+    """Context addition network (Eq. 3, 4): `conv`, `conv3`, `conv5` (k = 1, 3, 5, 'same') with ReLU, summed →
+    `rnn_1` (bidirectional GRU, `layers` deep) → + `fc_1(x)` → `fc` logits."""
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, num_classes: int, dropout: float = 0.2):
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, layers: int):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv1d(in_dim, 2 * hidden, k, padding=k // 2) for k in (1, 3, 5))
-        self.gru = nn.GRU(2 * hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True)
-        self.residual = nn.Linear(in_dim, 2 * hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * hidden, num_classes)
+        self.rnn_1 = nn.GRU(2 * hidden, hidden, num_layers=layers, bidirectional=True, batch_first=True)
+        self.fc_1 = nn.Linear(in_dim, 2 * hidden)
+        self.conv = nn.Conv1d(in_dim, 2 * hidden, 1)
+        self.conv3 = nn.Conv1d(in_dim, 2 * hidden, 3, padding=1)
+        self.conv5 = nn.Conv1d(in_dim, 2 * hidden, 5, padding=2)
+        self.fc = nn.Linear(2 * hidden, num_classes)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
-        """x [B, T, D] zero at padded rows, lengths [B] → (representation [B, T, 2H], logits [B, T, C])."""
-        xc = x.transpose(1, 2)
-        inception = sum(F.relu(conv(xc)) for conv in self.convs).transpose(1, 2)
-        packed = pack_padded_sequence(inception, lengths, batch_first=True, enforce_sorted=False)
-        context, _ = self.gru(packed)
-        context, _ = pad_packed_sequence(context, batch_first=True, total_length=x.shape[1])
-        h = self.dropout(context + self.residual(x))
-        return h, self.head(h)
+    def forward(self, x: torch.Tensor):
+        """x [B, T, D] → (representation [B, T, 2H], logits [B, T, C])."""
+        channels = x.transpose(1, 2)
+        inception = sum(F.relu(conv(channels)) for conv in (self.conv, self.conv3, self.conv5))
+        context, _ = self.rnn_1(inception.transpose(1, 2))
+        representation = context + self.fc_1(x)
+        return representation, self.fc(representation)
 
 
-class Attention(nn.Module):
-    """Multi-head attention of width `dim` (all heads together) from `model_dim` back to `model_dim`."""
+class CrossAttentionModel_s(nn.Module):  # noqa: N801 (the authors' class name keeps their key layout readable)
+    """One fusion layer (Eq. 5–8): audio and text cross-attention, then self-attention, each sub-layer
+    `LN(x + Drop_0.5(FC(MHA(FC_q x, FC_k y, FC_v y))))`; inputs and outputs sequence-first [T, B, F]."""
 
-    def __init__(self, model_dim: int, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, attention_dim: int, heads: int):
         super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(model_dim, dim)
-        self.k = nn.Linear(model_dim, dim)
-        self.v = nn.Linear(model_dim, dim)
-        self.out = nn.Linear(dim, model_dim)
-        self.dropout = nn.Dropout(dropout)
+        for stream in ("aud", "asr"):
+            for suffix in ("", "_s"):
+                for part in "qkv":
+                    setattr(self, f"fc_{stream}{part}{suffix}", nn.Linear(dim, attention_dim))
+        for name in ("asr", "aud", "selfaud", "selfasr"):
+            setattr(self, f"multihead_attn_{name}", nn.MultiheadAttention(attention_dim, heads, dropout=0.1))
+        self.dropout = nn.Dropout(0.5)
+        for name in ("t", "a", "t_s", "a_s"):
+            setattr(self, f"layer_norm_{name}", nn.LayerNorm(dim, eps=1e-6))
+        for name in ("fc_text", "fc_audio", "fc_text_s", "fc_aud_s"):
+            setattr(self, name, nn.Linear(attention_dim, dim))
 
-    def forward(self, query: torch.Tensor, source: torch.Tensor, key_mask: torch.Tensor):
-        """query [B, T, F], source [B, S, F], key_mask [B, S] bool → [B, T, F]."""
-        b, t, _ = query.shape
-        split = lambda y: y.view(b, y.shape[1], self.heads, -1).transpose(1, 2)
-        q, k, v = split(self.q(query)), split(self.k(source)), split(self.v(source))
-        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = self.dropout(scores.softmax(-1))
-        return self.out((weights @ v).transpose(1, 2).reshape(b, t, -1))
+    def _sublayer(self, attention, query, key, value, out, norm, residual):
+        attended = attention(query, key, value, need_weights=False)[0]
+        return norm(residual + self.dropout(out(attended)))
+
+    def forward(self, audio: torch.Tensor, text: torch.Tensor):
+        """audio, text [T, B, F] → (text, audio) [T, B, F], the authors' return order."""
+        text_x = self._sublayer(self.multihead_attn_asr, self.fc_asrq(text), self.fc_audk(audio),
+                                self.fc_audv(audio), self.fc_text, self.layer_norm_t, text)
+        audio_x = self._sublayer(self.multihead_attn_aud, self.fc_audq(audio), self.fc_asrk(text),
+                                 self.fc_asrv(text), self.fc_audio, self.layer_norm_a, audio)
+        text_out = self._sublayer(self.multihead_attn_selfasr, self.fc_asrq_s(text_x), self.fc_asrk_s(text_x),
+                                  self.fc_asrv_s(text_x), self.fc_text_s, self.layer_norm_t_s, text_x)
+        audio_out = self._sublayer(self.multihead_attn_selfaud, self.fc_audq_s(audio_x), self.fc_audk_s(audio_x),
+                                   self.fc_audv_s(audio_x), self.fc_aud_s, self.layer_norm_a_s, audio_x)
+        return text_out, audio_out
 
 
-class FusionLayer(nn.Module):
-    """Eq. 5-8: bidirectional cross-attention M^{t→s} = LN(FC(E^s) + MHA(Q^s, K^t, V^t)), then self-attention."""
+class FusionModel(nn.Module):
+    """The multimodal network (Eq. 5–9): `fc_aud`, `fc_text` input projections, `units`, residual projections
+    `fc_aud_self`, `fc_text_self`, classifier `bn` (LayerNorm on [text; audio]) → `fc` → ReLU → `fc_2`."""
 
-    def __init__(self, dim: int, att_dim: int, heads: int, dropout: float):
+    def __init__(self, speech_dim: int, text_dim: int, dim: int, layers: int, attention_dim: int, heads: int,
+                 num_classes: int):
         super().__init__()
-        self.cross = nn.ModuleList(Attention(dim, att_dim, heads, dropout) for _ in range(2))
-        self.skip = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
-        self.cross_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
-        self.self_att = nn.ModuleList(Attention(dim, att_dim, heads, dropout) for _ in range(2))
-        self.self_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
-
-    def forward(self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
-        s2 = self.cross_norm[0](self.skip[0](s) + self.cross[0](s, t, mask))
-        t2 = self.cross_norm[1](self.skip[1](t) + self.cross[1](t, s, mask))
-        s3 = self.self_norm[0](s2 + self.self_att[0](s2, s2, mask))
-        t3 = self.self_norm[1](t2 + self.self_att[1](t2, t2, mask))
-        return s3, t3
-
-
-class MultimodalNetwork(nn.Module):
-    """Eq. 5-9: project E^s, E^t to F, `layers` fusion layers, M = output + projected input,
-    [M^s; M^t] → LN → FC → ReLU → dropout → FC."""
-
-    def __init__(self, speech_dim: int, text_dim: int, dim: int, layers: int, att_dim: int, heads: int,
-                 num_classes: int, dropout: float = 0.5):
-        super().__init__()
-        self.proj_s = nn.Linear(speech_dim, dim)
-        self.proj_t = nn.Linear(text_dim, dim)
-        self.layers = nn.ModuleList(FusionLayer(dim, att_dim, heads, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(2 * dim)
         self.fc = nn.Linear(2 * dim, dim)
-        self.head = nn.Linear(dim, num_classes)
-        self.dropout = nn.Dropout(dropout)
+        self.fc_2 = nn.Linear(dim, num_classes)
+        self.units = nn.ModuleList(CrossAttentionModel_s(dim, attention_dim, heads) for _ in range(layers))
+        self.fc_aud = nn.Linear(speech_dim, dim)
+        self.fc_text = nn.Linear(text_dim, dim)
+        self.fc_aud_self = nn.Linear(speech_dim, dim)
+        self.fc_text_self = nn.Linear(text_dim, dim)
+        self.bn = nn.LayerNorm(2 * dim, eps=1e-6)
 
-    def forward(self, hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor):
-        s_in, t_in = self.proj_s(hs), self.proj_t(ht)
-        s, t = s_in, t_in
-        for layer in self.layers:
-            s, t = layer(s, t, mask)
-        m_s, m_t = s + s_in, t + t_in
-        hidden = self.dropout(F.relu(self.fc(self.norm(torch.cat([m_s, m_t], -1)))))
-        return m_s, m_t, self.head(hidden)
+    def forward(self, audio_in: torch.Tensor, text_in: torch.Tensor):
+        """[B, T, Ds], [B, T, Dt] → (M^s, M^t [B, T, F], logits [B, T, C])."""
+        audio = self.fc_aud(audio_in).transpose(0, 1)
+        text = self.fc_text(text_in).transpose(0, 1)
+        for unit in self.units:
+            text, audio = unit(audio, text)
+        m_speech = audio.transpose(0, 1) + self.fc_aud_self(audio_in)
+        m_text = text.transpose(0, 1) + self.fc_text_self(text_in)
+        hidden = F.relu(self.fc(self.bn(torch.cat([m_text, m_speech], -1))))
+        return m_speech, m_text, self.fc_2(hidden)
 
 
-class MisterE(nn.Module):
-    """Two CANs (speech, text), the multimodal network on E^s, E^t, and the FC gate (Eq. 10, 11)."""
+class AttentionMoE(nn.Module):
+    """Two CANs (`audio_self`, `text_self`), the fusion network, and the MLP gate `3C → 10 → 3` at softmax
+    temperature 2 over the logits of (speech, text, multimodal)."""
 
-    def __init__(self, dims: Dims):
+    def __init__(self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0):
         super().__init__()
         h = dims.can_hidden
-        self.can_s = ContextAdditionNetwork(dims.speech_dim, h, dims.gru_layers, dims.num_classes)
-        self.can_t = ContextAdditionNetwork(dims.text_dim, h, dims.gru_layers, dims.num_classes)
-        self.multimodal = MultimodalNetwork(dims.speech_dim, dims.text_dim, dims.fusion_dim, dims.fusion_layers,
-                                            dims.attention_dim, dims.attention_heads, dims.num_classes)
-        self.gate = nn.Linear(3 * dims.num_classes, 3)
+        self.audio_self = GRUModel(dims.speech_dim, h, dims.num_classes, dims.gru_layers)
+        self.text_self = GRUModel(dims.text_dim, h, dims.num_classes, dims.gru_layers)
+        self.fusion = FusionModel(dims.speech_dim, dims.text_dim, dims.fusion_dim, dims.fusion_layers,
+                                  dims.attention_dim, heads or dims.attention_heads, dims.num_classes)
+        self.gate = nn.Sequential(nn.Linear(3 * dims.num_classes, 10), nn.ReLU(), nn.Linear(10, 3))
+        self.temperature = gate_temperature
 
-    def forward(self, speech, text, mask):
-        """speech [B, T, Ds], text [B, T, Dt] (zero at padded rows), mask bool [B, T] → dict of outputs."""
-        lengths = mask.sum(1).cpu()
-        _, ys = self.can_s(speech, lengths)
-        _, yt = self.can_t(text, lengths)
-        m_s, m_t, ym = self.multimodal(speech, text, mask)
-        beta = self.gate(torch.cat([ys, yt, ym], -1)).softmax(-1)
-        y = beta[..., :1] * ys + beta[..., 1:2] * yt + beta[..., 2:] * ym
+    def forward(self, speech: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """speech [B, T, Ds], text [B, T, Dt] → dict of outputs; ``mask`` is accepted and ignored, as theirs."""
+        _, ys = self.audio_self(speech)
+        _, yt = self.text_self(text)
+        m_s, m_t, ym = self.fusion(speech, text)
+        beta = F.softmax(self.gate(torch.cat([ys, yt, ym], -1)) / self.temperature, -1)
+        y = beta[..., 0:1] * ys + beta[..., 1:2] * yt + beta[..., 2:3] * ym
         return {"logits": y, "speech_logits": ys, "text_logits": yt, "multimodal_logits": ym,
                 "gate": beta, "m_speech": m_s, "m_text": m_t}
 
 
+MisterE = AttentionMoE
+
+
 def focal_loss(logits, labels, mask, gamma):
-    """Eq. 19, mean over real utterances."""
-    logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    """Eq. 19, mean over real utterances (mask float [B, T])."""
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     term = -((1 - logp.exp()) ** gamma) * logp
-    return (term * mask).sum() / mask.sum()
+    return (term * mask).sum() / mask.sum().clamp(min=1)
 
 
-def supervised_contrastive_loss(m_speech, m_text, labels, mask, temperature):
-    """Eq. 13-14 per conversation, batched: [B, T, F] x 2 → mean over real anchors with a positive."""
-    z = F.normalize(torch.cat([m_speech, m_text], 1), dim=-1)          # [B, 2T, F]
-    y = torch.cat([labels, labels], 1)
-    real = torch.cat([mask, mask], 1)
-    n = z.shape[1]
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    valid = real[:, :, None] & real[:, None, :] & ~eye                  # pairs (a, q), q ≠ a
-    logits = (z @ z.transpose(1, 2)) / temperature
-    logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+def supervised_contrastive_loss_batch(m_speech, m_text, labels, mask, temperature):
+    """Eq. 13–14 with every real row of the batch pooled: [B, T, F] x 2 → mean over anchors with a positive."""
+    keep = mask.reshape(-1)
+    z = F.normalize(torch.cat([m_speech.reshape(-1, m_speech.shape[-1])[keep],
+                               m_text.reshape(-1, m_text.shape[-1])[keep]]), dim=-1)   # [2N, F]
+    y = labels.reshape(-1)[keep].repeat(2)
+    others = ~torch.eye(len(y), dtype=torch.bool)
+    logits = (z @ z.T / temperature).masked_fill(~others, float("-inf"))
     log_prob = logits - logits.logsumexp(-1, keepdim=True)
-    positive = valid & (y[:, :, None] == y[:, None, :])
+    positive = others & (y[:, None] == y[None, :])
     count = positive.sum(-1)
-    per_anchor = -(log_prob * positive).sum(-1) / count.clamp(min=1)
-    anchors = real & (count > 0)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(-1) / count.clamp(min=1)
+    anchors = count > 0
     return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1)
 
 
-def kl_consistency(ym, ys, yt, mask):
-    """Eq. 17: KL(p^m ‖ p^s) + KL(p^m ‖ p^t), mean over real utterances."""
-    lm = ym.log_softmax(-1)
-    pm = lm.exp()
-    kl = (pm * (lm - ys.log_softmax(-1))).sum(-1) + (pm * (lm - yt.log_softmax(-1))).sum(-1)
-    return (kl * mask).sum() / mask.sum()
+def symmetric_kl(ym, ys, yt, mask):
+    """(1/3) Σ over the expert pairs of KL(p ‖ q) + KL(q ‖ p), mean over real utterances."""
+    logs = [x.log_softmax(-1) for x in (ys, yt, ym)]
+    kl = sum(((logs[i].exp() - logs[j].exp()) * (logs[i] - logs[j])).sum(-1) for i, j in ((0, 1), (0, 2), (1, 2)))
+    return (kl / 3 * mask).sum() / mask.sum().clamp(min=1)
 
 
 def total_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, temperature=1.0):
-    """Eq. 18: L_CAN + L_multi + L_moe."""
-    m = mask.float()
+    """Eq. 18 with the authors-code terms, over the real, labelled utterances."""
+    real = mask & (labels >= 0)
+    m = real.float()
     fl = lambda z: focal_loss(z, labels, m, gamma)
-    con = supervised_contrastive_loss(out["m_speech"], out["m_text"], labels, mask, temperature)
-    kl = kl_consistency(out["multimodal_logits"], out["speech_logits"], out["text_logits"], m)
+    con = supervised_contrastive_loss_batch(out["m_speech"], out["m_text"], labels, real, temperature)
+    kl = symmetric_kl(out["multimodal_logits"], out["speech_logits"], out["text_logits"], m)
     return (fl(out["speech_logits"]) + fl(out["text_logits"]) + fl(out["multimodal_logits"])
             + lambda_con * con + fl(out["logits"]) + alpha_kl * kl)
 
 
-def train_step(model, optimizer, speech, text, labels, mask):
+def train_step(model, optimizer, speech, text, labels, mask, **loss_kwargs):
     """One Adam step with gradient clipping at global norm 1.0; returns the loss as a float."""
     optimizer.zero_grad(set_to_none=True)
-    loss = total_loss(model(speech, text, mask), labels, mask)
+    loss = total_loss(model(speech, text, mask), labels, mask, **loss_kwargs)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -6,8 +6,9 @@ On IEMOCAP-shaped synthetic data (92 training conversations, 4,791 utterances, 2
 text, 6 classes, batch 8; `benchmarks/common.py`) it times, each in its own subprocess so that peak
 RSS is per variant:
 
-  a     the eager PyTorch reference (`benchmarks/torch_reference.py`), each batch padded to its
-        longest conversation, conversations shuffled per epoch (the authors' way);
+  a     the eager PyTorch reference with the authors' architecture and key layout
+        (`benchmarks/torch_reference.py`: their AttentionMoE, no masks in the model), each batch padded
+        to its longest conversation, conversations shuffled per epoch (the authors' way);
   b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
         length-sorted batching (`mister_jax.data.choose_pad_lengths` + `epoch_plan`); run twice on one
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);

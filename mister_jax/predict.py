@@ -60,6 +60,8 @@ def choose_seed(run: Path, config: dict, seed: int | None) -> int:
         if seed not in seeds:
             raise UsageError(f"--seed {seed}: the run has seeds {seeds}")
         return seed
+    if len(seeds) == 1:
+        return seeds[0]
     path = run / "results.json"
     if not path.exists():
         raise UsageError(f"{path}: missing (training unfinished) — finish training, or pass --seed")

@@ -1,4 +1,8 @@
-"""Each stage installs alone: mister_jax pulls in no torch, encoders_torch no jax, bridges neither."""
+"""Each stage installs alone: mister_jax pulls in no torch, encoders_torch no jax, bridges neither.
+
+`mister_jax.import_torch` is the one module of mister_jax that reads torch's file format: it parses the
+`.pth` archive itself, so importing it (part of the walk below) must load no torch either.
+"""
 
 import json
 import subprocess
@@ -27,3 +31,9 @@ def _modules_loaded_by(package: str) -> set[str]:
 def test_package_and_all_its_modules_import_without_the_other_stack(package, forbidden):
     loaded = _modules_loaded_by(package)
     assert not loaded & forbidden, f"{package} pulled in {sorted(loaded & forbidden)}"
+
+
+def test_the_torch_checkpoint_importer_loads_no_torch():
+    code = "import sys, mister_jax.import_torch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

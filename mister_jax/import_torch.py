@@ -1,0 +1,325 @@
+"""Import a checkpoint trained with the authors' public code (iiscleap/MiSTER-E, `AttentionMoE`) as a run.
+
+    python -m mister_jax.import_torch CHECKPOINT.pth --dataset NAME [--features ROOT] --out RUN_DIR
+        [--attention-heads 3] [--gate-temperature 2]
+
+The run directory it writes (`run_config.json`, one seed's parameters under `checkpoints/best/seed_0`)
+is read by `python -m mister_jax.predict --run RUN_DIR`, so a model trained with the authors' scripts
+can predict, have its gate analysed and be compared with our runs.
+
+The `.pth` file is read here, without torch: it is a zip archive holding a pickle whose tensors point
+at raw storages in the same archive. The unpickler admits only the globals a `state_dict` needs
+(torch's tensor rebuild function, its storage types, `collections.OrderedDict`) and refuses every
+other, so a checkpoint cannot run code, and `mister_jax` never loads torch (tests/test_imports.py).
+
+The authors' `nn.MultiheadAttention` projects queries, keys and values again (`in_proj`) after the
+dense layers in front of it, and its `out_proj` runs before the dense layer behind it; each pair is one
+affine map, composed here exactly (in float64): `W = W_2 W_1`, `b = W_2 b_1 + b_2`. Input widths, the
+GRU depth and width, the fusion width and depth, the attention width and the class count are read
+from the tensors' shapes; the number of heads and the gate's temperature are not in a `state_dict`
+(flags, defaults 3 and 2 as in their code). Their fusion classifier reads `[text; audio]`, ours
+`[speech; text]`: its LayerNorm and first dense layer are permuted to match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import io
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mister_jax import atomic
+from mister_jax.train import UsageError, open_store
+
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                   "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32,
+                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+                   "BoolStorage": np.bool_}
+UNUSED_PREFIXES = ("proj.", "classifier.")  # in their AttentionMoE, never called in its forward
+
+
+class CheckpointFormatError(ValueError):
+    """A file that is not a state_dict this reader admits."""
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """A tensor as a NumPy view of its storage (torch's `_rebuild_tensor_v2` arguments)."""
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                           strides=tuple(s * itemsize for s in stride)).copy()
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self._archive, self._prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and _STORAGE_DTYPES.get(name) is not None:
+            return name
+        raise CheckpointFormatError(f"refers to {module}.{name}, which a state_dict does not need; "
+                                    "only tensors and OrderedDict are read")
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, _numel = pid
+        if kind != "storage":
+            raise CheckpointFormatError(f"holds a persistent object of kind {kind!r}")
+        dtype = _STORAGE_DTYPES[storage_type if isinstance(storage_type, str) else storage_type]
+        return np.frombuffer(self._archive.read(f"{self._prefix}/data/{key}"), dtype=dtype)
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a `torch.save`d state_dict (zip format) as NumPy arrays, by key.
+
+    A dict wrapping the state_dict under "state_dict" or "model" is unwrapped."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointFormatError("is not a torch.save zip archive (no single data.pkl)")
+            prefix = pickles[0][:-len("/data.pkl")]
+            obj = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix).load()
+    except zipfile.BadZipFile:
+        raise CheckpointFormatError("is not a zip archive (save it with torch.save of torch >= 1.6)") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise CheckpointFormatError("does not hold a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _config_from_shapes(sd: dict, heads: int, temperature: float):
+    from mister_jax.config import ModelConfig
+
+    layers = sum(1 for k in sd if k.startswith("audio_self.rnn_1.weight_ih_l") and not k.endswith("_reverse"))
+    units = {int(k.split(".")[2]) for k in sd if k.startswith("fusion.units.")}
+    return ModelConfig(speech_dim=sd["audio_self.fc_1.weight"].shape[1], text_dim=sd["text_self.fc_1.weight"].shape[1],
+                       num_classes=sd["audio_self.fc.weight"].shape[0], can_hidden=sd["audio_self.rnn_1.weight_hh_l0"].shape[1],
+                       gru_layers=layers, fusion_dim=sd["fusion.fc_aud.weight"].shape[0], fusion_layers=len(units),
+                       attention_dim=sd["fusion.units.0.fc_audq.weight"].shape[0], attention_heads=heads,
+                       gate="mlp", gate_hidden=sd["gate.0.weight"].shape[0], gate_temperature=temperature,
+                       can_dropout=0.0)
+
+
+class _Reader:
+    """Takes tensors from a state_dict by key, in float64."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def __call__(self, key: str) -> np.ndarray:
+        return self.sd[key].astype(np.float64)
+
+    def dense(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(W [out, in], b [out]) of an nn.Linear."""
+        return self(f"{name}.weight"), self(f"{name}.bias")
+
+
+def _kernel(w: np.ndarray, b: np.ndarray) -> dict:
+    return {"kernel": w.T.astype(np.float32), "bias": b.astype(np.float32)}
+
+
+def _compose(first: tuple, second: tuple) -> tuple:
+    """The affine map x ↦ W_2 (W_1 x + b_1) + b_2 as one (W, b)."""
+    (w1, b1), (w2, b2) = first, second
+    return w2 @ w1, w2 @ b1 + b2
+
+
+def _attention(read: _Reader, unit: str, streams: list[tuple[str, str, str, str]], width: int) -> dict:
+    """Our stacked (speech, text) attention from the authors' per-stream layers: each stream is
+    (query FC, key/value FC stem, MultiheadAttention, output FC)."""
+    query, key_value, out = [], [], []
+    for q_fc, kv_stem, mha, out_fc in streams:
+        w_in, b_in = read(f"{unit}.{mha}.in_proj_weight"), read(f"{unit}.{mha}.in_proj_bias")
+        part = lambda i: (w_in[i * width:(i + 1) * width], b_in[i * width:(i + 1) * width])
+        q = _compose(read.dense(f"{unit}.{q_fc}"), part(0))
+        k = _compose(read.dense(f"{unit}.{kv_stem.format('k')}"), part(1))
+        v = _compose(read.dense(f"{unit}.{kv_stem.format('v')}"), part(2))
+        o = _compose(read.dense(f"{unit}.{mha}.out_proj"), read.dense(f"{unit}.{out_fc}"))
+        query.append(q)
+        key_value.append((np.concatenate([k[0], v[0]]), np.concatenate([k[1], v[1]])))
+        out.append(o)
+    stack = lambda maps: {"kernels": np.stack([w.T for w, _ in maps]).astype(np.float32),
+                          "biases": np.stack([b for _, b in maps]).astype(np.float32)}
+    return {"query": stack(query), "key_value": stack(key_value), "out": stack(out)}
+
+
+def _norms(read: _Reader, unit: str, names: tuple[str, str]) -> dict:
+    return {"scales": np.stack([read(f"{unit}.{n}.weight") for n in names]).astype(np.float32),
+            "biases": np.stack([read(f"{unit}.{n}.bias") for n in names]).astype(np.float32)}
+
+
+def params_from_state_dict(sd: dict, heads: int = 3, temperature: float = 2.0):
+    """``(ModelConfig, params)`` of our `MisterE` computing what the authors' `AttentionMoE` with this
+    state_dict computes on unpadded conversations; raises `CheckpointFormatError` listing every
+    missing, unknown or misshapen key (one per line)."""
+    try:
+        cfg = _config_from_shapes(sd, heads, temperature)
+    except (KeyError, IndexError, ValueError) as err:
+        raise CheckpointFormatError(f"is not a state_dict of the authors' AttentionMoE (missing {err})") from None
+    expected = _expected_keys(cfg)
+    problems = [f"missing key {k}" for k in sorted(expected - set(sd))]
+    problems += [f"unknown key {k} (shape {list(sd[k].shape)})" for k in sorted(set(sd) - expected)
+                 if not k.startswith(UNUSED_PREFIXES)]
+    if not problems:
+        try:
+            params = _assemble(_Reader(sd), cfg)
+        except ValueError as err:  # two tensors that should compose do not
+            raise CheckpointFormatError(f"tensor shapes disagree with each other ({err})") from None
+        problems = _shape_problems(cfg, params)
+    if problems:
+        raise CheckpointFormatError("\n".join(problems))
+    return cfg, params
+
+
+def _expected_keys(cfg) -> set[str]:
+    """The keys of the authors' AttentionMoE with the depths of ``cfg``."""
+    dense = lambda name: {f"{name}.weight", f"{name}.bias"}
+    keys = set()
+    for m in ("audio_self", "text_self"):
+        for name in ("conv", "conv3", "conv5", "fc_1", "fc"):
+            keys |= dense(f"{m}.{name}")
+        keys |= {f"{m}.rnn_1.{kind}_{name}_l{layer}{d}" for kind in ("weight", "bias") for name in ("ih", "hh")
+                 for layer in range(cfg.gru_layers) for d in ("", "_reverse")}
+    for name in ("fc_aud", "fc_text", "fc_aud_self", "fc_text_self", "bn", "fc", "fc_2"):
+        keys |= dense(f"fusion.{name}")
+    for layer in range(cfg.fusion_layers):
+        unit = f"fusion.units.{layer}"
+        for name in [f"fc_{s}{p}{x}" for s in ("aud", "asr") for p in "qkv" for x in ("", "_s")] + \
+                ["fc_text", "fc_audio", "fc_text_s", "fc_aud_s", "layer_norm_t", "layer_norm_a", "layer_norm_t_s",
+                 "layer_norm_a_s"]:
+            keys |= dense(f"{unit}.{name}")
+        for mha in ("asr", "aud", "selfaud", "selfasr"):
+            keys |= {f"{unit}.multihead_attn_{mha}.in_proj_weight", f"{unit}.multihead_attn_{mha}.in_proj_bias"}
+            keys |= dense(f"{unit}.multihead_attn_{mha}.out_proj")
+    return keys | dense("gate.0") | dense("gate.2")
+
+
+def _assemble(read: _Reader, cfg) -> dict:
+    can = {}
+    for ours, theirs in (("speech", "audio_self"), ("text", "text_self")):
+        can[f"{ours}_inception"] = {f"conv{k}": {"kernel": read(f"{theirs}.{name}.weight").transpose(1, 2, 0)
+                                                 .astype(np.float32),
+                                                 "bias": read(f"{theirs}.{name}.bias").astype(np.float32)}
+                                    for k, name in ((1, "conv"), (3, "conv3"), (5, "conv5"))}
+        can[f"{ours}_residual"] = _kernel(*read.dense(f"{theirs}.fc_1"))
+        can[f"{ours}_head"] = _kernel(*read.dense(f"{theirs}.fc"))
+    gru = {}
+    for layer in range(cfg.gru_layers):
+        for name in ("ih", "hh"):  # streams g = 2m + d: (speech fwd, speech bwd, text fwd, text bwd)
+            keys = [f"{m}.rnn_1.{{}}_{name}_l{layer}{d}" for m in ("audio_self", "text_self") for d in ("", "_reverse")]
+            gru[f"w_{name}_{layer}"] = np.stack([read(k.format("weight")).T for k in keys]).astype(np.float32)
+            gru[f"b_{name}_{layer}"] = np.stack([read(k.format("bias")) for k in keys]).astype(np.float32)
+    can["gru"] = gru
+    f, a = cfg.fusion_dim, cfg.attention_dim
+    multimodal = {"speech_projection": _kernel(*read.dense("fusion.fc_aud")),
+                  "text_projection": _kernel(*read.dense("fusion.fc_text")),
+                  "speech_residual": _kernel(*read.dense("fusion.fc_aud_self")),
+                  "text_residual": _kernel(*read.dense("fusion.fc_text_self"))}
+    for layer in range(cfg.fusion_layers):
+        unit = f"fusion.units.{layer}"
+        multimodal[f"layer_{layer}"] = {
+            "cross_attention": _attention(read, unit, [("fc_audq", "fc_asr{}", "multihead_attn_aud", "fc_audio"),
+                                                       ("fc_asrq", "fc_aud{}", "multihead_attn_asr", "fc_text")], a),
+            "cross_norm": _norms(read, unit, ("layer_norm_a", "layer_norm_t")),
+            "self_attention": _attention(read, unit, [("fc_audq_s", "fc_aud{}_s", "multihead_attn_selfaud", "fc_aud_s"),
+                                                      ("fc_asrq_s", "fc_asr{}_s", "multihead_attn_selfasr", "fc_text_s")], a),
+            "self_norm": _norms(read, unit, ("layer_norm_a_s", "layer_norm_t_s")),
+        }
+    speech_first = np.concatenate([np.arange(f, 2 * f), np.arange(f)])  # their [text; audio] → our [speech; text]
+    multimodal["classifier_norm"] = {"scale": read("fusion.bn.weight")[speech_first].astype(np.float32),
+                                     "bias": read("fusion.bn.bias")[speech_first].astype(np.float32)}
+    w, b = read.dense("fusion.fc")
+    multimodal["classifier_hidden"] = _kernel(w[:, speech_first], b)
+    multimodal["classifier_out"] = _kernel(*read.dense("fusion.fc_2"))
+    gate = {"hidden": _kernel(*read.dense("gate.0")), "out": _kernel(*read.dense("gate.2"))}
+    return {"can": can, "multimodal": multimodal, "gate": gate}
+
+
+def _shape_problems(cfg, params) -> list[str]:
+    import jax
+
+    from mister_jax.model import param_shapes
+
+    want = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
+    got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return [f"{name}: shape {list(got.get(name, ()))} where the architecture read from the checkpoint needs "
+            f"{list(shape)}" for name, shape in want.items() if got.get(name) != shape]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m mister_jax.import_torch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a torch.save'd state_dict of the authors' AttentionMoE (moe_model.pth)")
+    parser.add_argument("--dataset", required=True, help="store name whose labels and dims the model must match")
+    parser.add_argument("--features", default="features", help="store root; the store is ROOT/NAME")
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--attention-heads", type=int, default=3, help="heads of every attention (theirs: 3)")
+    parser.add_argument("--gate-temperature", type=float, default=2.0, help="softmax temperature of the gate (theirs: 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        _main(args)
+    except UsageError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _main(args) -> None:
+    from mister_jax.checkpoint import RunCheckpoints
+    from mister_jax.presets import get_preset
+
+    path = Path(args.checkpoint)
+    try:
+        sd = read_state_dict(path)
+        cfg, params = params_from_state_dict(sd, args.attention_heads, args.gate_temperature)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except CheckpointFormatError as err:
+        raise UsageError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
+    except ValueError as err:
+        raise UsageError(f"{path}: {err} — pass --attention-heads that divides the attention width") from None
+    store = open_store(args.dataset, args.features)
+    mismatch = [f"{store.directory / 'manifest.json'}: {name} {have} but the checkpoint's model has {need}"
+                for name, have, need in (("speech dim", store.modalities.get("speech", {}).get("dim"), cfg.speech_dim),
+                                         ("text dim", store.modalities.get("text", {}).get("dim"), cfg.text_dim),
+                                         ("label count", len(store.label_names), cfg.num_classes)) if have != need]
+    if mismatch:
+        raise UsageError("\n".join(mismatch) + "\n(use the store whose features the checkpoint was trained on)")
+    preset = get_preset(args.dataset, store.label_names, "authors-code")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = dataclasses.replace(preset.train, seeds=1)
+    atomic.write_json(out / "run_config.json", {
+        "dataset": args.dataset, "store": str(store.directory.resolve()), "label_names": list(store.label_names),
+        "val_source": "imported", "model": dataclasses.asdict(cfg), "loss": dataclasses.asdict(preset.loss),
+        "train": dataclasses.asdict(train),
+        "imported_from": {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                          "format": "the authors' AttentionMoE state_dict (iiscleap/MiSTER-E)"}})
+    ckpt = RunCheckpoints(out / "checkpoints")
+    ckpt.save_best(0, 0, params)
+    ckpt.close()
+    ignored = sorted(k for k in sd if k.startswith(UNUSED_PREFIXES))
+    print(f"imported {path} into {out} ({len(sd)} tensors; unused keys of their AttentionMoE ignored: "
+          f"{', '.join(ignored) or 'none'}); predict with "
+          f"python -m mister_jax.predict --run {out} --dataset {args.dataset} --out predictions.jsonl", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

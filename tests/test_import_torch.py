@@ -1,0 +1,154 @@
+"""python -m mister_jax.import_torch: a checkpoint of the authors' AttentionMoE becomes a run of ours.
+
+The reference is `benchmarks/torch_reference.py` (the authors' key names, shapes and forward); its
+outputs on unpadded conversations are what the imported model must reproduce.
+"""
+
+import dataclasses
+import io
+import json
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from common import PAPER  # noqa: E402
+from torch_reference import AttentionMoE  # noqa: E402
+
+from bridges import init_store, write_index, write_modality  # noqa: E402
+from mister_jax import import_torch, predict as predict_cli  # noqa: E402
+from mister_jax.model import MisterE  # noqa: E402
+
+DIMS = dataclasses.replace(PAPER, speech_dim=24, text_dim=20, num_classes=4, can_hidden=8, gru_layers=2,
+                           fusion_dim=32, fusion_layers=2, attention_dim=12, attention_heads=3)
+LABELS = ["neutral", "happy", "sad", "angry"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A reference model with random weights (LayerNorms included), saved as the authors save theirs."""
+    torch.manual_seed(0)
+    model = AttentionMoE(DIMS).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("pth") / "moe_model.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _conversation(length, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(1, length, DIMS.speech_dim)).astype(np.float32),
+            rng.normal(size=(1, length, DIMS.text_dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize("length", [1, 3, 7])
+def test_imported_model_computes_the_references_outputs(reference, length):
+    model, path = reference
+    cfg, params = import_torch.params_from_state_dict(import_torch.read_state_dict(path))
+    speech, text = _conversation(length, length)
+    with torch.no_grad():
+        want = model(torch.from_numpy(speech), torch.from_numpy(text))
+    got = MisterE(cfg).apply({"params": params}, speech, text, np.ones((1, length), bool))
+    for field in ("logits", "speech_logits", "text_logits", "multimodal_logits", "gate", "m_speech", "m_text"):
+        np.testing.assert_allclose(np.asarray(getattr(got, field)), want[field].numpy(), atol=1e-5, err_msg=field)
+
+
+def test_architecture_is_read_from_the_tensor_shapes(reference):
+    cfg, _ = import_torch.params_from_state_dict(import_torch.read_state_dict(reference[1]))
+    assert (cfg.speech_dim, cfg.text_dim, cfg.num_classes, cfg.can_hidden, cfg.gru_layers, cfg.fusion_dim,
+            cfg.fusion_layers, cfg.attention_dim, cfg.gate, cfg.gate_hidden, cfg.gate_temperature) == (
+        24, 20, 4, 8, 2, 32, 2, 12, "mlp", 10, 2.0)
+
+
+def _store(root: Path, lengths=(3, 5, 2)):
+    """A test split of a few conversations in a store written by hand."""
+    directory = init_store(root, "mine", LABELS, ["test"])
+    ids, convs, speech, text = [], [], [], []
+    for c, n in enumerate(lengths):
+        s, t = _conversation(n, 100 + c)
+        speech.append(s[0]), text.append(t[0])
+        ids += [f"c{c}_u{i}" for i in range(n)]
+        convs += [f"c{c}"] * n
+    labels = np.arange(len(ids)) % len(LABELS)
+    write_index(directory, "test", ids, convs, labels)
+    write_modality(directory, "test", "speech", np.concatenate(speech), {"model": "test"})
+    write_modality(directory, "test", "text", np.concatenate(text), {"model": "test"})
+    return speech, text
+
+
+def test_import_then_predict_gives_the_references_probabilities(reference, tmp_path):
+    model, path = reference
+    speech, text = _store(tmp_path / "features")
+    out = tmp_path / "run"
+    assert import_torch.main([str(path), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                              "--out", str(out)]) == 0
+    assert json.loads((out / "run_config.json").read_text())["imported_from"]["sha256"]
+    predictions = tmp_path / "pred.jsonl"
+    assert predict_cli.main(["--run", str(out), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                             "--out", str(predictions)]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    with torch.no_grad():
+        want = np.concatenate([model(torch.from_numpy(s[None]), torch.from_numpy(t[None]))["logits"].softmax(-1)[0]
+                               .numpy() for s, t in zip(speech, text)])
+    np.testing.assert_allclose(np.array([r["probs"] for r in rows]), want, atol=1e-5)
+
+
+def _edited_checkpoint(reference, tmp_path, edit):
+    state = dict(reference[0].state_dict())
+    edit(state)
+    path = tmp_path / "edited.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.__setitem__("fusion.extra.weight", torch.zeros(2)), "unknown key fusion.extra.weight"),
+    (lambda s: s.pop("fusion.units.1.fc_text_s.bias"), "missing key fusion.units.1.fc_text_s.bias"),
+    (lambda s: s.__setitem__("fusion.fc_2.bias", torch.zeros(7)), "classifier_out']['bias']: shape [7]"),
+])
+def test_a_checkpoint_that_does_not_fit_gets_one_line_per_problem(reference, tmp_path, capsys, edit, message):
+    _store(tmp_path / "features")
+    path = _edited_checkpoint(reference, tmp_path, edit)
+    assert import_torch.main([str(path), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                              "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_store_of_other_dims_is_named_with_its_manifest(reference, tmp_path, capsys):
+    directory = init_store(tmp_path / "features", "mine", LABELS[:3], ["test"])
+    write_index(directory, "test", ["u0"], ["c0"], [0])
+    write_modality(directory, "test", "speech", np.zeros((1, DIMS.speech_dim), np.float32), {})
+    write_modality(directory, "test", "text", np.zeros((1, 5), np.float32), {})
+    assert import_torch.main([str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                              "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: text dim 5 but the checkpoint's model has 20" in err
+    assert "manifest.json: label count 3 but the checkpoint's model has 4" in err
+
+
+class _Shell:
+    def __reduce__(self):
+        import os
+        return os.system, ("true",)
+
+
+def test_the_reader_refuses_a_pickle_that_would_run_code(tmp_path):
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"a": _Shell()}, protocol=2))
+    with pytest.raises(import_torch.CheckpointFormatError, match="refers to posix.system"):
+        import_torch.read_state_dict(path)
+
+
+def test_the_reference_has_the_authors_parameter_count_at_paper_dims():
+    assert sum(p.numel() for p in AttentionMoE(PAPER, heads=3).parameters()) == 89_661_809
