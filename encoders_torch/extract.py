@@ -161,7 +161,7 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
         dropout=args.head_dropout,
     ))
     model = EmotionModel(encoder, head)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
                          gamma=args.gamma, eval_batch_size=args.eval_batch_size, seed=args.seed,
                          log_every=args.log_every)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -252,7 +252,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store root; the store is OUT/DATASET")
     p.add_argument("--adapter", help="trained folder (adapter/, head.safetensors, training.json) to use instead of fine-tuning")
     p.add_argument("--retrain", action="store_true", help="fine-tune again even if OUT/DATASET/adapters/MODALITY exists")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=50,
+                   help="fine-tuning epochs (the paper: 50); the adapter and head of the epoch with the best "
+                        "validation weighted F1 are kept and exported")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after N epochs without a better validation weighted F1 (default 0: never)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5)

@@ -1,8 +1,15 @@
 """LoRA fine-tuning of an encoder + head with focal loss; model selection on validation weighted F1.
 
 Only the trainable parameters move: LoRA matrices, modules the encoder marks as fully trained (the
-speech projector) and the head. The state of the epoch with the best validation weighted F1 is kept
-and restored at the end (DESIGN §5 applies the same rule to MiSTER-E).
+speech projector) and the head. After every epoch the pooled classifier head scores the validation
+split; the state of the epoch with the best weighted F1 (the first of equal ones) is kept and restored
+at the end (DESIGN §5 applies the same rule to MiSTER-E). With `patience` N, training stops once N
+epochs in a row bring no better score.
+
+With a checkpoint folder, fine-tuning is resumable: after every epoch the trainable weights, the
+optimizer, the random generators and the history (best epoch, hence the epochs since it) are written
+to `epoch_NNNN/` through a temporary folder that is renamed when complete; that folder and the best
+epoch's are kept. A run called again with the same folder continues after the last complete epoch.
 
 A trained model is a folder: `adapter/` (peft `save_pretrained`: adapter_config.json,
 adapter_model.safetensors), `head.safetensors` + `head_config.json`, and `training.json` (label names,
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -22,22 +30,28 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 
 from encoders_torch.corpora import Utterance
-from encoders_torch.encoder import EmotionModel
+from encoders_torch.encoder import EmotionModel, EncoderError
 from encoders_torch.heads import focal_loss
 
 TRAINING = "training.json"
 ADAPTER = "adapter"
 _SORT_WINDOW = 50  # batches whose utterances are sorted by length together when training
+_EPOCH = "epoch_"  # checkpoint folders: epoch_NNNN holds the state after 0-based epoch NNNN
+_STATE, _WEIGHTS, _TRAINING_STATE = "state.json", "weights.safetensors", "training_state.pt"
+_RESUMABLE = ("epochs", "patience", "log_every")  # settings a resumed run may change
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Defaults from DESIGN §6: lr 1e-5, batch 8, focal loss (γ = 3, Eq. 19)."""
+    """Defaults from DESIGN §6: lr 1e-5, batch 8, focal loss (γ = 3, Eq. 19), 50 epochs (the paper's
+    Sec. 4.2). ``patience`` > 0 stops after that many epochs without a better validation score."""
 
-    epochs: int = 3
+    epochs: int = 50
+    patience: int = 0
     batch_size: int = 8
     lr: float = 1e-5
     head_lr: float | None = None  # None: same as lr
@@ -153,6 +167,86 @@ def make_optimizer(model: EmotionModel, config: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
 
+def _fingerprint(model: EmotionModel, train: Sequence[Utterance], val: Sequence[Utterance], config: TrainConfig) -> str:
+    """What a checkpoint is tied to: settings (but those in `_RESUMABLE`), encoder, head, trainable shapes, utterances."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
+    identity = {
+        "train": settings,
+        "encoder": model.encoder.source(),
+        "head": dataclasses.asdict(model.head.config),
+        "trainable": [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad],
+        "utterances": [[u.id for u in train], [u.id for u in val]],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _epoch_dirs(checkpoint: Path) -> dict[int, Path]:
+    return {int(p.name[len(_EPOCH):]): p for p in checkpoint.glob(f"{_EPOCH}[0-9]*") if p.is_dir()}
+
+
+def _save_epoch(checkpoint: Path, fingerprint: str, history: dict, trainable: dict[str, torch.nn.Parameter],
+                optimizer: torch.optim.Optimizer, rng: np.random.Generator, device: torch.device) -> None:
+    """Writes the state after the last epoch of `history`, then removes the folders of other epochs than it and the best."""
+    epoch = len(history["val_weighted_f1"]) - 1
+    final = checkpoint / f"{_EPOCH}{epoch:04d}"
+    tmp = checkpoint / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / _WEIGHTS)
+    generators = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        generators["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": generators}, tmp / _TRAINING_STATE)
+    state = {"fingerprint": fingerprint, "history": history, "numpy_rng": rng.bit_generator.state}
+    (tmp / _STATE).write_text(json.dumps(state, indent=1) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for other, path in _epoch_dirs(checkpoint).items():
+        if other not in (epoch, history["best_epoch"]):
+            shutil.rmtree(path)
+    with contextlib.suppress(FileNotFoundError):
+        if history["best_epoch"] != epoch:
+            (checkpoint / f"{_EPOCH}{history['best_epoch']:04d}" / _TRAINING_STATE).unlink()
+
+
+def _restore(checkpoint: Path, fingerprint: str, trainable: dict[str, torch.nn.Parameter],
+             optimizer: torch.optim.Optimizer, rng: np.random.Generator, device: torch.device,
+             log: Callable[[str], None]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """Loads the last complete epoch into the model, optimizer and generators: (history, best weights), or None."""
+    epochs = _epoch_dirs(checkpoint)
+    if not epochs:
+        return None
+    last = epochs[max(epochs)]
+    state = json.loads((last / _STATE).read_text())
+    if state["fingerprint"] != fingerprint:
+        log(f"discarding the fine-tuning checkpoint in {checkpoint}: written for other settings, model or utterances")
+        shutil.rmtree(checkpoint)
+        return None
+    history = state["history"]
+    best_dir = epochs.get(history["best_epoch"])
+    if best_dir is None or not (best_dir / _WEIGHTS).is_file():
+        raise EncoderError(f"fine-tuning checkpoint {checkpoint}: the best epoch's weights ({_EPOCH}"
+                           f"{history['best_epoch']:04d}/{_WEIGHTS}) are missing — delete the folder to start over")
+    with torch.no_grad():
+        for n, value in load_file(last / _WEIGHTS).items():
+            trainable[n].copy_(value)
+    saved = torch.load(last / _TRAINING_STATE, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in saved["rng"]:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+    rng.bit_generator.state = state["numpy_rng"]
+    log(f"resuming fine-tuning from {checkpoint}: {len(history['val_weighted_f1'])} epochs done, best epoch "
+        f"{history['best_epoch'] + 1} (val weighted F1 {history['best_val_weighted_f1']:.4f})")
+    return history, load_file(best_dir / _WEIGHTS)
+
+
+def _patience_spent(history: dict, patience: int) -> bool:
+    """`patience` epochs have passed since the best one without a better val weighted F1."""
+    return patience > 0 and len(history["val_weighted_f1"]) - 1 - history["best_epoch"] >= patience
+
+
 def fit(
     model: EmotionModel,
     train: Sequence[Utterance],
@@ -161,11 +255,14 @@ def fit(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
+    checkpoint: str | Path | None = None,
 ) -> dict:
-    """Fine-tunes for `config.epochs`, keeps the epoch with the best validation weighted F1.
+    """Fine-tunes for `config.epochs` (fewer with `config.patience`), keeps the epoch with the best val weighted F1.
 
-    Returns the history: per-epoch train loss and val weighted F1, `best_epoch` (0-based) and
-    `best_val_weighted_f1`; the model holds the best epoch's weights on return.
+    Returns the history: per-epoch train loss and val weighted F1, `best_epoch` (0-based),
+    `best_val_weighted_f1` and `stopped_early`; the model holds the best epoch's weights on return.
+    With `checkpoint`, resumes from and writes to that folder (module docstring); a checkpoint written
+    for other settings (but epochs, patience and log_every), another model or other utterances is discarded.
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -174,7 +271,15 @@ def fit(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     history = {"train_loss": [], "val_weighted_f1": [], "epoch_seconds": [], "best_epoch": -1, "best_val_weighted_f1": -1.0}
     best_state = None
-    for epoch in range(config.epochs):
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(model, train, val, config) if checkpoint is not None else ""
+    if checkpoint is not None:
+        restored = _restore(checkpoint, fingerprint, trainable, optimizer, rng, device, log)
+        if restored is not None:
+            history, best_state = restored
+    for epoch in range(len(history["val_weighted_f1"]), config.epochs):
+        if _patience_spent(history, config.patience):
+            break
         start = time.time()
         loss = train_epoch(model, optimizer, train, config, rng, device, dtype, log, config.log_every)
         logits, _ = predict(model, val, config.eval_batch_size, device, dtype)
@@ -187,6 +292,12 @@ def fit(
         if score > history["best_val_weighted_f1"]:
             history["best_epoch"], history["best_val_weighted_f1"] = epoch, score
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
+        if checkpoint is not None:
+            _save_epoch(checkpoint, fingerprint, history, trainable, optimizer, rng, device)
+    history["stopped_early"] = len(history["val_weighted_f1"]) < config.epochs and _patience_spent(history, config.patience)
+    if history["stopped_early"]:
+        log(f"stopped early: no better val weighted F1 in the {config.patience} epochs after epoch "
+            f"{history['best_epoch'] + 1} ({history['best_val_weighted_f1']:.4f})")
     if best_state is not None:
         with torch.no_grad():
             for n, p in trainable.items():

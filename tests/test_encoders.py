@@ -146,6 +146,22 @@ def test_fine_tuning_lowers_the_loss_and_keeps_the_best_val_epoch(world):
     assert history["best_epoch"] == int(np.argmax(history["val_weighted_f1"]))
 
 
+def test_patience_stops_fine_tuning_once_validation_stops_improving(world):
+    model = _model(TextEncoder(world["llama"]), world["corpus"])
+    corpus = world["corpus"]
+    # lr 0: nothing changes after the first evaluation, so epoch 1 stays the best.
+    history = fit(model, corpus.utterances("train"), corpus.utterances("val"),
+                  TrainConfig(epochs=20, patience=2, batch_size=6, lr=0.0), torch.device("cpu"), log=lambda s: None)
+    assert history["stopped_early"] and len(history["val_weighted_f1"]) == 3 and history["best_epoch"] == 0
+
+
+def test_encoders_fine_tune_for_the_papers_50_epochs_by_default():
+    from encoders_torch.extract import parser
+
+    args = parser().parse_args(["--dataset", "iemocap", "--data-root", "x", "--modality", "text", "--model", "m", "--out", "o"])
+    assert args.epochs == TrainConfig().epochs == 50 and args.patience == 0
+
+
 # -------------------------------------------------------------------------------------- extraction
 
 
