@@ -25,6 +25,7 @@ import numpy as np
 FORMAT = "mister-features"
 VERSION = 1
 SPLITS = ("train", "val", "test")
+LABELLED_SPLITS = ("train", "val")  # training and model selection need their labels
 DTYPES = ("float32", "float16")
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
@@ -84,12 +85,18 @@ def write_manifest(dataset_dir: str | os.PathLike, manifest: Mapping) -> None:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _not_readable(path) -> str:
+    return f"{path}: not readable — check its permissions (and those of the folders above it)"
+
+
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
     path = Path(dataset_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StoreError([f"{path}: missing — no feature store here; {_BY_HAND}"]) from None
+    except PermissionError:
+        raise StoreError([_not_readable(path)]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError([f"{path}: not valid JSON ({e}) — rewrite the manifest per DESIGN §2"]) from None
     if not isinstance(manifest, dict):
@@ -225,6 +232,8 @@ def _load_index(path: Path) -> dict[str, np.ndarray]:
         raise StoreError([f"{path}: missing — {_BY_HAND}"]) from None
     except KeyError as e:
         raise StoreError([f"{path}: lacks array {e} — it must hold utterance_id, conversation_id, label"]) from None
+    except PermissionError:
+        raise StoreError([_not_readable(path)]) from None
     except Exception as e:  # zipfile / pickle / truncated-file errors all mean the same to a user
         raise StoreError([f"{path}: unreadable ({type(e).__name__}: {e}) — rewrite this split's index"]) from None
 
@@ -317,6 +326,13 @@ class FeatureStore:
         Raises `StoreError` listing every problem. Values (NaN/Inf) are checked by `check_values`.
         """
         directory = Path(path)
+        try:
+            return cls._open(directory)
+        except PermissionError as e:
+            raise StoreError([_not_readable(e.filename or directory)]) from None
+
+    @classmethod
+    def _open(cls, directory: Path) -> "FeatureStore":
         manifest = read_manifest(directory)
         problems = _manifest_problems(directory / MANIFEST, manifest)
         if problems:
@@ -331,6 +347,9 @@ class FeatureStore:
                 problems += e.problems
                 continue
             problems += _index_problems(split_dir / INDEX, index, n_labels)
+            if name in LABELLED_SPLITS and len(index["label"]) and np.all(index["label"] < 0):
+                problems.append(f"{split_dir / INDEX}: no labelled utterance (every label is -1), but the {name} "
+                                f"split needs labels — write the class indices with bridges.write_index")
             features = {}
             for modality, spec in manifest["modalities"].items():
                 array, issue = _open_modality(split_dir / f"{modality}.npy", spec, len(index["label"]))
@@ -374,6 +393,9 @@ def _manifest_problems(path: Path, manifest: dict) -> list[str]:
     labels = manifest.get("label_names")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         problems.append(f"{path}: label_names must be a non-empty list of strings — {fix}")
+    elif len(labels) < 2:
+        problems.append(f"{path}: label_names lists {len(labels)} class ({labels[0]!r}); emotion recognition needs "
+                        f"at least two — list every class of the corpus in label_names")
     splits = manifest.get("splits")
     if not isinstance(splits, list) or not splits:
         problems.append(f"{path}: splits must be a non-empty list such as {list(SPLITS)} — {fix}")
@@ -408,10 +430,12 @@ def _index_problems(path: Path, index: dict[str, np.ndarray], n_labels: int) -> 
 
 
 def _open_modality(path: Path, spec: dict, n_rows: int) -> tuple[np.ndarray | None, str | None]:
-    if not path.exists():
-        return None, f"{path}: missing, but the manifest declares this modality — write it for this split ({_BY_HAND})"
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        return None, f"{path}: missing, but the manifest declares this modality — write it for this split ({_BY_HAND})"
+    except PermissionError:
+        return None, _not_readable(path)
     except Exception as e:
         return None, f"{path}: unreadable or truncated ({e}) — re-extract this modality"
     if array.ndim != 2:

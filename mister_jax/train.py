@@ -94,6 +94,9 @@ def open_store(dataset: str, features: str):
     from bridges import FeatureStore, StoreError
 
     path = Path(features) / dataset
+    if Path(features).is_file():
+        raise UsageError(f"--features {features}: is a file, not a folder — pass the store root, the folder that "
+                         f"holds {dataset}/")
     if dataset == "demo" and not (path / "manifest.json").exists():
         from bridges.demo import build_demo_store
 
@@ -142,6 +145,9 @@ def build_preset(args: argparse.Namespace, store):
         overrides.insert(0, f"variant={args.variant}")
     flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every,
              "checkpoint_minutes": args.checkpoint_minutes, "on_nonfinite": args.on_nonfinite}
+    for name, least in (("epochs", 1), ("seeds", 1), ("checkpoint_every", 0), ("checkpoint_minutes", 0)):
+        if flags[name] is not None and flags[name] < least:
+            raise UsageError(f"--{name.replace('_', '-')} {flags[name]}: must be >= {least}")
     overrides += [f"train.{k}={v}" for k, v in flags.items() if v is not None]
     if not any(item.split("=", 1)[0].rpartition(".")[2] == "dtype" for item in overrides) and on_accelerator():
         overrides.insert(0, "dtype=bfloat16")
@@ -263,7 +269,7 @@ class Trainer:
         import jax
 
         from mister_jax.aot import TrainStepCompiler
-        from mister_jax.data import batch_rows, choose_pad_lengths, make_batch, padding_efficiency
+        from mister_jax.data import batch_rows, choose_pad_lengths, example_batch, make_batch, padding_efficiency
         from mister_jax.host_mirror import HostMirror
         from mister_jax.trainer import abstract_train_state, make_steps, seed_keys
 
@@ -299,7 +305,7 @@ class Trainer:
         state = abstract_train_state(preset.model, cfg, len(self.seeds) if self.vmap else None)
         t0 = time.perf_counter()
         for t in shapes:
-            example = make_batch(train, batch_rows(train, next(p for p in plan if p.length == t)))
+            example = make_batch(train, batch_rows(train, example_batch(train.lengths, t, cfg.batch_size)))
             if self.vmap:
                 example = jax.tree_util.tree_map(lambda x: np.stack([x] * len(self.seeds)), example)
             self.train_fn.compile(state, example, self.dropout_keys if self.vmap else self.dropout_keys[0])
@@ -351,6 +357,10 @@ class Trainer:
         if ckpt.latest_epoch() is None:
             return 0
         epoch, meta = ckpt.restore_state(self._mirrors())
+        if epoch > self.preset.train.epochs:
+            raise UsageError(f"{self.out}: already trained for {epoch} epochs, more than --epochs "
+                             f"{self.preset.train.epochs} — pass --restart to train {self.preset.train.epochs} epochs "
+                             f"from scratch, or choose another --out (a larger --epochs continues this run)")
         # jnp.array copies: the device state must never alias the host buffers rewritten later.
         self.work = (jax.tree_util.tree_map(jnp.array, self.saved.tree) if self.vmap else
                      [jax.tree_util.tree_map(jnp.array, self.saved.seed(k)) for k in range(len(self.seeds))])
@@ -442,8 +452,8 @@ class Trainer:
             stacked = jax.device_get(stacked)  # one transfer per pass, split per seed on the host
             metrics = [[jax.tree_util.tree_map(lambda x: x[k], m) for m in stacked] for k in range(K)]
         else:
-            # Interleaved: step i of every seed before step i + 1 (the shapes come in the same order for
-            # every seed). Each seed still sees exactly its own sequence; on 2 CPU cores a 3-seed pass
+            # Interleaved: step i of every seed before step i + 1 (every seed has as many steps, each its
+            # own shapes). Each seed still sees exactly its own sequence; on 2 CPU cores a 3-seed pass
             # takes 7 % less wall and CPU time than seed after seed (benchmarks/train_epoch.py, c-int).
             batches = jax.device_put([[make_batch(self.train, batch_rows(self.train, p)) for p in plan]
                                       for plan in plans])
@@ -579,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, log) -> int:
     store = open_store(args.dataset, args.features)
     preset = build_preset(args, store)
-    out = prepare_out(args, args.variant is not None)
     train, val, test, val_source = load_splits(store, preset, args.no_val, log)
+    out = prepare_out(args, args.variant is not None)
 
     cache_dir = enable_compilation_cache(args.jax_cache)
     import shutil

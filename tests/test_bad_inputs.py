@@ -1,0 +1,147 @@
+"""Bad inputs through the public command lines: exit code, one line naming the file or flag, no traceback,
+nothing half-written (docs/RELIABILITY.md lists them)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridges import init_store, write_index, write_modality
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
+TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1", "fusion_layers=1",
+        "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
+
+
+def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None) -> Path:
+    directory = init_store(root, "mine", list(labels), list(splits))
+    rng = np.random.default_rng(0)
+    for split in splits:
+        ids = [f"{split}{c}_{u}" for c in range(4) for u in range(3)]
+        convs = [f"{split}{c}" for c in range(4) for _ in range(3)]
+        y = np.arange(12) % len(labels) if split != "train" or train_labels is None else train_labels
+        write_index(directory, split, ids, convs, y)
+        for modality, dim in (("speech", 5), ("text", 6)):
+            write_modality(directory, split, modality, rng.normal(size=(12, dim)).astype(np.float32), {})
+    return directory
+
+
+def _run(args, cwd=REPO, drop_caps=False):
+    command = [sys.executable, *args]
+    if drop_caps:
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
+                   " ".join(f"'{a}'" for a in command)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _train(features: Path, out: Path, *extra):
+    args = ["-m", "mister_jax.train", "--dataset", "mine", "--features", str(features), "--out", str(out),
+            "--seeds", "1", "--quiet", "--jax-cache", CACHE, *extra]
+    for item in TINY:
+        args += ["--set", item]
+    return _run(args)
+
+
+def _one_error_line(proc, code, *needles):
+    assert proc.returncode == code, proc.stderr + proc.stdout
+    text = (proc.stderr + proc.stdout).strip()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")] or text.splitlines()
+    assert len(errors) == 1, text
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_a_train_split_without_labels_is_refused_by_check_and_training(tmp_path):
+    directory = _store(tmp_path / "f", train_labels=np.full(12, -1))
+    _one_error_line(_run(["-m", "bridges.check", str(directory)]), 1, "train/index.npz", "no labelled utterance")
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "train/index.npz", "no labelled utterance")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_store_with_one_label_name_is_refused_naming_the_manifest(tmp_path):
+    directory = _store(tmp_path / "f", labels=("neutral",))
+    _one_error_line(_run(["-m", "bridges.check", str(directory)]), 1, "manifest.json", "at least two")
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "manifest.json", "at least two")
+
+
+needs_capsh = pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() != 0,
+                                 reason="needs capsh (Debian libcap2-bin) and root to drop CAP_DAC_OVERRIDE")
+
+
+@needs_capsh
+@pytest.mark.parametrize("target", ["", "manifest.json", "train/text.npy", "val/index.npz"])
+def test_unreadable_store_files_are_named_with_their_permissions(tmp_path, target):
+    directory = _store(tmp_path / "f")
+    (directory / target).chmod(0)
+    try:
+        for args, code in ((["-m", "bridges.check", str(directory)], 1),
+                           (["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
+                             "--out", str(tmp_path / "run"), "--quiet"], 2)):
+            proc = _run(args, drop_caps=True)
+            _one_error_line(proc, code, "not readable — check its permissions")
+    finally:
+        (directory / target).chmod(0o755)
+    assert not (tmp_path / "run").exists()
+
+
+def test_features_that_is_a_file_is_told_so(tmp_path):
+    (tmp_path / "file").write_text("")
+    _one_error_line(_train(tmp_path / "file", tmp_path / "run"), 2, "--features", "is a file")
+
+
+def test_a_store_without_test_split_is_refused_before_out_is_created(tmp_path):
+    _store(tmp_path / "f", splits=("train", "val"))
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "'test'")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--seeds", "0"), ("--checkpoint-every", "-2")])
+def test_a_bad_count_names_its_flag(tmp_path, flag, value):
+    _store(tmp_path / "f")
+    args = ["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
+            "--out", str(tmp_path / "run"), flag, value]
+    _one_error_line(_run(args), 2, f"{flag} {value}: must be >=")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    _store(root / "f")
+    proc = _train(root / "f", root / "run", "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_a_finished_run_is_not_rewritten_with_fewer_epochs(finished):
+    before = (finished / "run" / "results.json").read_bytes()
+    _one_error_line(_train(finished / "f", finished / "run", "--epochs", "2"), 2, "already trained for 3 epochs",
+                    "--restart")
+    assert (finished / "run" / "results.json").read_bytes() == before
+
+
+def test_a_finished_run_continues_to_more_epochs(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished / "run", out)
+    proc = _train(finished / "f", out, "--epochs", "4")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 4 and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_predict_with_corrupt_best_parameters_says_to_retrain_not_restart(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished / "run", out)
+    record = out / "checkpoints" / "best" / "seed_0.digest.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))
+    proc = _run(["-m", "mister_jax.predict", "--run", str(out), "--dataset", "mine", "--features",
+                 str(finished / "f"), "--out", str(tmp_path / "p.jsonl"), "--jax-cache", CACHE])
+    line = _one_error_line(proc, 2, "fail their SHA-256 digest", "rerun the training command")
+    assert "--restart" not in line and not (tmp_path / "p.jsonl").exists()
