@@ -3,10 +3,18 @@
     python -m encoders_torch.extract --dataset meld --data-root DIR --modality text --model PATH --out ROOT
 
 Steps: read the corpus (encoders_torch.corpora); unless `--adapter` names a trained folder, LoRA
-fine-tune encoder + head on `train`, selecting the epoch by `val` weighted F1, and save the result to
-`ROOT/NAME/adapters/MODALITY` (a later run finds it there and does not train again); embed every
-split in length-sorted batches; write `index.npz` and `MODALITY.npy` per split through `bridges`
-with provenance in the manifest's `source`.
+fine-tune encoder + head on `train` for `--epochs` (50, as the paper, Sec. 4.2; `--patience N` stops
+once N epochs in a row bring no better score), keep the adapter and head of the epoch whose pooled
+classifier head has the best weighted F1 on the `val` split (the first of equal ones), and save them
+to `ROOT/NAME/adapters/MODALITY` (a later run finds them there and does not train again); embed every
+split in length-sorted batches with that adapter and head; write `index.npz` and `MODALITY.npy` per
+split through `bridges` with provenance in the manifest's `source`.
+
+Fine-tuning is resumable: the state after each epoch (weights, optimizer, random generators, history
+with the best epoch and so the patience count) goes to `ROOT/NAME/adapters/.MODALITY.checkpoint/`, one
+folder per epoch written under a temporary name and renamed when complete; an interrupted run
+continues after the last complete epoch. The folder is removed once the trained folder is saved; one
+written with other settings (but `--epochs`, `--patience`, `--log-every`) is discarded.
 
 Embedding is resumable: every `--chunk-size` utterances (in length order) land in a chunk file under
 `ROOT/NAME/.work/MODALITY/SPLIT/`; an interrupted run restarts at the first missing chunk. Chunks are
@@ -138,6 +146,11 @@ def _check_decoder(splits: dict[str, list[Utterance]], data_root: str) -> None:
         )
 
 
+def checkpoint_dir(trained_dir: Path) -> Path:
+    """Where fine-tuning towards `trained_dir` keeps its per-epoch checkpoints until the trained folder is saved."""
+    return trained_dir.with_name(f".{trained_dir.name}.checkpoint")
+
+
 def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, list[Utterance]], trained_dir: Path,
                    device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[EmotionModel, dict]:
     """Loads the trained folder when it exists, else fine-tunes and saves it there."""
@@ -147,10 +160,14 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
             raise EncoderError(f"--adapter {trained_dir}: trained for labels {info['label_names']}, "
                                f"not {list(corpus.label_names)} — pass an adapter trained on {corpus.name}")
         log(f"using the trained adapter and head in {trained_dir}")
+        if not args.adapter:
+            shutil.rmtree(checkpoint_dir(trained_dir), ignore_errors=True)
         encoder = build_encoder(args, trained_dir / ADAPTER, dtype)
         return EmotionModel(encoder, ClassifierHead.load(trained_dir)), info
     if args.adapter:
         raise EncoderError(f"--adapter {trained_dir}: no {TRAINING} and {ADAPTER}/ — pass a folder written by this command")
+    if args.epochs < 1 or args.patience < 0:
+        raise EncoderError(f"--epochs {args.epochs} --patience {args.patience}: epochs must be 1 or more, patience 0 (off) or more")
     torch.manual_seed(args.seed)
     encoder = build_encoder(args, None, dtype)
     head = ClassifierHead(HeadConfig(
@@ -161,13 +178,14 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
         dropout=args.head_dropout,
     ))
     model = EmotionModel(encoder, head)
-    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                         gamma=args.gamma, eval_batch_size=args.eval_batch_size, seed=args.seed,
+    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                         head_lr=args.head_lr, gamma=args.gamma, eval_batch_size=args.eval_batch_size, seed=args.seed,
                          log_every=args.log_every)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     log(f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
         f"{len(splits['train'])} train / {len(splits['val'])} val utterances, device {device}")
-    history = fit(model, splits["train"], splits["val"], config, device, dtype, log)
+    checkpoint = checkpoint_dir(trained_dir)
+    history = fit(model, splits["train"], splits["val"], config, device, dtype, log, checkpoint)
     info = {
         "dataset": corpus.name,
         "label_names": list(corpus.label_names),
@@ -179,7 +197,8 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_trained(trained_dir, model, info)
-    log(f"saved adapter and head to {trained_dir}")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    log(f"saved the adapter and head of epoch {history['best_epoch'] + 1} to {trained_dir}")
     return model, info
 
 
@@ -253,10 +272,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="trained folder (adapter/, head.safetensors, training.json) to use instead of fine-tuning")
     p.add_argument("--retrain", action="store_true", help="fine-tune again even if OUT/DATASET/adapters/MODALITY exists")
     p.add_argument("--epochs", type=int, default=50,
-                   help="fine-tuning epochs (the paper: 50); the adapter and head of the epoch with the best "
-                        "validation weighted F1 are kept and exported")
+                   help="fine-tuning epochs (the paper: 50, Sec. 4.2); kept and exported are the adapter and head "
+                        "of the epoch whose pooled classifier head scores the best weighted F1 on the corpus's val "
+                        "split (the first of equal ones)")
     p.add_argument("--patience", type=int, default=0,
-                   help="stop after N epochs without a better validation weighted F1 (default 0: never)")
+                   help="stop fine-tuning once N epochs in a row bring no better val weighted F1 (default 0: off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5)

@@ -1,5 +1,6 @@
 """Encoders, head, fine-tuning and extraction, on tiny models built from configs and the IEMOCAP fixture."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -8,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from bridges import FeatureStore
 from bridges.check import main as check_store
-from encoders_torch import extract
+from encoders_torch import extract, finetune
 from encoders_torch.corpora import Utterance, read_corpus
 from encoders_torch.encoder import EmotionModel
 from encoders_torch.finetune import TrainConfig, fit, make_optimizer, train_epoch
@@ -155,6 +158,81 @@ def test_patience_stops_fine_tuning_once_validation_stops_improving(world):
     assert history["stopped_early"] and len(history["val_weighted_f1"]) == 3 and history["best_epoch"] == 0
 
 
+def _scripted_val_scores(monkeypatch, scores):
+    """fit sees `scores` as its successive val weighted F1s, whatever the model predicts."""
+    remaining = iter(scores)
+    monkeypatch.setattr(finetune, "weighted_f1", lambda labels, logits: next(remaining))
+
+
+def _counted_epochs(monkeypatch, interrupt_at=None):
+    """Counts fit's training epochs; the `interrupt_at`-th one (1-based) raises KeyboardInterrupt before it trains."""
+    calls = []
+    train_epoch = finetune.train_epoch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_epoch", counted)
+    return calls
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_patience_counts_from_the_latest_improvement(world, monkeypatch):
+    corpus = world["corpus"]
+    _scripted_val_scores(monkeypatch, [0.3, 0.2, 0.5, 0.4, 0.4, 0.9, 0.9])
+    epochs = _counted_epochs(monkeypatch)
+    history = fit(_model(TextEncoder(world["llama"]), corpus), corpus.utterances("train")[:12], corpus.utterances("val"),
+                  TrainConfig(epochs=7, patience=2, batch_size=6, lr=1e-3), torch.device("cpu"), log=lambda s: None)
+    assert len(epochs) == len(history["val_weighted_f1"]) == 5
+    assert history["best_epoch"] == 2 and history["best_val_weighted_f1"] == 0.5 and history["stopped_early"]
+
+
+def test_interrupted_fine_tuning_resumes_with_its_best_epoch_and_patience_count(world, monkeypatch, tmp_path):
+    corpus = world["corpus"]
+    train, val = corpus.utterances("train"), corpus.utterances("val")
+    scores = [0.3, 0.5, 0.4, 0.6, 0.55, 0.58, 0.9, 0.95]  # best after epoch 4; patience 2 ends the run after epoch 6
+    config = TrainConfig(epochs=8, patience=2, batch_size=6, lr=1e-3)
+
+    def model():
+        torch.manual_seed(0)
+        return _model(TextEncoder(world["llama"]), corpus)
+
+    _scripted_val_scores(monkeypatch, scores)
+    reference_model = model()
+    reference = fit(reference_model, train, val, config, torch.device("cpu"), log=lambda s: None)
+    assert reference["best_epoch"] == 3 and len(reference["val_weighted_f1"]) == 6 and reference["stopped_early"]
+
+    _scripted_val_scores(monkeypatch, scores)
+    _counted_epochs(monkeypatch, interrupt_at=6)  # after epoch 5, one epoch without improvement
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(), train, val, config, torch.device("cpu"), log=lambda s: None, checkpoint=tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0003", "epoch_0004"]
+
+    epochs = _counted_epochs(monkeypatch)
+    lines = []
+    resumed_model = model()
+    resumed = fit(resumed_model, train, val, config, torch.device("cpu"), log=lines.append, checkpoint=tmp_path / "ckpt")
+    assert len(epochs) == 1
+    assert any(line.startswith("resuming fine-tuning") and "5 epochs done, best epoch 4" in line for line in lines)
+    for key in ("train_loss", "val_weighted_f1", "best_epoch", "best_val_weighted_f1", "stopped_early"):
+        assert resumed[key] == reference[key], key
+    best, expected = _trainable(resumed_model), _trainable(reference_model)
+    assert best.keys() == expected.keys() and all(torch.equal(best[n], expected[n]) for n in best)
+
+    _scripted_val_scores(monkeypatch, [0.1, 0.2])
+    epochs = _counted_epochs(monkeypatch)
+    lines.clear()
+    other = dataclasses.replace(config, epochs=2, lr=2e-3)
+    fit(model(), train, val, other, torch.device("cpu"), log=lines.append, checkpoint=tmp_path / "ckpt")
+    assert len(epochs) == 2 and any(line.startswith("discarding the fine-tuning checkpoint") for line in lines)
+
+
 def test_encoders_fine_tune_for_the_papers_50_epochs_by_default():
     from encoders_torch.extract import parser
 
@@ -198,6 +276,54 @@ def test_saved_adapter_reproduces_the_embeddings(world):
     a = FeatureStore.open(first / "iemocap").split("test").features("text")
     b = FeatureStore.open(second / "iemocap").split("test").features("text")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_export_uses_the_adapter_and_head_of_the_best_val_epoch(world, monkeypatch):
+    out = world["root"] / "best-epoch"
+    _scripted_val_scores(monkeypatch, [0.2, 0.7, 0.4, 0.5])
+    snapshots = []
+    predict = finetune.predict
+
+    def snapshot(model, *args, **kwargs):
+        snapshots.append(({k: v.clone() for k, v in get_peft_model_state_dict(model.encoder.peft_model).items()},
+                          {k: v.detach().clone() for k, v in model.head.state_dict().items()}))
+        return predict(model, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "predict", snapshot)
+    assert extract.main(_argv(world, out, "text", "--epochs", "4")) == 0
+    trained = out / "iemocap" / "adapters" / "text"
+    history = json.loads((trained / "training.json").read_text())["history"]
+    assert history["val_weighted_f1"] == [0.2, 0.7, 0.4, 0.5] and history["best_epoch"] == 1
+    adapter, head = load_file(trained / "adapter" / "adapter_model.safetensors"), load_file(trained / "head.safetensors")
+    best, last = snapshots[1], snapshots[3]
+    assert adapter.keys() == best[0].keys() and head.keys() == best[1].keys()
+    assert all(torch.equal(adapter[k], best[0][k]) for k in adapter) and all(torch.equal(head[k], best[1][k]) for k in head)
+    assert not all(torch.equal(head[k], last[1][k]) for k in head)
+    assert not (trained.parent / ".text.checkpoint").exists()
+    exported = np.asarray(FeatureStore.open(out / "iemocap").split("test").features("text"))
+    model = EmotionModel(TextEncoder(world["llama"], adapter=trained / "adapter"), ClassifierHead.load(trained))
+    _, embeddings = predict(model, world["corpus"].utterances("test"), 32, torch.device("cpu"))
+    np.testing.assert_allclose(exported, embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_fine_tuning_in_extract_resumes_and_matches_an_uninterrupted_run(world, monkeypatch):
+    first, interrupted = world["root"] / "uninterrupted", world["root"] / "interrupted"
+    argv = lambda out: _argv(world, out, "text", "--epochs", "3")
+    assert extract.main(argv(first)) == 0
+    _counted_epochs(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        extract.main(argv(interrupted))
+    adapters = interrupted / "iemocap" / "adapters"
+    assert not (adapters / "text").exists() and (adapters / ".text.checkpoint" / "epoch_0001" / "state.json").is_file()
+    epochs = _counted_epochs(monkeypatch)
+    assert extract.main(argv(interrupted)) == 0
+    assert len(epochs) == 1 and not (adapters / ".text.checkpoint").exists()
+    expected, got = (json.loads((o / "iemocap" / "adapters" / "text" / "training.json").read_text())["history"]
+                     for o in (first, interrupted))
+    assert got["val_weighted_f1"] == expected["val_weighted_f1"] and got["train_loss"] == expected["train_loss"]
+    for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
+        a, b = (load_file(o / "iemocap" / "adapters" / "text" / name) for o in (first, interrupted))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_interrupted_extraction_resumes_without_redoing_finished_chunks(world, tmp_path):
