@@ -1,5 +1,8 @@
 """Speech encoder (Sec. 3.2, DESIGN §7): a speech LLM prompted with the utterance audio.
 
+The paper used SALMONN-7B; the authors' public code (`train_salmonn.py`) fine-tunes Qwen2-Audio-7B,
+which is the one implemented here.
+
 `Qwen2AudioSpeechEncoder` wraps transformers' `Qwen2AudioForConditionalGeneration` (Whisper-style
 audio encoder → linear projector → Qwen2 LLM). LoRA adapts the LLM's attention only; the projector is
 trained in full (peft `modules_to_save`, saved with the adapter); the audio encoder stays frozen.
