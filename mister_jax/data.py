@@ -291,6 +291,16 @@ def align_steps(plans: Sequence[Sequence[PlannedBatch]]) -> list[list[PlannedBat
     return [[PlannedBatch(t, b.conversations) for t, b in zip(steps, plan)] for plan in plans]
 
 
+def example_batch(lengths: np.ndarray, length: int, batch_size: int) -> PlannedBatch:
+    """A batch ``[B, length]`` holding only the shortest conversation: what compiles a pad length that
+    the plan at hand may not use (drawn batchings)."""
+    conversations = np.full(batch_size, -1, dtype=np.int64)
+    conversations[0] = int(np.argmin(lengths))
+    if lengths[conversations[0]] > length:
+        raise ValueError(f"no conversation fits the pad length {length}")
+    return PlannedBatch(int(length), conversations)
+
+
 def padding_efficiency(lengths: np.ndarray, plan: Sequence[PlannedBatch]) -> float:
     """Real utterances / padded slots (``B * T`` summed over the batches of ``plan``)."""
     padded = sum(len(p.conversations) * p.length for p in plan)
