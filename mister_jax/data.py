@@ -1,8 +1,8 @@
-"""Feature store → padded conversation batches (DESIGN §2, §5).
+"""Feature store → padded conversation batches (DESIGN §2, §3 "Batches", §5).
 
 A batch holds ``B`` whole conversations padded to one length ``T`` taken from a small, fixed set of pad
-lengths (the *buckets*), so a jitted step compiles once per bucket. Two ways to form batches
-(``TrainConfig.batching``):
+lengths (the *buckets*, at most ``num_buckets``), so a jitted step compiles once per bucket. Four ways
+to form the batches of a training epoch (``TrainConfig.batching``):
 
 - ``sorted`` (default): conversations sorted by length, longest first, cut into consecutive batches
   of ``B``; each batch is padded to the smallest pad length holding its longest conversation, and the
@@ -11,21 +11,30 @@ lengths (the *buckets*), so a jitted step compiles once per bucket. Two ways to 
   of different lengths never mix, so the composition of batches changes little between epochs.
 - ``shuffled``: conversations shuffled per ``(seed, epoch)`` within their bucket (the pad length
   holding them), then cut into batches of ``B``; the order of the batches is shuffled per epoch.
+  Random composition within a bucket only.
 - ``random``: the authors' batching (a shuffled DataLoader): all conversations shuffled per
   ``(seed, epoch)`` and cut into batches of ``B``, each padded to the smallest pad length holding its
-  longest conversation. Composition and order random per seed and per epoch; the most padding.
+  longest conversation. Composition and order random per seed and per epoch; the most padding. The
+  reference for learning-curve comparisons.
 - ``bucketed``: ``random`` with little padding: conversations shuffled per ``(seed, epoch)``, cut into
   pools of ``pool_batches · B``, each pool sorted by length and cut into batches of ``B``. Batches
   are random per seed and epoch but hold conversations of similar lengths. (``random`` is
-  ``bucketed`` with pools of one batch.)
+  ``bucketed`` with pools of one batch; one pool of the whole split batches as ``sorted`` does.)
+  ``benchmarks/batching.py`` measures padding against randomness for each, and chose the default.
 
 For ``random`` and ``bucketed`` the pad lengths are chosen on the longest conversation of each batch
-over several draws. A seed's batches are ranked by pad length and the ranks are visited in an order
-drawn per epoch (the same for every seed): step ``i`` of every seed then needs nearly the same pad
-length, and `align_steps` pads each step to the largest of the seeds' for a vmapped step.
+over `_PAD_DRAWS` draws, the same for every seed; every draw holds the longest conversation, so every
+batch fits. A seed's batches are ranked by pad length and the ranks are visited in an order drawn per
+epoch (the same for every seed): each seed's order is still uniformly random, and step ``i`` of every
+seed needs nearly the same pad length. Vmapped seeds need one shape per step: `align_steps` pads
+step ``i`` of every seed to the largest of the seeds' (the same conversations in the same order, more
+padding; dropout masks, drawn for the padded shape, then depend on the other seeds). Interleaved
+seeds keep their own pad lengths.
 
-Every plan is a pure function of ``(seed, epoch)``, so a run resumed at an epoch replays exactly the
-batches an uninterrupted run sees.
+Every plan is a pure function of ``(seed, epoch)`` and has ``ceil(M / B)`` batches for every seed, so
+a run resumed at an epoch replays exactly the batches an uninterrupted run sees. Plans without a seed
+(evaluation, prediction) keep the batches in their natural order, length-sorted for ``random`` and
+``bucketed``.
 
 Shapes: ``speech [B, T, Ds]`` (None when not loaded), ``text [B, T, Dt]``, ``labels [B, T]`` (``-1`` for padding and for
 unlabelled utterances), ``mask [B, T]`` (``True`` for real utterances), ``rows [B, T]`` (row of the
