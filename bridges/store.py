@@ -86,7 +86,11 @@ def write_manifest(dataset_dir: str | os.PathLike, manifest: Mapping) -> None:
 
 
 def _not_readable(path) -> str:
-    return f"{path}: not readable — check its permissions (and those of the folders above it)"
+    """`<path>: not readable — check its permissions`, naming instead the first folder on the way to `path`
+    that cannot be entered (every file below it is unreadable too)."""
+    path = Path(path)
+    blocked = next((folder for folder in reversed(path.parents) if not os.access(folder, os.X_OK)), path)
+    return f"{blocked}: not readable — check its permissions"
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
@@ -97,6 +101,10 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
         raise StoreError([f"{path}: missing — no feature store here; {_BY_HAND}"]) from None
     except PermissionError:
         raise StoreError([_not_readable(path)]) from None
+    except NotADirectoryError:
+        file = next((p for p in reversed(path.parents) if p.is_file()), Path(dataset_dir))
+        raise StoreError([f"{file}: is a file, not a store folder — pass the dataset folder <root>/<dataset>, "
+                          f"the one that holds {MANIFEST}"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError([f"{path}: not valid JSON ({e}) — rewrite the manifest per DESIGN §2"]) from None
     if not isinstance(manifest, dict):
