@@ -94,21 +94,24 @@ def open_store(dataset: str, features: str):
     from bridges import FeatureStore, StoreError
 
     path = Path(features) / dataset
-    if Path(features).is_file():
+    if os.path.isfile(features):
         raise UsageError(f"--features {features}: is a file, not a folder — pass the store root, the folder that "
                          f"holds {dataset}/")
-    if dataset == "demo" and not (path / "manifest.json").exists():
-        from bridges.demo import build_demo_store
+    try:
+        if dataset == "demo" and not (path / "manifest.json").exists():
+            from bridges.demo import build_demo_store
 
-        try:
-            build_demo_store(features)
-        except OSError as err:
-            raise UsageError(f"--features {features}: cannot build the demo store there ({err.strerror}) — "
-                             f"pass a writable --features ROOT") from None
-    if not path.is_dir():
-        raise UsageError(
-            f"{path}: no feature store — make one with `python -m encoders_torch.extract --dataset {dataset} "
-            f"--out {features} ...`, write it by hand per DESIGN §2, or try --dataset demo")
+            try:
+                build_demo_store(features)
+            except OSError as err:
+                raise UsageError(f"--features {features}: cannot build the demo store there ({err.strerror}) — "
+                                 f"pass a writable --features ROOT") from None
+        if not path.is_dir():
+            raise UsageError(
+                f"{path}: no feature store — make one with `python -m encoders_torch.extract --dataset {dataset} "
+                f"--out {features} ...`, write it by hand per DESIGN §2, or try --dataset demo")
+    except PermissionError:
+        pass  # a folder on the way cannot be entered: FeatureStore.open names it
     try:
         store = FeatureStore.open(path)
         problems = store.check_values()
@@ -176,6 +179,10 @@ def load_splits(store, preset, no_val: str, log):
     if "train" not in store.splits or "test" not in store.splits:
         raise UsageError(f"{store.directory / 'manifest.json'}: the store needs 'train' and 'test' splits "
                          f"(it has {list(store.splits)}) — extract them")
+    if not (store.split("test").labels >= 0).any():
+        raise UsageError(f"{store.directory / 'test' / 'index.npz'}: no labelled utterance (every label is -1), but "
+                         f"training scores each seed on test — write its labels with bridges.write_index "
+                         f"(python -m mister_jax.predict needs none)")
     train = load_split(store, "train", modalities)
     test = load_split(store, "test", modalities)
     if "val" in store.splits:
@@ -185,6 +192,13 @@ def load_splits(store, preset, no_val: str, log):
                          f"or pass --no-val carve to carve it from train")
     cfg = preset.train
     train, val = carve_validation(train, cfg.val_fraction, cfg.val_carve_seed)
+    for name, part in (("train", train), ("val", val)):
+        if not (part.labels >= 0).any():
+            raise UsageError(
+                f"{store.directory / 'train' / 'index.npz'}: after carving val from train ({val.num_conversations} "
+                f"of {train.num_conversations + val.num_conversations} conversations, val_carve_seed "
+                f"{cfg.val_carve_seed}), {name} has no labelled utterance — label more training conversations, "
+                f"extract a 'val' split, or pass another --set val_carve_seed=N")
     log(f"the store has no 'val' split: carved {val.num_conversations} of {train.num_conversations + val.num_conversations} "
         f"training conversations (fraction {cfg.val_fraction}, seed {cfg.val_carve_seed})")
     return train, val, test, "carved"
@@ -608,13 +622,14 @@ def _main(args: argparse.Namespace, log) -> int:
         (out / "run_config.json").unlink(missing_ok=True)
     else:
         check_same_run(out, run_config)
-    atomic.write_json(out / "run_config.json", run_config)
 
     trainer = Trainer(preset, store.label_names, train, val, test, out, args.seed_mode, log, cache_dir)
     try:
         ckpt = RunCheckpoints(out / "checkpoints")
         try:
-            trainer.fit(ckpt, trainer.restore(ckpt), progress=not args.quiet)
+            start = trainer.restore(ckpt)
+            atomic.write_json(out / "run_config.json", run_config)  # a refused resume leaves it as it was
+            trainer.fit(ckpt, start, progress=not args.quiet)
             trainer.export_best(ckpt)
             trainer.test_best()
         finally:

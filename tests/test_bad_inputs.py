@@ -19,13 +19,16 @@ TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", 
         "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
 
 
-def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None) -> Path:
+def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None,
+           unlabelled=()) -> Path:
+    """4 conversations of 3 utterances per split; the splits in ``unlabelled`` get every label -1."""
     directory = init_store(root, "mine", list(labels), list(splits))
     rng = np.random.default_rng(0)
     for split in splits:
         ids = [f"{split}{c}_{u}" for c in range(4) for u in range(3)]
         convs = [f"{split}{c}" for c in range(4) for _ in range(3)]
         y = np.arange(12) % len(labels) if split != "train" or train_labels is None else train_labels
+        y = np.full(12, -1) if split in unlabelled else y
         write_index(directory, split, ids, convs, y)
         for modality, dim in (("speech", 5), ("text", 6)):
             write_modality(directory, split, modality, rng.normal(size=(12, dim)).astype(np.float32), {})
@@ -77,24 +80,82 @@ needs_capsh = pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() !
 
 
 @needs_capsh
-@pytest.mark.parametrize("target", ["", "manifest.json", "train/text.npy", "val/index.npz"])
-def test_unreadable_store_files_are_named_with_their_permissions(tmp_path, target):
+@pytest.mark.parametrize("target", ["", "manifest.json", "train", "train/text.npy", "val/index.npz"])
+def test_unreadable_store_files_are_named_with_their_permissions(tmp_path, finished, target):
     directory = _store(tmp_path / "f")
     (directory / target).chmod(0)
     try:
         for args, code in ((["-m", "bridges.check", str(directory)], 1),
                            (["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
-                             "--out", str(tmp_path / "run"), "--quiet"], 2)):
+                             "--out", str(tmp_path / "run"), "--quiet"], 2),
+                           (["-m", "mister_jax.predict", "--run", str(finished / "run"), "--dataset", "mine",
+                             "--features", str(tmp_path / "f"), "--out", str(tmp_path / "p.jsonl")], 2)):
             proc = _run(args, drop_caps=True)
-            _one_error_line(proc, code, "not readable — check its permissions")
+            _one_error_line(proc, code, f"{directory / target}: not readable — check its permissions")
     finally:
         (directory / target).chmod(0o755)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+@needs_capsh
+def test_a_store_under_a_folder_that_cannot_be_entered_names_that_folder(tmp_path):
+    directory = _store(tmp_path / "locked" / "f")
+    (tmp_path / "locked").chmod(0)
+    try:
+        check = _run(["-m", "bridges.check", str(directory)], drop_caps=True)
+        train = _run(["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "locked" / "f"),
+                      "--out", str(tmp_path / "run"), "--quiet"], drop_caps=True)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    for proc, code in ((check, 1), (train, 2)):
+        _one_error_line(proc, code, f"{tmp_path / 'locked'}: not readable — check its permissions")
+    assert not (tmp_path / "run").exists()
+
+
+@needs_capsh
+def test_an_unreadable_demo_store_is_named_not_rebuilt(tmp_path):
+    (tmp_path / "f").mkdir()
+    _store(tmp_path / "f").rename(tmp_path / "f" / "demo")
+    (tmp_path / "f" / "demo").chmod(0)
+    try:
+        proc = _run(["-m", "mister_jax.train", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"),
+                     "--quiet"], drop_caps=True)
+    finally:
+        (tmp_path / "f" / "demo").chmod(0o755)
+    _one_error_line(proc, 2, f"{tmp_path / 'f' / 'demo'}: not readable — check its permissions")
     assert not (tmp_path / "run").exists()
 
 
 def test_features_that_is_a_file_is_told_so(tmp_path):
     (tmp_path / "file").write_text("")
     _one_error_line(_train(tmp_path / "file", tmp_path / "run"), 2, "--features", "is a file")
+
+
+def test_check_of_a_file_says_it_is_not_a_store_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    _one_error_line(_run(["-m", "bridges.check", str(tmp_path / "file")]), 1,
+                    f"{tmp_path / 'file'}: is a file, not a store folder")
+
+
+def test_a_test_split_without_labels_passes_check_and_is_refused_by_training(tmp_path):
+    """An unlabelled test split is a store to predict on; training scores on test and cannot use it."""
+    directory = _store(tmp_path / "f", unlabelled=("test",))
+    check = _run(["-m", "bridges.check", str(directory)])
+    assert check.returncode == 0 and "unlabelled 12" in check.stdout, check.stdout + check.stderr
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "test/index.npz", "no labelled utterance")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("labelled, split", [(1, "val"), (0, "train")])
+def test_a_carved_split_without_labels_is_refused(tmp_path, labelled, split):
+    """Train has one labelled conversation of 4; the store has no val, so the trainer carves 1 conversation,
+    order[0] of permutation(4) under val_carve_seed 0: either val or what is left of train has no label."""
+    order = np.random.default_rng(0).permutation(4)
+    train_labels = np.where(np.repeat(np.arange(4), 3) == order[labelled], 1, -1)
+    _store(tmp_path / "f", splits=("train", "test"), train_labels=train_labels)
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run", "--set", "val_carve_seed=0"), 2,
+                    "after carving val", f"{split} has no labelled utterance")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_store_without_test_split_is_refused_before_out_is_created(tmp_path):
@@ -120,11 +181,17 @@ def finished(tmp_path_factory):
     return root
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_a_finished_run_is_not_rewritten_with_fewer_epochs(finished):
-    before = (finished / "run" / "results.json").read_bytes()
+    before = _files(finished / "run")
     _one_error_line(_train(finished / "f", finished / "run", "--epochs", "2"), 2, "already trained for 3 epochs",
                     "--restart")
-    assert (finished / "run" / "results.json").read_bytes() == before
+    after = _files(finished / "run")
+    assert sorted(after) == sorted(before)
+    assert [name for name in before if after[name] != before[name]] == []  # run_config.json keeps epochs 3 too
 
 
 def test_a_finished_run_continues_to_more_epochs(finished, tmp_path):
