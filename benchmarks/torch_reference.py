@@ -5,9 +5,20 @@ Its `state_dict` has the authors' keys (`audio_self.conv`, `fusion.units.0.multi
 `gate.0.weight`, …), so a checkpoint trained with their scripts loads into it, and
 `mister_jax.import_torch` reads either. As theirs, the model sees no mask: attention attends every
 position and the GRU runs over the padded tail, so on a padded batch the outputs of a conversation
-depend on the padding (only unpadded batches compare with `mister_jax`). The losses are those of our
-`--preset authors-code` (focal loss on the four outputs, the batch-pooled supervised contrastive loss,
-the symmetric KL over the three expert pairs), reduced over real utterances.
+depend on the padding (only unpadded batches compare with `mister_jax`).
+
+Two reductions of the same loss terms (focal loss on the four outputs, the batch-pooled supervised
+contrastive loss over M^s and M^t, the symmetric KL over the three expert pairs):
+
+  masked    `total_loss`: our `--preset authors-code`, every term over the real utterances only
+            (on unpadded batches it is what `mister_jax.losses.total_loss` computes with that preset);
+  authors   `authors_loss`: as their `train_moe.py` reduces them, padded positions labelled -1.
+            Padding leaks into each term differently: the focal terms are 0 at padded positions but
+            averaged over all B·T positions, so padding only rescales them; the contrastive loss takes
+            the padded rows (their M^s, M^t computed from zero features) as anchors, as negatives of
+            every real row and as positives of each other (all labelled -1), and averages over all 2·B·T
+            anchors, those without a positive included; the KL sums over every position, padded ones
+            included, and divides by B, so it also grows with the padded length T.
 
 This file is the yardstick of `benchmarks/train_epoch.py` (a) and `benchmarks/parity.py`, and the source
 of the tests of `mister_jax.import_torch`; it is not part of the three packages.
@@ -111,7 +122,10 @@ class AttentionMoE(nn.Module):
     """Two CANs (`audio_self`, `text_self`), the fusion network, and the MLP gate `3C → 10 → 3` at softmax
     temperature 2 over the logits of (speech, text, multimodal)."""
 
-    def __init__(self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0):
+    def __init__(self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0,
+                 unused_hidden: int | None = None):
+        """``unused_hidden``: also build their `proj` (Hf → hidden) and `classifier` (hidden → C), which
+        their forward never calls (their training script: 768), so that their checkpoints load strictly."""
         super().__init__()
         h = dims.can_hidden
         self.audio_self = GRUModel(dims.speech_dim, h, dims.num_classes, dims.gru_layers)
@@ -120,6 +134,9 @@ class AttentionMoE(nn.Module):
                                   dims.attention_dim, heads or dims.attention_heads, dims.num_classes)
         self.gate = nn.Sequential(nn.Linear(3 * dims.num_classes, 10), nn.ReLU(), nn.Linear(10, 3))
         self.temperature = gate_temperature
+        if unused_hidden:
+            self.proj = nn.Linear(dims.fusion_dim, unused_hidden)
+            self.classifier = nn.Linear(unused_hidden, dims.num_classes)
 
     def forward(self, speech: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         """speech [B, T, Ds], text [B, T, Dt] → dict of outputs; ``mask`` is accepted and ignored, as theirs."""
@@ -176,10 +193,38 @@ def total_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, tempe
             + lambda_con * con + fl(out["logits"]) + alpha_kl * kl)
 
 
-def train_step(model, optimizer, speech, text, labels, mask, **loss_kwargs):
-    """One Adam step with gradient clipping at global norm 1.0; returns the loss as a float."""
+def authors_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, temperature=1.0):
+    """Eq. 18 with the authors-code terms reduced as their `train_moe.py` reduces them (module docstring):
+    positions outside ``mask`` [B, T] get label -1 and stay in every average."""
+    labels = labels.masked_fill(~mask, -1)
+    b, t = labels.shape
+    real = (labels >= 0).float()
+
+    def fl(logits):  # zero at label -1, averaged over all B·T positions
+        logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return (-((1 - logp.exp()) ** gamma) * logp * real).sum() / (b * t)
+
+    z = F.normalize(torch.cat([out["m_speech"].reshape(b * t, -1), out["m_text"].reshape(b * t, -1)]), dim=-1)
+    y = labels.reshape(-1).repeat(2)
+    others = ~torch.eye(2 * b * t, dtype=torch.bool)
+    log_prob = z @ z.T / temperature
+    log_prob = log_prob - log_prob.masked_fill(~others, float("-inf")).logsumexp(-1, keepdim=True)
+    positive = others & (y[:, None] == y[None, :])
+    con = -((log_prob * positive).sum(-1) / positive.sum(-1).clamp(min=1)).mean()
+    logs = [out[k].log_softmax(-1) for k in ("speech_logits", "text_logits", "multimodal_logits")]
+    kl = sum(((logs[i].exp() - logs[j].exp()) * (logs[i] - logs[j])).sum() for i, j in ((0, 1), (0, 2), (1, 2)))
+    return (fl(out["logits"]) + fl(out["speech_logits"]) + fl(out["text_logits"]) + fl(out["multimodal_logits"])
+            + lambda_con * con + alpha_kl * kl / 3 / b)
+
+
+LOSSES = {"masked": total_loss, "authors": authors_loss}
+
+
+def train_step(model, optimizer, speech, text, labels, mask, reduction="masked", **loss_kwargs):
+    """One Adam step with gradient clipping at global norm 1.0, the loss reduced as ``reduction``
+    ("masked" or "authors", module docstring); returns the loss as a float."""
     optimizer.zero_grad(set_to_none=True)
-    loss = total_loss(model(speech, text, mask), labels, mask, **loss_kwargs)
+    loss = LOSSES[reduction](model(speech, text, mask), labels, mask, **loss_kwargs)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

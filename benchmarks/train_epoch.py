@@ -8,7 +8,8 @@ RSS is per variant:
 
   a     the eager PyTorch reference with the authors' architecture and key layout
         (`benchmarks/torch_reference.py`: their AttentionMoE, no masks in the model), each batch padded
-        to its longest conversation, conversations shuffled per epoch (the authors' way);
+        to its longest conversation, conversations shuffled per epoch, the losses reduced as their
+        `train_moe.py` reduces them, padded positions included (the authors' way);
   b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
         length-sorted batching (`mister_jax.data.choose_pad_lengths` + `epoch_plan`); run twice on one
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
@@ -83,7 +84,7 @@ def run_torch(args) -> dict:
 
     def run(batch):
         tensors = [torch.from_numpy(x) for x in pad_batch(corpus, batch)]
-        return train_step(model, optimizer, *tensors)
+        return train_step(model, optimizer, *tensors, reduction="authors")
 
     rng = np.random.default_rng(0)
     for batch in authors_batches(corpus.lengths, dims.batch_size, rng)[:2]:
