@@ -7,10 +7,16 @@ The run directory it writes (`run_config.json`, one seed's parameters under `che
 is read by `python -m mister_jax.predict --run RUN_DIR`, so a model trained with the authors' scripts
 can predict, have its gate analysed and be compared with our runs.
 
-The `.pth` file is read here, without torch: it is a zip archive holding a pickle whose tensors point
-at raw storages in the same archive. The unpickler admits only the globals a `state_dict` needs
-(torch's tensor rebuild function, its storage types, `collections.OrderedDict`) and refuses every
-other, so a checkpoint cannot run code, and `mister_jax` never loads torch (tests/test_imports.py).
+The `.pth` file is read here, without torch, and by nothing else (no fallback to `torch.load`): it is
+torch's zip format (the default of `torch.save` since torch 1.6; the older raw-pickle format is
+refused with a line saying so), an archive holding a pickle whose tensors point at raw storages in
+the same archive. The unpickler admits only the globals a `state_dict` needs (torch's
+`_rebuild_tensor_v2` and `_rebuild_parameter`, its storage types, `collections.OrderedDict`) and
+refuses every other, so a checkpoint cannot run code; each tensor's size, stride and offset are checked
+against its storage before it is read. Why not `torch.load`: it would make the inference path of
+`mister_jax` depend on torch, which it must not load (tests/test_imports.py), and a full `torch.load`
+runs whatever the pickle names; `weights_only=True` restricts it as this reader does, but still needs
+torch installed.
 
 The authors' `nn.MultiheadAttention` projects queries, keys and values again (`in_proj`) after the
 dense layers in front of it, and its `out_proj` runs before the dense layer behind it; each pair is one
@@ -38,10 +44,9 @@ import numpy as np
 from mister_jax import atomic
 from mister_jax.train import UsageError, open_store
 
-_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-                   "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32,
-                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-                   "BoolStorage": np.bool_}
+_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "u2",
+                   "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
+                   "ByteStorage": "u1", "BoolStorage": "?"}
 UNUSED_PREFIXES = ("proj.", "classifier.")  # in their AttentionMoE, never called in its forward
 
 
@@ -50,65 +55,111 @@ class CheckpointFormatError(ValueError):
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    """A tensor as a NumPy view of its storage (torch's `_rebuild_tensor_v2` arguments)."""
+    """A tensor as a copy of its elements in ``storage`` (torch's `_rebuild_tensor_v2` arguments:
+    storage offset, size and stride in elements), refused if they reach outside the storage."""
+    size, stride = tuple(size), tuple(stride)
+    if (len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride)
+            or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))):
+        raise CheckpointFormatError(f"holds a tensor of size {list(size)}, stride {list(stride)} at offset {offset} "
+                                    f"outside its storage of {len(storage)} elements")
     itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                            strides=tuple(s * itemsize for s in stride)).copy()
 
 
+def _rebuild_parameter(data, *_):
+    """An `nn.Parameter` (a state_dict saved with keep_vars=True) as its tensor."""
+    return data
+
+
 class _StateDictUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+    """Unpickles a state_dict admitting only torch's tensor rebuild functions, its storage types and
+    `collections.OrderedDict`; storages are read from ``archive`` under ``prefix``/data/."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
         super().__init__(io.BytesIO(data))
-        self._archive, self._prefix = archive, prefix
+        self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return _rebuild_parameter
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module == "torch" and _STORAGE_DTYPES.get(name) is not None:
+        if module == "torch" and name in _STORAGE_DTYPES:
             return name
         raise CheckpointFormatError(f"refers to {module}.{name}, which a state_dict does not need; "
                                     "only tensors and OrderedDict are read")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage":
-            raise CheckpointFormatError(f"holds a persistent object of kind {kind!r}")
-        dtype = _STORAGE_DTYPES[storage_type if isinstance(storage_type, str) else storage_type]
-        return np.frombuffer(self._archive.read(f"{self._prefix}/data/{key}"), dtype=dtype)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES):
+            raise CheckpointFormatError(f"holds a persistent object {pid!r:.80} that is not a tensor storage")
+        _, storage_type, key, _location, numel = pid
+        dtype = np.dtype(_STORAGE_DTYPES[storage_type]).newbyteorder(self._byteorder)
+        try:
+            data = self._archive.read(f"{self._prefix}/data/{key}")
+        except KeyError:
+            raise CheckpointFormatError(f"lacks the storage {self._prefix}/data/{key}") from None
+        if len(data) != numel * dtype.itemsize:
+            raise CheckpointFormatError(f"storage {key} has {len(data)} bytes where {numel} elements of "
+                                        f"{storage_type} need {numel * dtype.itemsize}")
+        array = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
+        if storage_type == "BFloat16Storage":  # bfloat16 is the upper half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        return array
 
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a `torch.save`d state_dict (zip format) as NumPy arrays, by key.
 
-    A dict wrapping the state_dict under "state_dict" or "model" is unwrapped."""
+    A dict wrapping the state_dict under "state_dict" or "model" is unwrapped, and the "module." prefix
+    of a model saved inside `nn.DataParallel` dropped. Raises `CheckpointFormatError` (one line) for
+    anything else; `OSError` when the file cannot be read."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise CheckpointFormatError("is not a torch.save zip archive (no single data.pkl)")
             prefix = pickles[0][:-len("/data.pkl")]
-            obj = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix).load()
+            byteorder = "little"
+            if f"{prefix}/byteorder" in archive.namelist():
+                byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise CheckpointFormatError(f"names an unknown byte order {byteorder!r:.20}")
+            order = "<" if byteorder == "little" else ">"
+            obj = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, order).load()
     except zipfile.BadZipFile:
         raise CheckpointFormatError("is not a zip archive (save it with torch.save of torch >= 1.6)") from None
+    except (CheckpointFormatError, OSError):
+        raise
+    except Exception as err:  # a damaged pickle fails in many ways; none of them may run code (find_class)
+        raise CheckpointFormatError(f"holds a pickle that cannot be read ({type(err).__name__}: {err})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise CheckpointFormatError("does not hold a state_dict (a mapping of names to tensors)")
+    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
 
 
 def _config_from_shapes(sd: dict, heads: int, temperature: float):
     from mister_jax.config import ModelConfig
 
+    width = sd["fusion.units.0.fc_audq.weight"].shape[0]
+    if heads < 1 or width % heads:
+        raise CheckpointFormatError(f"--attention-heads {heads} does not divide the attention width {width} "
+                                    "(fusion.units.0.fc_audq.weight); their code uses 3")
+    if not temperature > 0:
+        raise CheckpointFormatError(f"--gate-temperature {temperature} is not positive; their code uses 2")
     layers = sum(1 for k in sd if k.startswith("audio_self.rnn_1.weight_ih_l") and not k.endswith("_reverse"))
     units = {int(k.split(".")[2]) for k in sd if k.startswith("fusion.units.")}
     return ModelConfig(speech_dim=sd["audio_self.fc_1.weight"].shape[1], text_dim=sd["text_self.fc_1.weight"].shape[1],
                        num_classes=sd["audio_self.fc.weight"].shape[0], can_hidden=sd["audio_self.rnn_1.weight_hh_l0"].shape[1],
                        gru_layers=layers, fusion_dim=sd["fusion.fc_aud.weight"].shape[0], fusion_layers=len(units),
-                       attention_dim=sd["fusion.units.0.fc_audq.weight"].shape[0], attention_heads=heads,
+                       attention_dim=width, attention_heads=heads,
                        gate="mlp", gate_hidden=sd["gate.0.weight"].shape[0], gate_temperature=temperature,
                        can_dropout=0.0)
 
@@ -167,8 +218,11 @@ def params_from_state_dict(sd: dict, heads: int = 3, temperature: float = 2.0):
     missing, unknown or misshapen key (one per line)."""
     try:
         cfg = _config_from_shapes(sd, heads, temperature)
-    except (KeyError, IndexError, ValueError) as err:
-        raise CheckpointFormatError(f"is not a state_dict of the authors' AttentionMoE (missing {err})") from None
+    except KeyError as err:
+        raise CheckpointFormatError(f"is not a state_dict of the authors' AttentionMoE (no key {err})") from None
+    except IndexError:
+        raise CheckpointFormatError("is not a state_dict of the authors' AttentionMoE (a tensor it reads the "
+                                    "architecture from has too few dimensions)") from None
     expected = _expected_keys(cfg)
     problems = [f"missing key {k}" for k in sorted(expected - set(sd))]
     problems += [f"unknown key {k} (shape {list(sd[k].shape)})" for k in sorted(set(sd) - expected)
@@ -293,8 +347,6 @@ def _main(args) -> None:
         raise UsageError(f"{path}: cannot be read ({err.strerror or err})") from None
     except CheckpointFormatError as err:
         raise UsageError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
-    except ValueError as err:
-        raise UsageError(f"{path}: {err} — pass --attention-heads that divides the attention width") from None
     store = open_store(args.dataset, args.features)
     mismatch = [f"{store.directory / 'manifest.json'}: {name} {have} but the checkpoint's model has {need}"
                 for name, have, need in (("speech dim", store.modalities.get("speech", {}).get("dim"), cfg.speech_dim),

@@ -4,6 +4,7 @@ The reference is `benchmarks/torch_reference.py` (the authors' key names, shapes
 outputs on unpadded conversations are what the imported model must reproduce.
 """
 
+import collections
 import dataclasses
 import io
 import json
@@ -19,7 +20,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from common import PAPER  # noqa: E402
-from torch_reference import AttentionMoE  # noqa: E402
+from torch_reference import AttentionMoE, authors_loss, total_loss  # noqa: E402
 
 from bridges import init_store, write_index, write_modality  # noqa: E402
 from mister_jax import import_torch, predict as predict_cli  # noqa: E402
@@ -32,9 +33,10 @@ LABELS = ["neutral", "happy", "sad", "angry"]
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A reference model with random weights (LayerNorms included), saved as the authors save theirs."""
+    """A reference model with random weights (LayerNorms included) and their unused `proj` and
+    `classifier`, saved as the authors save theirs."""
     torch.manual_seed(0)
-    model = AttentionMoE(DIMS).eval()
+    model = AttentionMoE(DIMS, unused_hidden=16).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -150,5 +152,94 @@ def test_the_reader_refuses_a_pickle_that_would_run_code(tmp_path):
         import_torch.read_state_dict(path)
 
 
+class _Tensor:
+    """Pickles as torch pickles a tensor, with whatever size, stride and offset it is given."""
+
+    def __init__(self, offset, size, stride):
+        self.args = offset, size, stride
+
+
+def _raw_checkpoint(path: Path, tensors: dict, storage: bytes, numel: int) -> Path:
+    """A zip in torch's layout whose data.pkl maps names to `_Tensor`s over one float32 storage."""
+    from torch._utils import _rebuild_tensor_v2
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj == "storage 0" else None
+
+        def reducer_override(self, obj):
+            if isinstance(obj, _Tensor):
+                return _rebuild_tensor_v2, ("storage 0", *obj.args, False, collections.OrderedDict())
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(collections.OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("raw/data.pkl", buffer.getvalue())
+        archive.writestr("raw/data/0", storage)
+    return path
+
+
+def test_the_reader_gives_torchs_values_for_views_and_every_float_dtype(tmp_path):
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6) / 7
+    state = {"view": base[1:, 2:5].t(), "half": base.half(), "bfloat16": base.bfloat16(), "long": torch.arange(5),
+             "float": base.float()[2]}
+    torch.save(state, tmp_path / "x.pth")
+    got = import_torch.read_state_dict(tmp_path / "x.pth")
+    for key, tensor in state.items():
+        np.testing.assert_array_equal(got[key], tensor.float().numpy() if key == "bfloat16" else tensor.numpy(), key)
+
+
+def test_the_reader_refuses_a_tensor_outside_its_storage(tmp_path):
+    storage = np.arange(4, dtype=np.float32).tobytes()
+    fine = _raw_checkpoint(tmp_path / "fine.pth", {"a": _Tensor(1, (3,), (1,))}, storage, 4)
+    np.testing.assert_array_equal(import_torch.read_state_dict(fine)["a"], [1, 2, 3])
+    for offset, size, stride in ((0, (3,), (2,)), (2, (2, 2), (1, 1)), (-1, (2,), (1,))):
+        path = _raw_checkpoint(tmp_path / "far.pth", {"a": _Tensor(offset, size, stride)}, storage, 4)
+        with pytest.raises(import_torch.CheckpointFormatError, match="outside its storage of 4 elements"):
+            import_torch.read_state_dict(path)
+    short = _raw_checkpoint(tmp_path / "short.pth", {"a": _Tensor(0, (4,), (1,))}, storage[:8], 4)
+    with pytest.raises(import_torch.CheckpointFormatError, match="has 8 bytes where 4 elements"):
+        import_torch.read_state_dict(short)
+
+
+def test_damaged_and_legacy_files_are_refused_in_one_line(tmp_path):
+    damaged = tmp_path / "damaged.pth"
+    with zipfile.ZipFile(damaged, "w") as archive:
+        archive.writestr("x/data.pkl", b"\x80\x02}q\x00(X")
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    for path, message in ((damaged, "holds a pickle that cannot be read"), (legacy, "is not a zip archive")):
+        with pytest.raises(import_torch.CheckpointFormatError, match=message) as err:
+            import_torch.read_state_dict(path)
+        assert len(str(err.value).splitlines()) == 1
+
+
+def test_heads_that_do_not_divide_the_attention_width_are_one_line(reference, tmp_path, capsys):
+    _store(tmp_path / "features")
+    assert import_torch.main([str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                              "--out", str(tmp_path / "run"), "--attention-heads", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--attention-heads 5 does not divide the attention width 12" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_authors_reduction_on_an_unpadded_batch_differs_from_the_masked_one_only_in_the_kl_scale():
+    """Unpadded, their focal and contrastive averages are ours (every anchor has a positive: its utterance
+    in the other modality); their KL is summed over the T positions of each conversation, not averaged."""
+    torch.manual_seed(1)
+    model = AttentionMoE(DIMS).eval()
+    b, t = 2, 5
+    speech, text = torch.randn(b, t, DIMS.speech_dim), torch.randn(b, t, DIMS.text_dim)
+    labels, mask = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]]), torch.ones(b, t, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(speech, text)
+        without_kl = [f(out, labels, mask, alpha_kl=0.0) for f in (authors_loss, total_loss)]
+        kl_only = [f(out, labels, mask, alpha_kl=1.0) - w for f, w in zip((authors_loss, total_loss), without_kl)]
+    torch.testing.assert_close(without_kl[0], without_kl[1])
+    torch.testing.assert_close(kl_only[0], t * kl_only[1])
+
+
 def test_the_reference_has_the_authors_parameter_count_at_paper_dims():
     assert sum(p.numel() for p in AttentionMoE(PAPER, heads=3).parameters()) == 89_661_809
+    with_unused = AttentionMoE(PAPER, heads=3, unused_hidden=768)  # their training script's hidden_dim
+    assert sum(p.numel() for p in with_unused.parameters()) == 89_661_809 + 1024 * 768 + 768 + 768 * 6 + 6
