@@ -71,7 +71,9 @@ def test_authors_code_preset_is_the_paper_preset_with_their_departures():
     assert (authors.model.attention_heads, authors.model.gate, authors.model.gate_temperature,
             authors.model.can_dropout) == (3, "mlp", 2.0, 0.0)
     assert (authors.loss.contrastive_scope, authors.loss.kl_form) == ("batch", "symmetric")
-    assert (authors.train, authors.model.gru_layers, authors.loss.lambda_con) == (paper.train, 2, 1.0)
+    assert (authors.train.batching, paper.train.batching) == ("random", "bucketed")
+    assert (dataclasses.replace(authors.train, batching="bucketed"), authors.model.gru_layers,
+            authors.loss.lambda_con) == (paper.train, 2, 1.0)
     assert (paper.model.attention_heads, paper.model.gate, paper.loss.kl_form) == (4, "fc", "directional")
 
 
