@@ -62,10 +62,11 @@ def _one_error_line(proc, code, *needles):
     return errors[0]
 
 
-def test_a_train_split_without_labels_is_refused_by_check_and_training(tmp_path):
-    directory = _store(tmp_path / "f", train_labels=np.full(12, -1))
-    _one_error_line(_run(["-m", "bridges.check", str(directory)]), 1, "train/index.npz", "no labelled utterance")
-    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "train/index.npz", "no labelled utterance")
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_train_or_val_split_without_labels_is_refused_by_check_and_training(tmp_path, split):
+    directory = _store(tmp_path / "f", unlabelled=(split,))
+    _one_error_line(_run(["-m", "bridges.check", str(directory)]), 1, f"{split}/index.npz", "no labelled utterance")
+    _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, f"{split}/index.npz", "no labelled utterance")
     assert not (tmp_path / "run").exists()
 
 
@@ -73,6 +74,7 @@ def test_a_store_with_one_label_name_is_refused_naming_the_manifest(tmp_path):
     directory = _store(tmp_path / "f", labels=("neutral",))
     _one_error_line(_run(["-m", "bridges.check", str(directory)]), 1, "manifest.json", "at least two")
     _one_error_line(_train(tmp_path / "f", tmp_path / "run"), 2, "manifest.json", "at least two")
+    assert not (tmp_path / "run").exists()
 
 
 needs_capsh = pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() != 0,
@@ -129,6 +131,7 @@ def test_an_unreadable_demo_store_is_named_not_rebuilt(tmp_path):
 def test_features_that_is_a_file_is_told_so(tmp_path):
     (tmp_path / "file").write_text("")
     _one_error_line(_train(tmp_path / "file", tmp_path / "run"), 2, "--features", "is a file")
+    assert not (tmp_path / "run").exists()
 
 
 def test_check_of_a_file_says_it_is_not_a_store_folder(tmp_path):
@@ -170,6 +173,7 @@ def test_a_bad_count_names_its_flag(tmp_path, flag, value):
     args = ["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
             "--out", str(tmp_path / "run"), flag, value]
     _one_error_line(_run(args), 2, f"{flag} {value}: must be >=")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
