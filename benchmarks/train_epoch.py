@@ -11,7 +11,8 @@ RSS is per variant:
         to its longest conversation, conversations shuffled per epoch, the losses reduced as their
         `train_moe.py` reduces them, padded positions included (the authors' way);
   b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
-        length-sorted batching (`mister_jax.data.choose_pad_lengths` + `epoch_plan`); run twice on one
+        batching (bucketed: random per seed and epoch, pools sorted by length;
+        `mister_jax.data.choose_pad_lengths` + `epoch_plan`, vmapped seeds aligned per step); run twice on one
         fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
   c     3 seeds: `c-vmap` (one vmapped step), `c-seq` (one seed after the other, same step as b) and
         `c-int` (the same steps interleaved: step i of every seed before step i + 1, as the trainer does);
@@ -143,14 +144,16 @@ def run_jax(args) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from mister_jax.aot import TrainStepCompiler
-    from mister_jax.data import batch_rows, choose_pad_lengths, epoch_plan, make_batch, padding_efficiency
+    from mister_jax.data import (align_steps, batch_rows, choose_pad_lengths, epoch_plan, example_batch, make_batch,
+                                 padding_efficiency)
     from mister_jax.model import count_params
     from mister_jax.trainer import abstract_train_state, create_train_state, make_steps, seed_keys, stack_states
 
     dims = DIMS[args.dims]
     model_cfg, loss_cfg, train_cfg = presets(dims)
     model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
-    train_cfg = dataclasses.replace(train_cfg, batching=args.batching)
+    if args.batching:
+        train_cfg = dataclasses.replace(train_cfg, batching=args.batching)
     data = split_data(make_corpus(dims))
     mode = args.mode
     seeds = list(range(args.seeds))
@@ -161,11 +164,12 @@ def run_jax(args) -> dict:
     keys = jax.numpy.stack(keys) if vmap else keys
     key0 = keys if vmap else keys[0]
     pad_lengths = choose_pad_lengths([data.lengths], train_cfg.batch_size, train_cfg.num_buckets,
-                                     train_cfg.bucket_multiple, train_cfg.batching)
+                                     train_cfg.bucket_multiple, train_cfg.batching, train_cfg.pool_batches)
 
     def plans(epoch):
-        return [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch,
-                           batching=train_cfg.batching) for s in seeds]
+        per_seed = [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch,
+                               batching=train_cfg.batching, pool_batches=train_cfg.pool_batches) for s in seeds]
+        return align_steps(per_seed) if vmap else per_seed
 
     def device_batches(epoch):
         """All batches of an epoch on the device: per seed a list, or (vmap) one list of stacked batches."""
@@ -176,8 +180,9 @@ def run_jax(args) -> dict:
         return jax.device_put(per_seed)
 
     first = plans(0)[0]
-    shapes = sorted({p.length for p in first})
-    example = {p.length: make_batch(data, batch_rows(data, p)) for p in first}
+    shapes = sorted({p.length for p in first} | set(pad_lengths))  # as the trainer: every pad length
+    example = {t: make_batch(data, batch_rows(data, example_batch(data.lengths, t, train_cfg.batch_size)))
+               for t in shapes}
     if vmap:
         example = {t: jax.tree_util.tree_map(lambda x: np.stack([x] * len(seeds)), b) for t, b in example.items()}
     # As the trainer does: every shape compiled from the state's shapes, before the state exists.
@@ -472,7 +477,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--batching", default="sorted", help=argparse.SUPPRESS)
+    parser.add_argument("--batching", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.epochs < 0 or args.rounds < 1:
