@@ -450,7 +450,7 @@ class Trainer:
 
         from mister_jax.data import batch_rows, make_batch
 
-        cfg, K = self.preset.train, len(self.seeds)
+        K = len(self.seeds)
         plans = self.epoch_plans(epoch)
         t0 = time.perf_counter()
         # Each pass's batches are gathered and put on the device before its first step, so the host

@@ -49,7 +49,7 @@ def test_pad_batch_places_each_conversation_at_the_start_of_its_row():
 
 
 def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("jax")
     import dataclasses
 
