@@ -32,6 +32,8 @@ from torch.nn import functional as F
 
 from common import Dims
 
+AUTHORS_HEADS = 3  # their CrossAttentionModel_s(hidden, 120, 3); `Dims.attention_heads` is the paper's 4
+
 
 class GRUModel(nn.Module):
     """Context addition network (Eq. 3, 4): `conv`, `conv3`, `conv5` (k = 1, 3, 5, 'same') with ReLU, summed →
@@ -124,7 +126,8 @@ class AttentionMoE(nn.Module):
 
     def __init__(self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0,
                  unused_hidden: int | None = None):
-        """``unused_hidden``: also build their `proj` (Hf → hidden) and `classifier` (hidden → C), which
+        """``heads``: of every attention (default ``dims.attention_heads``; theirs is `AUTHORS_HEADS`).
+        ``unused_hidden``: also build their `proj` (Hf → hidden) and `classifier` (hidden → C), which
         their forward never calls (their training script: 768), so that their checkpoints load strictly."""
         super().__init__()
         h = dims.can_hidden

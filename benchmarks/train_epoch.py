@@ -7,7 +7,8 @@ text, 6 classes, batch 8; `benchmarks/common.py`) it times, each in its own subp
 RSS is per variant:
 
   a     the eager PyTorch reference with the authors' architecture and key layout
-        (`benchmarks/torch_reference.py`: their AttentionMoE, no masks in the model), each batch padded
+        (`benchmarks/torch_reference.py`: their AttentionMoE with their 3 heads where the attention width
+        divides by 3, the dims' heads otherwise; no masks in the model), each batch padded
         to its longest conversation, conversations shuffled per epoch, the losses reduced as their
         `train_moe.py` reduces them, padded positions included (the authors' way);
   b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
@@ -71,7 +72,7 @@ def run_torch(args) -> dict:
     """Eager PyTorch reference: init, two warm-up batches, then `epochs` timed epochs."""
     import torch
 
-    from torch_reference import MisterE, train_step
+    from torch_reference import AUTHORS_HEADS, MisterE, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +80,8 @@ def run_torch(args) -> dict:
     corpus = make_corpus(dims)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = MisterE(dims)
+    heads = AUTHORS_HEADS if dims.attention_dim % AUTHORS_HEADS == 0 else dims.attention_heads
+    model = MisterE(dims, heads=heads)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     init_s = time.perf_counter() - t0
 
@@ -100,6 +102,7 @@ def run_torch(args) -> dict:
         padded.append(padded_utterances(batches, corpus.lengths))
     real = int(corpus.lengths.sum())
     return {"variant": args.tag, "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
+            "attention_heads": heads,
             "init_s": init_s, "compile_s": 0.0, "num_shapes": None, "epoch_s": epoch_s,
             "epoch_cpu_s": epoch_cpu_s, "real_utterances": real, "padded_utterances": float(np.mean(padded)),
             "padding_efficiency": real / float(np.mean(padded)),
