@@ -239,6 +239,30 @@ def test_the_authors_reduction_on_an_unpadded_batch_differs_from_the_masked_one_
     torch.testing.assert_close(kl_only[0], t * kl_only[1])
 
 
+def test_the_references_masked_loss_is_ours_with_the_authors_code_preset():
+    """Both reductions see the same outputs of a padded batch with an unlabelled utterance: the masked
+    reference loss is `mister_jax.losses.total_loss` with `--preset authors-code`'s loss config."""
+    from mister_jax.losses import total_loss as ours
+    from mister_jax.model import ModelOutputs
+    from mister_jax.presets import get_preset
+
+    loss_cfg = get_preset("iemocap", LABELS, "authors-code").loss
+    torch.manual_seed(2)
+    model = AttentionMoE(DIMS).eval()
+    b, t = 3, 6
+    speech, text = torch.randn(b, t, DIMS.speech_dim), torch.randn(b, t, DIMS.text_dim)
+    mask = torch.arange(t)[None] < torch.tensor([[6], [4], [1]])
+    labels = torch.randint(0, DIMS.num_classes, (b, t)).masked_fill(~mask, 0)
+    labels[0, 2] = -1
+    with torch.no_grad():
+        out = model(speech, text)
+        want = total_loss(out, labels, mask, gamma=loss_cfg.gamma, lambda_con=loss_cfg.lambda_con,
+                          alpha_kl=loss_cfg.alpha_kl, temperature=loss_cfg.temperature)
+    got, _ = ours(ModelOutputs(**{k: v.numpy() for k, v in out.items()}), labels.numpy(), mask.numpy(), loss_cfg,
+                  "mister-e")
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-5)
+
+
 def test_the_reference_has_the_authors_parameter_count_at_paper_dims():
     assert sum(p.numel() for p in AttentionMoE(PAPER, heads=3).parameters()) == 89_661_809
     with_unused = AttentionMoE(PAPER, heads=3, unused_hidden=768)  # their training script's hidden_dim
