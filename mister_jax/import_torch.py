@@ -335,6 +335,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _refuse_a_trained_run(out: Path) -> None:
+    """Raises `UsageError` when ``out`` holds a run that was not imported: its results, history and other
+    seeds' checkpoints would stay beside the imported parameters. An earlier import is overwritten."""
+    import json
+
+    config = out / "run_config.json"
+    if not config.exists():
+        return
+    try:
+        imported = "imported_from" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        imported = False
+    if not imported:
+        raise UsageError(f"--out {out}: holds a run that was not imported ({config}); import into a new folder")
+
+
 def _main(args) -> None:
     from mister_jax.checkpoint import RunCheckpoints
     from mister_jax.presets import get_preset
@@ -356,6 +372,7 @@ def _main(args) -> None:
         raise UsageError("\n".join(mismatch) + "\n(use the store whose features the checkpoint was trained on)")
     preset = get_preset(args.dataset, store.label_names, "authors-code")
     out = Path(args.out)
+    _refuse_a_trained_run(out)
     out.mkdir(parents=True, exist_ok=True)
     train = dataclasses.replace(preset.train, seeds=1)
     atomic.write_json(out / "run_config.json", {

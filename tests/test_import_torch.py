@@ -126,6 +126,21 @@ def test_a_checkpoint_that_does_not_fit_gets_one_line_per_problem(reference, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_trained_run_is_not_overwritten_and_an_imported_one_is(reference, tmp_path, capsys):
+    _store(tmp_path / "features")
+    args = lambda out: [str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
+                        "--out", str(out)]
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "run_config.json").write_text(json.dumps({"dataset": "mine"}))
+    assert import_torch.main(args(trained)) == 2
+    err = capsys.readouterr().err
+    assert "holds a run that was not imported" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in trained.iterdir()] == ["run_config.json"]
+    imported = tmp_path / "imported"
+    assert import_torch.main(args(imported)) == 0 and import_torch.main(args(imported)) == 0
+
+
 def test_a_store_of_other_dims_is_named_with_its_manifest(reference, tmp_path, capsys):
     directory = init_store(tmp_path / "features", "mine", LABELS[:3], ["test"])
     write_index(directory, "test", ["u0"], ["c0"], [0])
