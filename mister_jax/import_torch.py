@@ -194,10 +194,10 @@ def _attention(read: _Reader, unit: str, streams: list[tuple[str, str, str, str]
     query, key_value, out = [], [], []
     for q_fc, kv_stem, mha, out_fc in streams:
         w_in, b_in = read(f"{unit}.{mha}.in_proj_weight"), read(f"{unit}.{mha}.in_proj_bias")
-        part = lambda i: (w_in[i * width:(i + 1) * width], b_in[i * width:(i + 1) * width])
-        q = _compose(read.dense(f"{unit}.{q_fc}"), part(0))
-        k = _compose(read.dense(f"{unit}.{kv_stem.format('k')}"), part(1))
-        v = _compose(read.dense(f"{unit}.{kv_stem.format('v')}"), part(2))
+        in_q, in_k, in_v = ((w_in[i * width:(i + 1) * width], b_in[i * width:(i + 1) * width]) for i in range(3))
+        q = _compose(read.dense(f"{unit}.{q_fc}"), in_q)
+        k = _compose(read.dense(f"{unit}.{kv_stem.format('k')}"), in_k)
+        v = _compose(read.dense(f"{unit}.{kv_stem.format('v')}"), in_v)
         o = _compose(read.dense(f"{unit}.{mha}.out_proj"), read.dense(f"{unit}.{out_fc}"))
         query.append(q)
         key_value.append((np.concatenate([k[0], v[0]]), np.concatenate([k[1], v[1]])))
