@@ -17,9 +17,9 @@ or best parameters that fail theirs, `CheckpointError` names the directory and t
 A state step is written in the background into ``state/<epoch>.partial`` and committed by renaming
 it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. The
 buffers go to disk with direct I/O (``O_DIRECT``) where the filesystem allows: no page cache. On the
-project's VMs every fresh page-cache page costs a fault in the hypervisor, and the kernel reclaims a
-checkpoint's cached pages within a minute, so a buffered 4.5 GB write took ≈ 16 s of kernel CPU from
-training, every time; a direct one takes ≈ 0.2 s (docs/BENCHMARKS.md). Anything unreadable raises
+project's VMs every fresh page-cache page costs a fault in the hypervisor, and the kernel soon reclaims
+a checkpoint's cached pages, so a buffered write of a paper-dims checkpoint takes kernel CPU from
+training every time, a direct one almost none (docs/BENCHMARKS.md). Anything unreadable raises
 ``CheckpointError`` with a one-line message naming the directory and the fix.
 """
 
@@ -104,7 +104,7 @@ def _writing(path: Path):
         absl.setLevel(level)
 
 
-_CHUNK = 1 << 26  # bytes per read or write call (Linux moves at most ~2 GiB per call)
+_CHUNK = 1 << 26  # bytes per read or write call (Linux moves less than 2**31 bytes per call)
 
 
 def _write_buffer(path: Path, buffer: np.ndarray) -> None:

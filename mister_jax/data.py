@@ -220,10 +220,9 @@ def choose_pad_lengths(split_lengths: Sequence[np.ndarray], batch_size: int, num
         split_lengths = [sorted_batch_maxima(lengths, batch_size) for lengths in split_lengths]
     elif batching in ("random", "bucketed"):
         pool = 1 if batching == "random" else pool_batches
-        split_lengths = [np.asarray(lengths, np.int64)[b].max(keepdims=True)
-                         for lengths in split_lengths for draw in range(_PAD_DRAWS)
-                         for b in pooled_batches(np.asarray(lengths, np.int64), batch_size, pool,
-                                                 np.random.default_rng([draw]))]
+        split_lengths = [np.asarray(lengths, np.int64) for lengths in split_lengths]
+        split_lengths = [[lengths[b].max() for b in pooled_batches(lengths, batch_size, pool, np.random.default_rng([draw]))]
+                         for lengths in split_lengths for draw in range(_PAD_DRAWS)]
     return bucket_lengths(np.concatenate([np.asarray(x, dtype=np.int64) for x in split_lengths]), num_buckets, multiple)
 
 

@@ -1,7 +1,7 @@
 """Dropout whose random draws cost a third of `flax.linen.Dropout`'s on CPU.
 
-`flax.linen.Dropout` draws one 32-bit Threefry word per element; on a CPU that is about 10 % of a
-MiSTER-E training step. Here every 32-bit word gives two 16-bit uniform integers u, and an element
+`flax.linen.Dropout` draws one 32-bit Threefry word per element, a noticeable share of a MiSTER-E
+training step on a CPU (docs/BENCHMARKS.md). Here every 32-bit word gives two 16-bit uniform integers u, and an element
 is kept where u >= round(rate · 2^16). The drop probability is thus rate rounded to a multiple of
 2^-16 (0.2 becomes 0.19999695), and kept elements are scaled by the inverse of the exact keep
 probability, so E[dropout(x)] = x as with flax.

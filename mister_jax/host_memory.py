@@ -1,12 +1,11 @@
 """Transparent huge pages for XLA's large host buffers (glibc on Linux).
 
-XLA on CPU allocates every training step's outputs and temporary buffer (0.7–0.9 GB at paper dims)
-with ``malloc`` and frees them when the step ends. glibc serves allocations above 32 MiB with a fresh
-``mmap``, so each step maps its buffers anew and the kernel faults them in 4 KiB page by 4 KiB page:
-about 190,000 minor faults per step, each paying the virtual machine's exit. The glibc tunable
-``glibc.malloc.hugetlb=1`` (glibc 2.35+) makes ``malloc`` advise transparent huge pages on those
-mappings: the same buffer then faults in 2 MiB pages, 512 times fewer faults, at no cost in resident
-memory (docs/BENCHMARKS.md measures both).
+XLA on CPU allocates every training step's outputs and temporary buffer (large at paper dims) with
+``malloc`` and frees them when the step ends. glibc serves allocations above its mmap threshold with a
+fresh ``mmap``, so each step maps its buffers anew and the kernel faults them in one base page at a
+time, each fault paying the virtual machine's exit. The glibc tunable ``glibc.malloc.hugetlb=1``
+(glibc 2.35+) makes ``malloc`` advise transparent huge pages on those mappings: the same buffer then
+faults in huge pages, far fewer faults, at no cost in resident memory (docs/BENCHMARKS.md measures both).
 
 glibc reads its tunables once, when the process starts, so the training CLI restarts itself with
 the tunable (`restart_with_huge_pages`); set ``MISTER_HUGEPAGES=default`` to keep glibc's defaults.

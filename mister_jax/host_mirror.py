@@ -5,9 +5,9 @@ every seed's best-validation parameters. Each leaf is one NumPy array ``[K, ...]
 seed axis, the layout of the checkpoint on disk whether the seeds train vmapped or one after the
 other.
 
-Why not a fresh copy each time: at paper dims the three training states are 3.4 GB, and filling
-freshly allocated memory costs the page faults of every page (about 3 s per GB on the project's
-2-core VMs), against 0.1 s per GB into buffers that are already mapped (docs/BENCHMARKS.md).
+Why not a fresh copy each time: at paper dims the three training states take gigabytes, and filling
+freshly allocated memory costs the page fault of every page, far more than copying into buffers that
+are already mapped (docs/BENCHMARKS.md measures both).
 
 All leaves are views into one page-aligned buffer (``buffer``), each starting on a 4 KiB boundary,
 so a checkpoint writes the buffer as it is, with direct I/O (`mister_jax.checkpoint`).

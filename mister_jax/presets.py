@@ -35,7 +35,7 @@ class TrainConfig:
       checkpoint_minutes: save it after the first epoch that ends this many minutes after the last save
         (or the start of the run; 0: not by time). Either rule triggers a save, and the last epoch
         always does. By time, an interruption costs at most this much training whatever an epoch
-        takes, and a big model is not rewritten every epoch (4.5 GB at paper dims with 3 seeds).
+        takes, and a big model is not rewritten every epoch (several GB at paper dims with 3 seeds).
       val_fraction: fraction of training conversations carved out as validation when a store has none.
       val_carve_seed: the fixed seed of that carving.
       test_every_epoch: also evaluate the test split after every epoch (test curves in

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=("paper", "authors-code"), default="paper",
                         help="paper (default): the paper's model and losses; authors-code: what the authors' "
                              "public code trains (3 heads, MLP gate at temperature 2, batch-pooled contrastive "
-                             "loss, symmetric KL, no CAN dropout), selected on validation")
+                             "loss, symmetric KL, no CAN dropout, fully random batches), selected on validation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0")
     parser.add_argument("--seed-mode", choices=("auto", "vmap", "sequential"), default="auto",
@@ -299,9 +299,8 @@ class Trainer:
         self.eval_pad_lengths = choose_pad_lengths([val.lengths, test.lengths], cfg.batch_size, cfg.num_buckets,
                                                    cfg.bucket_multiple, "sorted")
         plan = self.epoch_plans(0)[0]
-        # Random batchings may need any pad length in a later epoch: all of them are compiled.
-        shapes = sorted({p.length for p in plan} | (set(self.pad_lengths) if cfg.batching in ("random", "bucketed")
-                                                      else set()))
+        # Drawn batchings may need any pad length in a later epoch: all of them are compiled.
+        shapes = sorted(set(self.pad_lengths) if cfg.batching in ("random", "bucketed") else {p.length for p in plan})
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
         self.shape_info = {"batching": cfg.batching, "train_shapes": [[cfg.batch_size, t] for t in shapes],
                            "pad_lengths": list(self.pad_lengths),
@@ -467,8 +466,8 @@ class Trainer:
             metrics = [[jax.tree_util.tree_map(lambda x: x[k], m) for m in stacked] for k in range(K)]
         else:
             # Interleaved: step i of every seed before step i + 1 (every seed has as many steps, each its
-            # own shapes). Each seed still sees exactly its own sequence; on 2 CPU cores a 3-seed pass
-            # takes 7 % less wall and CPU time than seed after seed (benchmarks/train_epoch.py, c-int).
+            # own shapes). Each seed still sees exactly its own sequence; on a 2-core CPU a pass is
+            # faster than seed after seed (benchmarks/train_epoch.py, c-int; docs/BENCHMARKS.md).
             batches = jax.device_put([[make_batch(self.train, batch_rows(self.train, p)) for p in plan]
                                       for plan in plans])
             metrics = [[] for _ in self.seeds]
@@ -576,7 +575,7 @@ def results_json(dataset: str, preset, label_names, history, best, shape_info, v
     if cfg.on_nonfinite == "skip-step":
         skipped["skipped_nonfinite_steps"] = [int(sum(h.get("skipped_nonfinite_steps", [0] * cfg.seeds)[k]
                                                       for h in history)) for k in range(cfg.seeds)]
-    return {**skipped,"dataset": dataset, "variant": preset.model.variant, "seeds": list(range(cfg.seeds)),
+    return {**skipped, "dataset": dataset, "variant": preset.model.variant, "seeds": list(range(cfg.seeds)),
             "epochs": cfg.epochs, "label_names": list(label_names),
             "test": aggregate(best, label_names, "test"), "val": aggregate(best, label_names, "val"),
             "best_epoch": [b["epoch"] for b in best], "epoch_numbering": "1 = after the first pass over train",

@@ -49,7 +49,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     `optax.clip_by_global_norm` computes ``(g / ‖g‖) · max_norm`` element by element. XLA:CPU does not
     copy a division into both Adam moment updates that read its result, so it writes ``g / ‖g‖`` out
-    in full (354 MiB at paper dims) into fresh memory every step and reads it back twice. Here the
+    in full (the size of the gradient) into fresh memory every step and reads it back twice. Here the
     division is one scalar, and the multiply fuses into each moment update. Results differ from optax's
     by at most one rounding of each element; the state is the same ``optax.EmptyState``.
     """
