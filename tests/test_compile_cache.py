@@ -1,15 +1,15 @@
-"""mister_jax.aot: compiled steps equal the jitted step; a warm start reuses the traced program."""
+"""mister_jax.runtime.compile_cache: compiled steps equal the jitted step; a warm start reuses the traced program."""
 
 import functools
 
 import jax
 import numpy as np
 
-from mister_jax.aot import TrainStepCompiler
-from mister_jax.config import LossConfig, ModelConfig
-from mister_jax.data import Batch
-from mister_jax.presets import TrainConfig
-from mister_jax.trainer import abstract_train_state, create_train_state, seed_keys, train_step
+from mister_jax.config import LossConfig, ModelConfig, TrainConfig
+from mister_jax.input_pipeline import Batch
+from mister_jax.runtime import compile_cache
+from mister_jax.runtime.compile_cache import TrainStepCompiler
+from mister_jax.steps import abstract_train_state, create_train_state, make_optimizer, seed_keys, train_step
 
 MODEL = ModelConfig(speech_dim=6, text_dim=5, num_classes=3, can_hidden=4, gru_layers=1, fusion_dim=8,
                     fusion_layers=1, attention_dim=4, attention_heads=2)
@@ -37,7 +37,6 @@ def _counting_step(calls):
 
 
 def _tx():
-    from mister_jax.trainer import make_optimizer
     return make_optimizer(TRAIN)
 
 
@@ -79,3 +78,24 @@ def test_an_unreadable_cached_step_is_traced_again_and_rewritten(tmp_path):
     calls = []
     TrainStepCompiler(_counting_step(calls), "config", tmp_path, FAST).compile(state, batch, key)
     assert calls and cached.read_bytes() != b"garbage"
+
+
+def _package(root, files):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_an_edit_in_a_subpackage_changes_the_key_of_the_cached_programs(tmp_path):
+    files = {"__init__.py": "", "model.py": "a = 1\n", "ops/__init__.py": "", "ops/gru.py": "b = 2\n"}
+    before = compile_cache._source_digest(_package(tmp_path / "one", files))
+    assert compile_cache._source_digest(_package(tmp_path / "two", files)) == before  # not the folder's name
+    edited = compile_cache._source_digest(_package(tmp_path / "three", {**files, "ops/gru.py": "b = 3\n"}))
+    moved = compile_cache._source_digest(_package(tmp_path / "four", {**files, "ops/model.py": files.pop("model.py")}))
+    assert before not in (edited, moved)
+
+
+def test_a_compilation_cache_that_cannot_be_created_is_none(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert compile_cache.enable_compilation_cache(str(tmp_path / "a_file" / "cache")) is None
