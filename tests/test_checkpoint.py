@@ -8,7 +8,7 @@ import pytest
 
 from mister_jax import checkpoint
 from mister_jax.checkpoint import CheckpointError, RunCheckpoints
-from mister_jax.host_mirror import HostMirror
+from mister_jax.runtime.host_mirror import HostMirror
 
 
 def _mirrors(fill: float) -> dict:

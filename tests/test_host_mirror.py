@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mister_jax.host_mirror import HostMirror
+from mister_jax.runtime.host_mirror import HostMirror
 
 
 def _tree(offset):

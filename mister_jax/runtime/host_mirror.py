@@ -10,7 +10,7 @@ freshly allocated memory costs the page fault of every page, far more than copyi
 are already mapped (docs/BENCHMARKS.md measures both).
 
 All leaves are views into one page-aligned buffer (``buffer``), each starting on a 4 KiB boundary,
-so a checkpoint writes the buffer as it is, with direct I/O (`mister_jax.checkpoint`).
+so a checkpoint writes the buffer as it is, with direct I/O (`mister_jax.runtime.direct_io`).
 """
 
 from __future__ import annotations
