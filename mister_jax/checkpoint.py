@@ -3,7 +3,7 @@
 Layout under ``<run>/checkpoints``::
 
     state/<epoch>/          the training state of every seed and the best parameters so far:
-        train.bin, best_params.bin   the host mirrors' buffers (`mister_jax.host_mirror`) as they are
+        train.bin, best_params.bin   the host mirrors' buffers (`mister_jax.runtime.host_mirror`) as they are
         index.json                   each buffer's layout (leaf paths, dtypes, shapes, byte offsets)
         meta.json                    JSON (history, best records)
         digests.json                 the SHA-256 of each file above, written last
@@ -15,22 +15,16 @@ fails is reported in one line and passed over for the previous one (two are kept
 or best parameters that fail theirs, `CheckpointError` names the directory and the fix.
 
 A state step is written in the background into ``state/<epoch>.partial`` and committed by renaming
-it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. The
-buffers go to disk with direct I/O (``O_DIRECT``) where the filesystem allows: no page cache. On the
-project's VMs every fresh page-cache page costs a fault in the hypervisor, and the kernel soon reclaims
-a checkpoint's cached pages, so a buffered write of a paper-dims checkpoint takes kernel CPU from
-training every time, a direct one almost none (docs/BENCHMARKS.md). Anything unreadable raises
-``CheckpointError`` with a one-line message naming the directory and the fix.
+it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. How the
+buffers reach the disk (direct I/O, past the page cache) is `mister_jax.runtime.direct_io`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -44,6 +38,8 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from mister_jax import atomic
+from mister_jax.runtime import direct_io
+
 
 class CheckpointError(Exception):
     """A checkpoint directory that cannot be read or written."""
@@ -104,60 +100,14 @@ def _writing(path: Path):
         absl.setLevel(level)
 
 
-_CHUNK = 1 << 26  # bytes per read or write call (Linux moves less than 2**31 bytes per call)
-
-
-def _write_buffer(path: Path, buffer: np.ndarray) -> None:
-    """Writes ``buffer`` (uint8, page-aligned, a multiple of 4 KiB) to a new file ``path`` and syncs it,
-    with ``O_DIRECT`` where the filesystem accepts it, else through the page cache."""
-    direct = getattr(os, "O_DIRECT", 0)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    view = memoryview(buffer).cast("B")
-    for mode in ((flags | direct, flags) if direct else (flags,)):
-        try:
-            fd = os.open(path, mode, 0o644)
-        except OSError as err:
-            if mode != flags and err.errno == errno.EINVAL:
-                continue  # the filesystem does not do direct I/O (e.g. tmpfs)
-            raise
-        try:
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:done + _CHUNK])
-            os.fsync(fd)
-            return
-        except OSError as err:
-            if mode == flags or err.errno != errno.EINVAL:
-                raise
-        finally:
-            os.close(fd)
-
-
-def _read_buffer(path: Path, buffer: np.ndarray) -> None:
-    """Fills ``buffer`` with the file ``path``, which must have exactly its size."""
-    view = memoryview(buffer).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:done + _CHUNK])
-            if not n:
-                raise ValueError(f"{path.name} holds {done} bytes, {len(view)} expected")
-            done += n
-        if f.read(1):
-            raise ValueError(f"{path.name} is longer than the {len(view)} bytes expected")
-
-
 def _sha256(data) -> str:
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> str:
-    """Writes ``obj`` as JSON to ``path``, synced; returns the SHA-256 of the bytes written."""
+    """Writes ``obj`` as JSON to ``path`` (atomically, synced); returns the SHA-256 of the bytes written."""
     data = json.dumps(obj).encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic.write_bytes(path, data)
     return _sha256(data)
 
 
@@ -169,14 +119,6 @@ def params_digest(params: Any) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}".encode())
         digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _abstract(tree: Any) -> Any:
@@ -236,14 +178,14 @@ class RunCheckpoints:
             digests = {}
             for name, mirror in mirrors.items():
                 digests[f"{name}.bin"] = _sha256(mirror.buffer)
-                _write_buffer(partial / f"{name}.bin", mirror.buffer)
+                direct_io.write_buffer(partial / f"{name}.bin", mirror.buffer)
             digests["index.json"] = _write_json(partial / "index.json",
                                                 {name: mirror.layout for name, mirror in mirrors.items()})
             digests["meta.json"] = _write_json(partial / "meta.json", meta)
             _write_json(partial / "digests.json", digests)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            _sync_directory(self._state_dir)
+            direct_io.sync_directory(self._state_dir)
             for old in self._committed()[:-self._keep]:
                 shutil.rmtree(self._state_dir / str(old), ignore_errors=True)
         except Exception as err:  # reported by the next `wait`
@@ -282,7 +224,7 @@ class RunCheckpoints:
         for name, mirror in mirrors.items():
             if index.get(name) != mirror.layout:
                 raise ValueError(f"{name}.bin holds other arrays than this run's model and optimizer")
-            _read_buffer(path / f"{name}.bin", mirror.buffer)
+            direct_io.read_buffer(path / f"{name}.bin", mirror.buffer)
             if _sha256(mirror.buffer) != digests.get(f"{name}.bin"):
                 raise ValueError(f"{name}.bin fails its SHA-256 digest (its bytes changed after it was written)")
         return json.loads(files["meta.json"])
