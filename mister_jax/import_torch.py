@@ -7,16 +7,8 @@ The run directory it writes (`run_config.json`, one seed's parameters under `che
 is read by `python -m mister_jax.predict --run RUN_DIR`, so a model trained with the authors' scripts
 can predict, have its gate analysed and be compared with our runs.
 
-The `.pth` file is read here, without torch, and by nothing else (no fallback to `torch.load`): it is
-torch's zip format (the default of `torch.save` since torch 1.6; the older raw-pickle format is
-refused with a line saying so), an archive holding a pickle whose tensors point at raw storages in
-the same archive. The unpickler admits only the globals a `state_dict` needs (torch's
-`_rebuild_tensor_v2` and `_rebuild_parameter`, its storage types, `collections.OrderedDict`) and
-refuses every other, so a checkpoint cannot run code; each tensor's size, stride and offset are checked
-against its storage before it is read. Why not `torch.load`: it would make the inference path of
-`mister_jax` depend on torch, which it must not load (tests/test_imports.py), and a full `torch.load`
-runs whatever the pickle names; `weights_only=True` restricts it as this reader does, but still needs
-torch installed.
+The `.pth` file is read by `mister_jax.torch_checkpoint.read_state_dict`, without torch and without
+running any of its pickle (no fallback to `torch.load`); this module maps its keys onto our parameters.
 
 The authors' `nn.MultiheadAttention` projects queries, keys and values again (`in_proj`) after the
 dense layers in front of it, and its `out_proj` runs before the dense layer behind it; each pair is one
@@ -30,124 +22,30 @@ from the tensors' shapes; the number of heads and the gate's temperature are not
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import hashlib
-import io
-import pickle
+import json
 import sys
-import zipfile
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from mister_jax import atomic
-from mister_jax.train import UsageError, open_store
+from mister_jax.checkpoint import RunCheckpoints
+from mister_jax.config import ModelConfig
+from mister_jax.configs import get_config
+from mister_jax.errors import UsageError
+from mister_jax.input_pipeline import open_store
+from mister_jax.model import param_shapes
+from mister_jax.torch_checkpoint import CheckpointFormatError, read_state_dict
 
-_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "u2",
-                   "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
-                   "ByteStorage": "u1", "BoolStorage": "?"}
+__all__ = ["CheckpointFormatError", "UNUSED_PREFIXES", "main", "params_from_state_dict", "read_state_dict"]
+
 UNUSED_PREFIXES = ("proj.", "classifier.")  # in their AttentionMoE, never called in its forward
 
 
-class CheckpointFormatError(ValueError):
-    """A file that is not a state_dict this reader admits."""
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    """A tensor as a copy of its elements in ``storage`` (torch's `_rebuild_tensor_v2` arguments:
-    storage offset, size and stride in elements), refused if they reach outside the storage."""
-    size, stride = tuple(size), tuple(stride)
-    if (len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride)
-            or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))):
-        raise CheckpointFormatError(f"holds a tensor of size {list(size)}, stride {list(stride)} at offset {offset} "
-                                    f"outside its storage of {len(storage)} elements")
-    itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * itemsize for s in stride)).copy()
-
-
-def _rebuild_parameter(data, *_):
-    """An `nn.Parameter` (a state_dict saved with keep_vars=True) as its tensor."""
-    return data
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a state_dict admitting only torch's tensor rebuild functions, its storage types and
-    `collections.OrderedDict`; storages are read from ``archive`` under ``prefix``/data/."""
-
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
-        super().__init__(io.BytesIO(data))
-        self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
-
-    def find_class(self, module, name):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return _rebuild_parameter
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return name
-        raise CheckpointFormatError(f"refers to {module}.{name}, which a state_dict does not need; "
-                                    "only tensors and OrderedDict are read")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES):
-            raise CheckpointFormatError(f"holds a persistent object {pid!r:.80} that is not a tensor storage")
-        _, storage_type, key, _location, numel = pid
-        dtype = np.dtype(_STORAGE_DTYPES[storage_type]).newbyteorder(self._byteorder)
-        try:
-            data = self._archive.read(f"{self._prefix}/data/{key}")
-        except KeyError:
-            raise CheckpointFormatError(f"lacks the storage {self._prefix}/data/{key}") from None
-        if len(data) != numel * dtype.itemsize:
-            raise CheckpointFormatError(f"storage {key} has {len(data)} bytes where {numel} elements of "
-                                        f"{storage_type} need {numel * dtype.itemsize}")
-        array = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
-        if storage_type == "BFloat16Storage":  # bfloat16 is the upper half of a float32
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        return array
-
-
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a `torch.save`d state_dict (zip format) as NumPy arrays, by key.
-
-    A dict wrapping the state_dict under "state_dict" or "model" is unwrapped, and the "module." prefix
-    of a model saved inside `nn.DataParallel` dropped. Raises `CheckpointFormatError` (one line) for
-    anything else; `OSError` when the file cannot be read."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            if len(pickles) != 1:
-                raise CheckpointFormatError("is not a torch.save zip archive (no single data.pkl)")
-            prefix = pickles[0][:-len("/data.pkl")]
-            byteorder = "little"
-            if f"{prefix}/byteorder" in archive.namelist():
-                byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise CheckpointFormatError(f"names an unknown byte order {byteorder!r:.20}")
-            order = "<" if byteorder == "little" else ">"
-            obj = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, order).load()
-    except zipfile.BadZipFile:
-        raise CheckpointFormatError("is not a zip archive (save it with torch.save of torch >= 1.6)") from None
-    except (CheckpointFormatError, OSError):
-        raise
-    except Exception as err:  # a damaged pickle fails in many ways; none of them may run code (find_class)
-        raise CheckpointFormatError(f"holds a pickle that cannot be read ({type(err).__name__}: {err})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise CheckpointFormatError("does not hold a state_dict (a mapping of names to tensors)")
-    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _config_from_shapes(sd: dict, heads: int, temperature: float):
-    from mister_jax.config import ModelConfig
-
+def _config_from_shapes(sd: dict, heads: int, temperature: float) -> ModelConfig:
     width = sd["fusion.units.0.fc_audq.weight"].shape[0]
     if heads < 1 or width % heads:
         raise CheckpointFormatError(f"--attention-heads {heads} does not divide the attention width {width} "
@@ -303,10 +201,6 @@ def _assemble(read: _Reader, cfg) -> dict:
 
 
 def _shape_problems(cfg, params) -> list[str]:
-    import jax
-
-    from mister_jax.model import param_shapes
-
     want = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
     got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     return [f"{name}: shape {list(got.get(name, ()))} where the architecture read from the checkpoint needs "
@@ -338,23 +232,18 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse_a_trained_run(out: Path) -> None:
     """Raises `UsageError` when ``out`` holds a run that was not imported: its results, history and other
     seeds' checkpoints would stay beside the imported parameters. An earlier import is overwritten."""
-    import json
-
-    config = out / "run_config.json"
-    if not config.exists():
+    run_config = out / "run_config.json"
+    if not run_config.exists():
         return
     try:
-        imported = "imported_from" in json.loads(config.read_text(encoding="utf-8"))
+        imported = "imported_from" in json.loads(run_config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         imported = False
     if not imported:
-        raise UsageError(f"--out {out}: holds a run that was not imported ({config}); import into a new folder")
+        raise UsageError(f"--out {out}: holds a run that was not imported ({run_config}); import into a new folder")
 
 
 def _main(args) -> None:
-    from mister_jax.checkpoint import RunCheckpoints
-    from mister_jax.presets import get_preset
-
     path = Path(args.checkpoint)
     try:
         sd = read_state_dict(path)
@@ -370,14 +259,14 @@ def _main(args) -> None:
                                          ("label count", len(store.label_names), cfg.num_classes)) if have != need]
     if mismatch:
         raise UsageError("\n".join(mismatch) + "\n(use the store whose features the checkpoint was trained on)")
-    preset = get_preset(args.dataset, store.label_names, "authors-code")
+    config = get_config(args.dataset, store.label_names, "authors-code")
     out = Path(args.out)
     _refuse_a_trained_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = dataclasses.replace(preset.train, seeds=1)
+    train = dataclasses.replace(config.train, seeds=1)
     atomic.write_json(out / "run_config.json", {
         "dataset": args.dataset, "store": str(store.directory.resolve()), "label_names": list(store.label_names),
-        "val_source": "imported", "model": dataclasses.asdict(cfg), "loss": dataclasses.asdict(preset.loss),
+        "val_source": "imported", "model": dataclasses.asdict(cfg), "loss": dataclasses.asdict(config.loss),
         "train": dataclasses.asdict(train),
         "imported_from": {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                           "format": "the authors' AttentionMoE state_dict (iiscleap/MiSTER-E)"}})

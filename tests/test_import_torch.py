@@ -1,7 +1,8 @@
 """python -m mister_jax.import_torch: a checkpoint of the authors' AttentionMoE becomes a run of ours.
 
 The reference is `benchmarks/torch_reference.py` (the authors' key names, shapes and forward); its
-outputs on unpadded conversations are what the imported model must reproduce.
+outputs on unpadded conversations are what the imported model must reproduce. The reader of the
+`.pth` file (`mister_jax.torch_checkpoint`) is tested on archives made by torch and by hand.
 """
 
 import collections
@@ -23,7 +24,7 @@ from common import PAPER  # noqa: E402
 from torch_reference import AttentionMoE, authors_loss, total_loss  # noqa: E402
 
 from bridges import init_store, write_index, write_modality  # noqa: E402
-from mister_jax import import_torch, predict as predict_cli  # noqa: E402
+from mister_jax import import_torch, predict as predict_cli, torch_checkpoint  # noqa: E402
 from mister_jax.model import MisterE  # noqa: E402
 
 DIMS = dataclasses.replace(PAPER, speech_dim=24, text_dim=20, num_classes=4, can_hidden=8, gru_layers=2,
@@ -163,8 +164,8 @@ def test_the_reader_refuses_a_pickle_that_would_run_code(tmp_path):
     path = tmp_path / "evil.pth"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("evil/data.pkl", pickle.dumps({"a": _Shell()}, protocol=2))
-    with pytest.raises(import_torch.CheckpointFormatError, match="refers to posix.system"):
-        import_torch.read_state_dict(path)
+    with pytest.raises(torch_checkpoint.CheckpointFormatError, match="refers to posix.system"):
+        torch_checkpoint.read_state_dict(path)
 
 
 class _Tensor:
@@ -200,7 +201,7 @@ def test_the_reader_gives_torchs_values_for_views_and_every_float_dtype(tmp_path
     state = {"view": base[1:, 2:5].t(), "half": base.half(), "bfloat16": base.bfloat16(), "long": torch.arange(5),
              "float": base.float()[2]}
     torch.save(state, tmp_path / "x.pth")
-    got = import_torch.read_state_dict(tmp_path / "x.pth")
+    got = torch_checkpoint.read_state_dict(tmp_path / "x.pth")
     for key, tensor in state.items():
         np.testing.assert_array_equal(got[key], tensor.float().numpy() if key == "bfloat16" else tensor.numpy(), key)
 
@@ -208,14 +209,14 @@ def test_the_reader_gives_torchs_values_for_views_and_every_float_dtype(tmp_path
 def test_the_reader_refuses_a_tensor_outside_its_storage(tmp_path):
     storage = np.arange(4, dtype=np.float32).tobytes()
     fine = _raw_checkpoint(tmp_path / "fine.pth", {"a": _Tensor(1, (3,), (1,))}, storage, 4)
-    np.testing.assert_array_equal(import_torch.read_state_dict(fine)["a"], [1, 2, 3])
+    np.testing.assert_array_equal(torch_checkpoint.read_state_dict(fine)["a"], [1, 2, 3])
     for offset, size, stride in ((0, (3,), (2,)), (2, (2, 2), (1, 1)), (-1, (2,), (1,))):
         path = _raw_checkpoint(tmp_path / "far.pth", {"a": _Tensor(offset, size, stride)}, storage, 4)
-        with pytest.raises(import_torch.CheckpointFormatError, match="outside its storage of 4 elements"):
-            import_torch.read_state_dict(path)
+        with pytest.raises(torch_checkpoint.CheckpointFormatError, match="outside its storage of 4 elements"):
+            torch_checkpoint.read_state_dict(path)
     short = _raw_checkpoint(tmp_path / "short.pth", {"a": _Tensor(0, (4,), (1,))}, storage[:8], 4)
-    with pytest.raises(import_torch.CheckpointFormatError, match="has 8 bytes where 4 elements"):
-        import_torch.read_state_dict(short)
+    with pytest.raises(torch_checkpoint.CheckpointFormatError, match="has 8 bytes where 4 elements"):
+        torch_checkpoint.read_state_dict(short)
 
 
 def test_damaged_and_legacy_files_are_refused_in_one_line(tmp_path):
@@ -225,8 +226,8 @@ def test_damaged_and_legacy_files_are_refused_in_one_line(tmp_path):
     legacy = tmp_path / "legacy.pth"
     torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
     for path, message in ((damaged, "holds a pickle that cannot be read"), (legacy, "is not a zip archive")):
-        with pytest.raises(import_torch.CheckpointFormatError, match=message) as err:
-            import_torch.read_state_dict(path)
+        with pytest.raises(torch_checkpoint.CheckpointFormatError, match=message) as err:
+            torch_checkpoint.read_state_dict(path)
         assert len(str(err.value).splitlines()) == 1
 
 
@@ -259,9 +260,9 @@ def test_the_references_masked_loss_is_ours_with_the_authors_code_preset():
     reference loss is `mister_jax.losses.total_loss` with `--preset authors-code`'s loss config."""
     from mister_jax.losses import total_loss as ours
     from mister_jax.model import ModelOutputs
-    from mister_jax.presets import get_preset
+    from mister_jax.configs import get_config
 
-    loss_cfg = get_preset("iemocap", LABELS, "authors-code").loss
+    loss_cfg = get_config("iemocap", LABELS, "authors-code").loss
     torch.manual_seed(2)
     model = AttentionMoE(DIMS).eval()
     b, t = 3, 6
