@@ -1,6 +1,7 @@
-"""Frozen configurations of the MiSTER-E model and its training losses (DESIGN §3–4).
+"""Frozen configurations of a MiSTER-E run: the model (DESIGN §3), its losses (§4) and the training
+protocol (§5), each validated on construction.
 
-Paper defaults; the per-dataset presets (Sec. 4.2) are built from these by the trainer.
+The fields default to the paper's values; the per-dataset presets (Sec. 4.2) are in `mister_jax.configs`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ GATES = ("fc", "mlp")
 DTYPES = ("float32", "bfloat16")
 CONTRASTIVE_SCOPES = ("conversation", "batch")
 KL_FORMS = ("directional", "symmetric")
+BATCHINGS = ("sorted", "shuffled", "random", "bucketed")
+ON_NONFINITE = ("stop", "skip-step")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -119,3 +122,72 @@ class LossConfig:
         for name in ("gamma", "lambda_con", "alpha_kl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation protocol.
+
+    Attributes:
+      batch_size: conversations per batch.
+      learning_rate: Adam step size.
+      clip_norm: gradient clipping at this global norm.
+      epochs: passes over the training split.
+      seeds: number of seeds; seeds are ``0 .. seeds-1``.
+      batching: "sorted" (length-sorted batches, least padding), "shuffled" (random composition within
+        length buckets), "random" (the authors': random batches per seed and epoch) or "bucketed" (random
+        per seed and epoch, drawn in pools sorted by length); see `mister_jax.batching`.
+      pool_batches: batches per pool of "bucketed" batching (larger: less padding, less random).
+      num_buckets: at most this many pad lengths, hence compiled training shapes.
+      bucket_multiple: pad lengths are multiples of this.
+      checkpoint_every: save the training state every this many epochs (0: not by epoch count).
+      checkpoint_minutes: save it after the first epoch that ends this many minutes after the last save
+        (or the start of the run; 0: not by time). Either rule triggers a save, and the last epoch
+        always does. By time, an interruption costs at most this much training whatever an epoch
+        takes, and a big model is not rewritten every epoch (several GB at paper dims with 3 seeds).
+      val_fraction: fraction of training conversations carved out as validation when a store has none.
+      val_carve_seed: the fixed seed of that carving.
+      test_every_epoch: also evaluate the test split after every epoch (test curves in
+        ``metrics.jsonl`` and the report); the reported scores are the same either way, those of each
+        seed's best-validation parameters, which are scored on test once training ends.
+      on_nonfinite: what a step whose loss or gradient norm is NaN or infinite does: "stop" the run
+        (exit 2, the last good checkpoint kept, no results) or "skip-step" (the update is dropped and
+        counted in ``results.json``).
+    """
+
+    batch_size: int = 8
+    learning_rate: float = 1e-5
+    clip_norm: float = 1.0
+    epochs: int = 100
+    seeds: int = 3
+    batching: str = "bucketed"
+    pool_batches: int = 8
+    num_buckets: int = 4
+    bucket_multiple: int = 2
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
+    val_fraction: float = 0.1
+    val_carve_seed: int = 0
+    test_every_epoch: bool = False
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs", "seeds", "num_buckets", "bucket_multiple", "pool_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 1.")
+        for name in ("checkpoint_every", "checkpoint_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 0.")
+        _check_choice("batching", self.batching, BATCHINGS)
+        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig: val_fraction={self.val_fraction} must lie in (0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run besides the data."""
+
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig

@@ -18,19 +18,28 @@ output does not depend on ``--batch-size``.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
+import functools
+import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from mister_jax.train import UsageError, enable_compilation_cache, open_store
+from mister_jax import atomic
+from mister_jax.batching import BatchPlanner
+from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+from mister_jax.config import ModelConfig, TrainConfig
+from mister_jax.errors import UsageError
+from mister_jax.input_pipeline import SplitData, iterate_batches, load_split, open_store, required_modalities
+from mister_jax.model import param_shapes
+from mister_jax.runtime.compile_cache import DEFAULT_CACHE, enable_compilation_cache
+from mister_jax.steps import predict_step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from mister_jax.train import DEFAULT_CACHE
-
     parser = argparse.ArgumentParser(prog="python -m mister_jax.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="run directory written by python -m mister_jax.train")
     parser.add_argument("--dataset", required=True, help="store name; the store is ROOT/NAME")
@@ -39,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     parser.add_argument("--seed", type=int, help="which seed's best parameters (default: best validation F1)")
     parser.add_argument("--out", required=True, help="output .jsonl file")
-    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)))
+    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
+                        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
     return parser.parse_args(argv)
 
 
@@ -69,19 +79,12 @@ def choose_seed(run: Path, config: dict, seed: int | None) -> int:
     return seeds[int(np.argmax(per_seed))]
 
 
-def predict_split(params, model_cfg, data, train_cfg: dict, batch_size: int):
-    """Yields ``(row, {expert: probs [C]}, gate or None)`` for every utterance of ``data`` in order."""
-    import functools
-
-    import jax
-
-    from mister_jax.data import choose_pad_lengths, epoch_plan, iterate_batches
-    from mister_jax.trainer import predict_step
-
+def predict_split(params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int):
+    """Yields ``(row, {expert: probs [C], "gate": [3]})`` for every utterance of ``data``, batches in
+    length-sorted order (least padding)."""
     step = jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
-    pads = choose_pad_lengths([data.lengths], batch_size, train_cfg["num_buckets"], train_cfg["bucket_multiple"])
-    plan = epoch_plan(data.lengths, pads, batch_size, seed=None, epoch=0)  # length-sorted: least padding
-    for rows, batch in iterate_batches(data, plan):
+    planner = BatchPlanner.create(dataclasses.replace(train_cfg, batch_size=batch_size), data.lengths, [data.lengths])
+    for rows, batch in iterate_batches(data, planner.evaluation(data.lengths)):
         out = jax.device_get(step(params, batch))
         for b, t in zip(*np.nonzero(rows >= 0)):
             yield int(rows[b, t]), {name: v[b, t] for name, v in out.items()}
@@ -106,9 +109,6 @@ def _main(args: argparse.Namespace) -> int:
     if list(store.label_names) != list(config["label_names"]):
         raise UsageError(f"{store.directory / 'manifest.json'}: labels {store.label_names} differ from the run's "
                          f"{config['label_names']} — predict with the store the run was trained on")
-    from mister_jax.config import ModelConfig
-    from mister_jax.train import required_modalities
-
     model_cfg = ModelConfig(**config["model"])
     for m in required_modalities(model_cfg.variant):
         if m not in store.modalities:
@@ -122,12 +122,6 @@ def _main(args: argparse.Namespace) -> int:
     seed = choose_seed(run, config, args.seed)
 
     enable_compilation_cache(args.jax_cache)
-    import jax
-
-    from mister_jax.checkpoint import CheckpointError, RunCheckpoints
-    from mister_jax.data import load_split
-    from mister_jax.model import param_shapes
-
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(model_cfg))
     try:
         ckpt = RunCheckpoints(run / "checkpoints")
@@ -138,9 +132,8 @@ def _main(args: argparse.Namespace) -> int:
     data = load_split(store, args.split, required_modalities(model_cfg.variant))
     names = list(store.label_names)
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     lines = [None] * data.num_utterances
-    for row, probs in predict_split(params, model_cfg, data, config["train"], args.batch_size):
+    for row, probs in predict_split(params, model_cfg, data, TrainConfig(**config["train"]), args.batch_size):
         label, prediction = int(data.labels[row]), int(np.argmax(probs["moe"]))
         lines[row] = json.dumps({
             "conversation_id": str(data.conversation_ids[row]), "utterance_id": str(data.utterance_ids[row]),
@@ -151,8 +144,7 @@ def _main(args: argparse.Namespace) -> int:
             "gate": probs["gate"].tolist() if "gate" in probs else None})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        atomic.write_text(out, "\n".join(lines) + "\n")
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write there ({err.strerror}) — choose a writable path") from None
     print(f"wrote {data.num_utterances} predictions of seed {seed} to {out}", file=sys.stderr)
