@@ -11,22 +11,16 @@ RSS is per variant:
         divides by 3, the dims' heads otherwise; no masks in the model), each batch padded
         to its longest conversation, conversations shuffled per epoch, the losses reduced as their
         `train_moe.py` reduces them, padded positions included (the authors' way);
-  b     our jitted JAX step (`mister_jax.trainer.make_steps`), 1 seed, with the trainer's default
-        batching (bucketed: random per seed and epoch, pools sorted by length;
-        `mister_jax.data.choose_pad_lengths` + `epoch_plan`, vmapped seeds aligned per step); run twice on one
-        fresh persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
-  c     3 seeds: `c-vmap` (one vmapped step), `c-seq` (one seed after the other, same step as b) and
-        `c-int` (the same steps interleaved: step i of every seed before step i + 1, as the trainer does);
+  b     our training epoch, 1 seed, through the trainer's own pieces (`mister_jax.batching.BatchPlanner`,
+        `mister_jax.seeds.SeedStates`, `mister_jax.train.train_epoch`) with its default batching
+        (bucketed: random per seed and epoch, pools sorted by length); run twice on one fresh
+        persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
+  c     3 seeds: `c-vmap` (one vmapped step) and `c-int` (the seeds stepped in turn: step i of every
+        seed before step i + 1, the trainer's default on a CPU);
   s     b with `batching="shuffled"` (random batch composition within length buckets): the
         padding lever measured end to end;
-  m     b under glibc's default malloc settings (4 KiB pages): the huge-page lever measured end to end;
-  h     a under the same huge-page tunable as ours: whether PyTorch would gain as much from it;
   f     b with bfloat16 matmuls and convolutions (`--set dtype=bfloat16`; parameters, optimizer and
         losses stay float32): what a CPU with AVX-512 BF16 gains from them.
-
-The JAX workers run with `mister_jax.host_memory.MALLOC_TUNABLES` in their environment, as
-`python -m mister_jax.train` does (except m); PyTorch (a) runs with glibc's defaults, as the authors
-run it.
 
 Warm-up before the timed epochs: two batches (PyTorch) or one step per compiled shape (JAX).
 Every epoch's batches are gathered on the host and put on the device before its first step (the
@@ -38,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import subprocess
 import sys
@@ -55,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
 from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
 
-VARIANTS = ("a", "b", "c", "s", "m", "h", "f")
+VARIANTS = ("a", "b", "c", "s", "f")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
 # IEMOCAP 6-class: 7,433 utterances, of which the benchmark's training split holds 4,791 and the test
 # split (session 5) 1,623; the validation split (session 1) holds the other 1,019. The trainer scores
@@ -115,8 +108,8 @@ def run_torch(args) -> dict:
 
 
 def split_data(corpus):
-    """The synthetic corpus as a `mister_jax.data.SplitData` (what the trainer loads from a store)."""
-    from mister_jax.data import SplitData
+    """The synthetic corpus as a `mister_jax.input_pipeline.SplitData` (what the trainer loads from a store)."""
+    from mister_jax.input_pipeline import SplitData
 
     n = len(corpus.labels)
     conv = np.repeat(np.arange(len(corpus.lengths)), corpus.lengths)
@@ -126,154 +119,87 @@ def split_data(corpus):
                      lengths=corpus.lengths)
 
 
-def presets(dims):
-    """(ModelConfig, LossConfig, TrainConfig) of the IEMOCAP preset at the benchmark's dims."""
-    from mister_jax.config import LossConfig, ModelConfig
-    from mister_jax.presets import TrainConfig
+def iemocap_config(dims, dtype: str, batching: str | None):
+    """The IEMOCAP preset (`mister_jax.configs.iemocap`) at the benchmark's dims."""
+    from mister_jax.configs import get_config
 
-    model = ModelConfig(speech_dim=dims.speech_dim, text_dim=dims.text_dim, num_classes=dims.num_classes,
-                        can_hidden=dims.can_hidden, gru_layers=dims.gru_layers, fusion_dim=dims.fusion_dim,
-                        fusion_layers=dims.fusion_layers, attention_dim=dims.attention_dim,
-                        attention_heads=dims.attention_heads)
-    return model, LossConfig(lambda_con=2.0, alpha_kl=0.1, temperature=1.0), TrainConfig(batch_size=dims.batch_size)
+    config = get_config("iemocap")
+    model = dataclasses.replace(config.model, speech_dim=dims.speech_dim, text_dim=dims.text_dim,
+                                num_classes=dims.num_classes, can_hidden=dims.can_hidden, gru_layers=dims.gru_layers,
+                                fusion_dim=dims.fusion_dim, fusion_layers=dims.fusion_layers,
+                                attention_dim=dims.attention_dim, attention_heads=dims.attention_heads, dtype=dtype)
+    train = dataclasses.replace(config.train, batch_size=dims.batch_size, **({"batching": batching} if batching else {}))
+    return dataclasses.replace(config, model=model, train=train)
 
 
 def run_jax(args) -> dict:
-    """Our step: init, AOT compile of every training shape, one warm-up step per shape, timed epochs."""
-    import jax
+    """The trainer's own pieces: its `BatchPlanner`, `SeedStates` (compile every training shape before
+    the states exist, initialise) and `mister_jax.train.train_epoch`; one warm-up step per shape, then
+    the timed epochs."""
+    from mister_jax.batching import BatchPlanner, padding_efficiency
+    from mister_jax.evaluate import Evaluator
+    from mister_jax.input_pipeline import batch_rows, make_batch
+    from mister_jax.model import count_params, param_shapes
+    from mister_jax.runtime.compile_cache import enable_compilation_cache
+    from mister_jax.seeds import SeedStates
+    from mister_jax.train import train_epoch
 
     if args.cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from mister_jax.aot import TrainStepCompiler
-    from mister_jax.data import (align_steps, batch_rows, choose_pad_lengths, epoch_plan, example_batch, make_batch,
-                                 padding_efficiency)
-    from mister_jax.model import count_params
-    from mister_jax.trainer import abstract_train_state, create_train_state, make_steps, seed_keys, stack_states
-
+        enable_compilation_cache(args.cache_dir)
     dims = DIMS[args.dims]
-    model_cfg, loss_cfg, train_cfg = presets(dims)
-    model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
-    if args.batching:
-        train_cfg = dataclasses.replace(train_cfg, batching=args.batching)
+    config = iemocap_config(dims, args.dtype, args.batching)
+    train_cfg = config.train
     data = split_data(make_corpus(dims))
-    mode = args.mode
-    seeds = list(range(args.seeds))
-    vmap = mode == "vmap"
-
-    train_fn, predict_fn = make_steps(model_cfg, loss_cfg, train_cfg, vmap)
-    keys = [seed_keys(s)[1] for s in seeds]
-    keys = jax.numpy.stack(keys) if vmap else keys
-    key0 = keys if vmap else keys[0]
-    pad_lengths = choose_pad_lengths([data.lengths], train_cfg.batch_size, train_cfg.num_buckets,
-                                     train_cfg.bucket_multiple, train_cfg.batching, train_cfg.pool_batches)
-
-    def plans(epoch):
-        per_seed = [epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=s, epoch=epoch,
-                               batching=train_cfg.batching, pool_batches=train_cfg.pool_batches) for s in seeds]
-        return align_steps(per_seed) if vmap else per_seed
-
-    def device_batches(epoch):
-        """All batches of an epoch on the device: per seed a list, or (vmap) one list of stacked batches."""
-        per_seed = [[make_batch(data, batch_rows(data, p)) for p in plan] for plan in plans(epoch)]
-        if vmap:
-            stacked = [jax.tree_util.tree_map(lambda *xs: np.stack(xs), *bs) for bs in zip(*per_seed)]
-            return jax.device_put(stacked)
-        return jax.device_put(per_seed)
-
-    first = plans(0)[0]
-    shapes = sorted({p.length for p in first} | set(pad_lengths))  # as the trainer: every pad length
-    example = {t: make_batch(data, batch_rows(data, example_batch(data.lengths, t, train_cfg.batch_size)))
-               for t in shapes}
-    if vmap:
-        example = {t: jax.tree_util.tree_map(lambda x: np.stack([x] * len(seeds)), b) for t, b in example.items()}
-    # As the trainer does: every shape compiled from the state's shapes, before the state exists.
-    step_fn = TrainStepCompiler(train_fn, repr((model_cfg, loss_cfg, train_cfg, vmap)), args.cache_dir)
-    abstract = abstract_train_state(model_cfg, train_cfg, len(seeds) if vmap else None)
+    seeds = SeedStates(config.model, config.loss, train_cfg, range(args.seeds), args.mode, args.cache_dir)
+    planner = BatchPlanner.create(train_cfg, data.lengths, [data.lengths])
+    first = planner.train_epoch(data.lengths, seeds.seeds, 0, seeds.aligned)[0]
+    shapes = planner.train_shapes(first)
     t0 = time.perf_counter()
     for t in shapes:
-        step_fn.compile(abstract, example[t], key0)
+        seeds.compile(make_batch(data, batch_rows(data, planner.example(data.lengths, t))))
     compile_s = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    states = [create_train_state(model_cfg, train_cfg, s) for s in seeds]
-    states = jax.block_until_ready(stack_states(states) if vmap else states)
-    if vmap:
-        states = jax.device_put(states)
+    seeds.initialise()
     init_s = time.perf_counter() - t0
 
-    record = {"variant": args.tag, "framework": "jax", "mode": mode, "batching": train_cfg.batching,
-              "seeds": len(seeds), "init_s": init_s, "compile_s": compile_s, "num_shapes": step_fn.num_shapes,
-              "shapes": [[train_cfg.batch_size, t] for t in shapes], "pad_lengths": list(pad_lengths),
-              "params": count_params(states.params if vmap else states[0].params)}
+    record = {"variant": args.tag, "framework": "jax", "mode": args.mode, "batching": train_cfg.batching,
+              "seeds": args.seeds, "init_s": init_s, "compile_s": compile_s, "num_shapes": len(shapes),
+              "shapes": [[train_cfg.batch_size, t] for t in shapes], "pad_lengths": list(planner.train_pads),
+              "params": count_params(param_shapes(config.model))}
     if args.compile_only:
         record.update(epoch_s=[], peak_rss_mib=peak_rss_mib())
         return record
 
-    def step(k, state, batch):
-        return step_fn(state, batch, keys if vmap else keys[k])
-
-    # Warm-up: one step per compiled shape (first use of each executable).
-    warm = device_batches(0)
-    seen = set()
-    if vmap:
-        for batch in warm:
-            if batch.mask.shape[-1] not in seen:
-                seen.add(batch.mask.shape[-1])
-                states, _ = step(None, states, batch)
-    else:
-        for batch in warm[0]:
-            if batch.mask.shape[-1] not in seen:
-                seen.add(batch.mask.shape[-1])
-                states[0], _ = step(0, states[0], batch)
-    jax.block_until_ready(states)
+    # Warm-up: one step per shape of epoch 0 (the first use of each executable).
+    plans = planner.train_epoch(data.lengths, seeds.seeds, 0, seeds.aligned)
+    warm, seen = [], set()
+    for step in zip(*plans):
+        if step[0].length not in seen:
+            seen.add(step[0].length)
+            warm.append([make_batch(data, batch_rows(data, p)) for p in step])
+    seeds.train_epoch(warm)
     del warm
 
     epoch_s, epoch_cpu_s, losses = [], [], []
     for epoch in range(1, args.epochs + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        batches = device_batches(epoch)
-        metrics = []
-        if vmap:
-            for batch in batches:
-                states, m = step(None, states, batch)
-                metrics.append(m["loss"])
-        else:
-            # "interleaved": batch i of every seed before batch i + 1 (the shape sequence is the same for all).
-            order = ([(k, i) for i in range(len(batches[0])) for k in range(len(seeds))] if mode == "interleaved"
-                     else [(k, i) for k in range(len(seeds)) for i in range(len(batches[k]))])
-            for k, i in order:
-                states[k], m = step(k, states[k], batches[k][i])
-                metrics.append(m["loss"])
-        losses = np.asarray(jax.device_get(metrics))
-        epoch_s.append(time.perf_counter() - t0)
+        c0 = time.process_time()
+        metrics, seconds = train_epoch(seeds, planner, data, epoch)
+        losses = np.asarray([[m["loss"] for m in per_seed] for per_seed in metrics])  # [K, steps]
+        epoch_s.append(seconds)
         epoch_cpu_s.append(time.process_time() - c0)
-        del batches
     real = int(data.lengths.sum())
     padded = sum(len(p.conversations) * p.length for p in first)
-    if mode == "single" and args.epochs:  # the evaluation rate (b, s): what the protocol estimate needs
-        record.update(eval_utterances_per_s=time_evaluation(predict_fn, states[0].params, data, pad_lengths, train_cfg))
+    if args.seeds == 1 and args.epochs:  # the evaluation rate (b, s): what the protocol estimate needs
+        evaluator = Evaluator(seeds, planner, {"val": data}, [str(c) for c in range(dims.num_classes)])
+        evaluator.predict("val", seeds.params())  # compiles every evaluation shape
+        t0 = time.perf_counter()
+        evaluator.predict("val", seeds.params())
+        record.update(eval_utterances_per_s=real / (time.perf_counter() - t0))
     record.update(epoch_s=epoch_s, epoch_cpu_s=epoch_cpu_s, real_utterances=real, padded_utterances=padded,
                   padding_efficiency=padding_efficiency(data.lengths, first),
-                  final_loss=float(np.mean(losses[-1])) if len(losses) else None,
+                  final_loss=float(np.mean(losses[:, -1])) if losses.size else None,
                   loss_finite=bool(np.all(np.isfinite(losses))), peak_rss_mib=peak_rss_mib())
     return record
-
-
-def time_evaluation(predict_fn, params, data, pad_lengths, train_cfg) -> float:
-    """Real utterances/s of one evaluation pass (the trainer's: sorted batches, store order), compiled first."""
-    import jax
-
-    from mister_jax.data import epoch_plan, iterate_batches
-
-    plan = epoch_plan(data.lengths, pad_lengths, train_cfg.batch_size, seed=None, epoch=0, batching=train_cfg.batching)
-    batches = [jax.device_put(batch) for _, batch in iterate_batches(data, plan)]
-    for t in sorted({b.mask.shape[-1] for b in batches}):
-        jax.block_until_ready(predict_fn(params, next(b for b in batches if b.mask.shape[-1] == t)))
-    t0 = time.perf_counter()
-    jax.block_until_ready([predict_fn(params, b) for b in batches])
-    return float(data.lengths.sum()) / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,16 +215,10 @@ def worker_command(args, tag: str, **extra) -> list[str]:
     return cmd
 
 
-def run_worker(cmd: list[str], timeout: float, huge_pages: bool) -> dict:
-    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added);
-    ``huge_pages``: under the training CLI's malloc tunables, else glibc's defaults."""
-    from mister_jax.host_memory import OPT_OUT, with_malloc_tunables
-
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
-    if huge_pages:
-        env = with_malloc_tunables(env)
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Runs one variant in a fresh interpreter and returns its RESULT record (wall time added)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])
@@ -332,31 +252,23 @@ def run_all(args) -> dict:
         cache = tempfile.mkdtemp(prefix="mister-jax-cache-")
         try:
             if "a" in wanted:
-                runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout, huge_pages=False)
-            if "h" in wanted:
-                runs["h"] = run_worker(worker_command(args, "h", threads=args.threads), timeout, huge_pages=True)
+                runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout)
             if ("b" in wanted or "c" in wanted) and not args.skip_cold:
-                runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="single", seeds=1,
-                                                           cache_dir=cache, compile_only=True), timeout, huge_pages=True)
+                runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="sequential", seeds=1,
+                                                           cache_dir=cache, compile_only=True), timeout)
             if "b" in wanted:
-                runs["b"] = run_worker(worker_command(args, "b", mode="single", seeds=1, cache_dir=cache), timeout,
-                                       huge_pages=True)
+                runs["b"] = run_worker(worker_command(args, "b", mode="sequential", seeds=1, cache_dir=cache), timeout)
             if "c" in wanted:
                 runs["c-vmap"] = run_worker(worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache),
-                                            timeout, huge_pages=True)
-                runs["c-seq"] = run_worker(worker_command(args, "c-seq", mode="sequential", seeds=3,
-                                                          cache_dir=cache), timeout, huge_pages=True)
-                runs["c-int"] = run_worker(worker_command(args, "c-int", mode="interleaved", seeds=3,
-                                                          cache_dir=cache), timeout, huge_pages=True)
+                                            timeout)
+                runs["c-int"] = run_worker(worker_command(args, "c-int", mode="sequential", seeds=3,
+                                                          cache_dir=cache), timeout)
             if "s" in wanted:
-                runs["s"] = run_worker(worker_command(args, "s", mode="single", seeds=1, cache_dir=cache,
-                                                      batching="shuffled"), timeout, huge_pages=True)
-            if "m" in wanted:
-                runs["m"] = run_worker(worker_command(args, "m", mode="single", seeds=1, cache_dir=cache),
-                                       timeout, huge_pages=False)
+                runs["s"] = run_worker(worker_command(args, "s", mode="sequential", seeds=1, cache_dir=cache,
+                                                      batching="shuffled"), timeout)
             if "f" in wanted:
-                runs["f"] = run_worker(worker_command(args, "f", mode="single", seeds=1, cache_dir=cache,
-                                                      dtype="bfloat16"), timeout, huge_pages=True)
+                runs["f"] = run_worker(worker_command(args, "f", mode="sequential", seeds=1, cache_dir=cache,
+                                                      dtype="bfloat16"), timeout)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -382,24 +294,18 @@ def derive(args, rounds) -> dict:
         ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
     if b.get("real_utterances_per_s") and med.get("s", {}).get("real_utterances_per_s"):
         ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
-    if b.get("real_utterances_per_s") and med.get("m", {}).get("real_utterances_per_s"):
-        ratios["b_huge_pages_over_m_default_malloc_real_utt_per_s"] = (b["real_utterances_per_s"]
-                                                                       / med["m"]["real_utterances_per_s"])
     if b.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
         ratios["f_bfloat16_over_b_real_utt_per_s"] = med["f"]["real_utterances_per_s"] / b["real_utterances_per_s"]
     if a.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
         ratios["f_bfloat16_over_a_real_utt_per_s"] = med["f"]["real_utterances_per_s"] / a["real_utterances_per_s"]
-    if med.get("a", {}).get("real_utterances_per_s") and med.get("h", {}).get("real_utterances_per_s"):
-        ratios["h_huge_pages_over_a_default_malloc_real_utt_per_s"] = (med["h"]["real_utterances_per_s"]
-                                                                       / med["a"]["real_utterances_per_s"])
-    for tag in ("c-vmap", "c-seq", "c-int"):
+    for tag in ("c-vmap", "c-int"):
         if med.get(tag, {}).get("seconds_per_epoch") and b.get("seconds_per_epoch"):
             ratios[f"{tag}_time_over_3b"] = med[tag]["seconds_per_epoch"] / (3 * b["seconds_per_epoch"])
     out["ratios"] = ratios
     estimate = {}
     if a.get("seconds_per_epoch"):
         estimate["torch_hours"] = PROTOCOL_EPOCHS * PROTOCOL_SEEDS * a["seconds_per_epoch"] / 3600
-    three = {t: med[t]["seconds_per_epoch"] for t in ("c-vmap", "c-seq", "c-int") if med.get(t, {}).get("seconds_per_epoch")}
+    three = {t: med[t]["seconds_per_epoch"] for t in ("c-vmap", "c-int") if med.get(t, {}).get("seconds_per_epoch")}
     if not three and b.get("seconds_per_epoch"):
         three = {"3 x b": 3 * b["seconds_per_epoch"]}
     if three:
@@ -442,8 +348,8 @@ def print_lines(result: dict) -> None:
           f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
     names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
              "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
-             "m": "(m) JAX 1 seed, glibc's default malloc", "h": "(h) PyTorch under our huge-page tunable", "c-vmap": "(c) JAX 3 seeds vmapped", "c-seq": "(c) JAX 3 seeds sequential",
-             "c-int": "(c) JAX 3 seeds interleaved", "f": "(f) JAX 1 seed, bfloat16 matmuls"}
+             "c-vmap": "(c) JAX 3 seeds vmapped",
+             "c-int": "(c) JAX 3 seeds stepped in turn", "f": "(f) JAX 1 seed, bfloat16 matmuls"}
     units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
              "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
              "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
@@ -476,7 +382,7 @@ def parse_args(argv=None):
                         help="no separate cold-compile run (b then compiles on the fresh cache itself)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train_epoch.json"), help="results JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="sequential", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
@@ -492,7 +398,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         args.tag = args.worker
-        emit(run_torch(args) if args.worker in ("a", "h") else run_jax(args))
+        emit(run_torch(args) if args.worker == "a" else run_jax(args))
         return 0
     result = run_all(args)
     print_lines(result)

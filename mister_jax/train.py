@@ -48,6 +48,16 @@ def checkpoint_due(cfg, epochs_done: int, seconds_since_save: float) -> bool:
             or (cfg.checkpoint_minutes > 0 and seconds_since_save >= 60 * cfg.checkpoint_minutes))
 
 
+def train_epoch(seeds: SeedStates, planner: BatchPlanner, train, epoch: int) -> tuple[list[list[dict]], float]:
+    """One pass over the split ``train`` for every seed of ``seeds``, with the batches ``planner`` draws
+    for ``epoch``; returns the per-seed step metrics and the seconds taken (gathering the batches
+    included)."""
+    plans = planner.train_epoch(train.lengths, seeds.seeds, epoch, seeds.aligned)
+    t0 = time.perf_counter()
+    steps = [[make_batch(train, batch_rows(train, p)) for p in step] for step in zip(*plans)]
+    return seeds.train_epoch(steps), time.perf_counter() - t0
+
+
 class Trainer:
     """One run: all seeds epoch by epoch, evaluation, model selection and checkpoints.
 
@@ -111,10 +121,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[list[list[dict]], float]:
         """One pass over train for every seed; returns per-seed step metrics and the seconds taken."""
-        plans = self.planner.train_epoch(self.train.lengths, self.seeds.seeds, epoch, self.seeds.aligned)
-        t0 = time.perf_counter()
-        steps = [[make_batch(self.train, batch_rows(self.train, p)) for p in step] for step in zip(*plans)]
-        return self.seeds.train_epoch(steps), time.perf_counter() - t0
+        return train_epoch(self.seeds, self.planner, self.train, epoch)
 
     def fit(self, ckpt: RunCheckpoints, start_epoch: int, progress: bool) -> None:
         """Trains from ``start_epoch`` to the configured number of epochs."""

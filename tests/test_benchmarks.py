@@ -55,10 +55,10 @@ def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes
 
     from mister_jax.model import count_params, param_shapes
     from torch_reference import AttentionMoE
-    from train_epoch import presets
+    from train_epoch import iemocap_config
 
     dims = common.TINY
-    ours = count_params(param_shapes(dataclasses.replace(presets(dims)[0], gate="mlp")))
+    ours = count_params(param_shapes(dataclasses.replace(iemocap_config(dims, "float32", None).model, gate="mlp")))
     a = dims.attention_dim
     in_out = 4 * dims.fusion_layers * (3 * a * a + 3 * a + a * a + a)  # nn.MultiheadAttention in/out projections
     assert sum(p.numel() for p in AttentionMoE(dims).parameters()) == ours + in_out
@@ -70,14 +70,12 @@ def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
                 "--threads", "1",
                 "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["median"]) == {"a", "b", "c-vmap", "c-seq", "c-int", "f"}
-    for tag in ("a", "b", "c-vmap", "c-seq", "c-int", "f"):
+    assert set(result["median"]) == {"a", "b", "c-vmap", "c-int", "f"}
+    for tag in ("a", "b", "c-vmap", "c-int", "f"):
         assert result["median"][tag]["real_utterances_per_s"] > 0
         assert result["median"][tag]["peak_rss_mib"] > 0
     assert result["median"]["b"]["num_shapes"] >= 1
-    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-seq", "c-int", "f"))
-    # Interleaving the seeds' steps changes no seed's sequence: the last step's loss is the same.
-    assert result["rounds"][0]["c-int"]["final_loss"] == pytest.approx(result["rounds"][0]["c-seq"]["final_loss"])
+    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-int", "f"))
     assert "b_over_a_real_utt_per_s" in result["ratios"] and "c-vmap_time_over_3b" in result["ratios"]
     assert "f_bfloat16_over_b_real_utt_per_s" in result["ratios"]
     assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
