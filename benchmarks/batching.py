@@ -1,4 +1,4 @@
-"""Batching: padding against randomness, side by side (`mister_jax.data`, DESIGN §3 "Batches").
+"""Batching: padding against randomness, side by side (`mister_jax.batching`, DESIGN §3 "Batches").
 
 For each batching (sorted, shuffled, bucketed at several pool sizes k, random) on two training
 splits, IEMOCAP-shaped (the benchmarks' synthetic lengths, `common.conversation_lengths`, batch 8)
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PAPER, conversation_lengths  # noqa: E402
-from mister_jax.data import PlannedBatch, align_steps, choose_pad_lengths, epoch_plan  # noqa: E402
+from mister_jax.batching import PlannedBatch, align_steps, choose_pad_lengths, epoch_plan  # noqa: E402
 
 MELD_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "meld" / "train_sent_emo.csv"
 NUM_BUCKETS, MULTIPLE, SEEDS = 4, 2, 3

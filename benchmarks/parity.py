@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -90,11 +91,11 @@ def exactness(steps: int, length: int, batch_size: int, learning_rate: float) ->
     import jax.numpy as jnp
     import torch
 
-    from mister_jax.config import LossConfig
-    from mister_jax.data import Batch
+    from mister_jax.config import LossConfig, TrainConfig
+    from mister_jax.configs import authors_code
     from mister_jax.import_torch import params_from_state_dict
-    from mister_jax.presets import AUTHORS_CODE, TrainConfig
-    from mister_jax.trainer import TrainState, init_optimizer_state, make_steps
+    from mister_jax.input_pipeline import Batch
+    from mister_jax.steps import TrainState, init_optimizer_state, make_optimizer, train_step as jax_train_step
     from torch_reference import AttentionMoE, train_step
 
     dims = _reference_dims()
@@ -104,9 +105,10 @@ def exactness(steps: int, length: int, batch_size: int, learning_rate: float) ->
     model_cfg, params = params_from_state_dict(state_dict)
     model_cfg = dataclasses.replace(model_cfg, fusion_dropout=0.0, attention_dropout=0.0)
     loss_kwargs = dict(gamma=3.0, lambda_con=2.0, alpha_kl=0.1, temperature=1.0)
-    loss_cfg = LossConfig(**loss_kwargs, **AUTHORS_CODE["loss"])
+    loss_cfg = LossConfig(**loss_kwargs, **authors_code.LOSS)
     train_cfg = TrainConfig(batch_size=batch_size, learning_rate=learning_rate)
-    train, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap=False)
+    train = jax.jit(functools.partial(jax_train_step, model_cfg=model_cfg, loss_cfg=loss_cfg,
+                                      tx=make_optimizer(train_cfg)), donate_argnums=0)
     state = TrainState(jnp.zeros((), jnp.int32), params, init_optimizer_state(params, train_cfg))
     optimizer = torch.optim.Adam(reference.parameters(), lr=learning_rate)
     rng = np.random.default_rng(0)

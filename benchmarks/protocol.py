@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import DIMS, RESULTS_DIR, machine_info, make_corpus, write_result  # noqa: E402
-from mister_jax.presets import TrainConfig  # noqa: E402
+from mister_jax.config import TrainConfig  # noqa: E402
 
 PROTOCOL_EPOCHS = 100
 CHECKPOINT_MINUTES = TrainConfig().checkpoint_minutes  # the default schedule
