@@ -34,6 +34,7 @@ from mister_jax.checkpoint import CheckpointError, RunCheckpoints
 from mister_jax.config import ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import SplitData, iterate_batches, load_split, open_store, required_modalities
+from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import param_shapes
 from mister_jax.runtime.compile_cache import DEFAULT_CACHE, enable_compilation_cache
 from mister_jax.steps import predict_step
@@ -140,7 +141,7 @@ def _main(args: argparse.Namespace) -> int:
             "label": names[label] if label >= 0 else None, "prediction": names[prediction],
             "label_id": label, "prediction_id": prediction,
             "probs": probs["moe"].tolist(),
-            "experts": {e: probs[e].tolist() for e in ("speech", "text", "multimodal") if e in probs},
+            "experts": {e: probs[e].tolist() for e in GATE_EXPERTS if e in probs},
             "gate": probs["gate"].tolist() if "gate" in probs else None})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

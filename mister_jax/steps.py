@@ -23,10 +23,11 @@ import optax
 from mister_jax.config import LossConfig, ModelConfig, TrainConfig
 from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
+from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import MisterE, init_params, param_shapes
 from mister_jax.trainer import clip_by_global_norm  # TEMP until ops lands
 
-EXPERT_FIELDS = {"speech": "speech_logits", "text": "text_logits", "multimodal": "multimodal_logits"}
+EXPERT_FIELDS = {e: f"{e}_logits" for e in GATE_EXPERTS}  # expert name -> its ModelOutputs field
 
 
 class TrainState(flax.struct.PyTreeNode):
