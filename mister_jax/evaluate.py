@@ -13,6 +13,7 @@ from mister_jax.batching import BatchPlanner
 from mister_jax.config import Config
 from mister_jax.input_pipeline import SplitData, iterate_batches
 from mister_jax.metrics import EXPERTS, GATE_EXPERTS, mean_std, summarize
+from mister_jax.uncertainty import bootstrap_weighted_f1
 
 
 class Evaluator:
@@ -48,14 +49,27 @@ class Evaluator:
 
     def score(self, split_name: str, params, detailed: bool = True) -> list[dict]:
         """Per seed, `mister_jax.metrics.summarize` of the labelled utterances of ``split_name``."""
+        return self.score_predictions(split_name, self.predict(split_name, params), detailed)
+
+    def score_predictions(self, split_name: str, per_seed: list[dict], detailed: bool = True) -> list[dict]:
+        """`score` of predictions already made (`predict`'s output)."""
         labels = self.splits[split_name].labels
         labelled = labels >= 0
         scores = []
-        for probs in self.predict(split_name, params):
+        for probs in per_seed:
+            probs = dict(probs)
             gate = probs.pop("gate", None)
             scores.append(summarize(labels[labelled], {e: p[labelled] for e, p in probs.items()},
                                     None if gate is None else gate[labelled], self.label_names, detailed))
         return scores
+
+    def intervals(self, split_name: str, per_seed: list[dict]) -> dict:
+        """Bootstrap intervals over conversations of the MoE weighted F1 (`mister_jax.uncertainty`)."""
+        split = self.splits[split_name]
+        labelled = split.labels >= 0
+        predictions = np.stack([np.argmax(p["moe"][labelled], axis=-1) for p in per_seed])
+        return bootstrap_weighted_f1(split.labels[labelled], predictions, split.conversation_ids[labelled],
+                                     len(self.label_names))
 
 
 def improved(best: dict | None, val: dict) -> bool:
@@ -86,7 +100,8 @@ def aggregate(best: list[dict], label_names: list[str], split: str) -> dict:
     return out
 
 
-def results_json(dataset: str, config: Config, label_names, history, best, shape_info, val_source, num_params) -> dict:
+def results_json(dataset: str, config: Config, label_names, history, best, shape_info, val_source, num_params,
+                 test_interval: dict | None = None) -> dict:
     """``results.json`` (DESIGN §6): the selected epochs' scores over seeds, the run's shapes and configuration."""
     cfg = config.train
     skipped = {}
@@ -95,7 +110,9 @@ def results_json(dataset: str, config: Config, label_names, history, best, shape
                                                       for h in history)) for k in range(cfg.seeds)]
     return {**skipped, "dataset": dataset, "variant": config.model.variant, "seeds": list(range(cfg.seeds)),
             "epochs": cfg.epochs, "label_names": list(label_names),
-            "test": aggregate(best, label_names, "test"), "val": aggregate(best, label_names, "val"),
+            "test": {**aggregate(best, label_names, "test"),
+                     **({"weighted_f1_interval": test_interval} if test_interval else {})},
+            "val": aggregate(best, label_names, "val"),
             "best_epoch": [b["epoch"] for b in best], "epoch_numbering": "1 = after the first pass over train",
             "val_source": val_source, "num_params": num_params,
             "train_seconds": float(sum(h["seconds"] for h in history)), **shape_info,

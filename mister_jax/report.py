@@ -130,6 +130,12 @@ def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
              ", ".join(f"{100 * v:.1f}" for v in test["experts"][e]["weighted_f1"]["per_seed"])]
             for e in EXPERTS if e in test["experts"]]
     lines += _table(["expert", "val", "test", "test per seed"], rows)
+    if "weighted_f1_interval" in test:
+        ci = test["weighted_f1_interval"]
+        per_seed = "; ".join(f"{100 * c['low']:.1f}–{100 * c['high']:.1f}" for c in ci["per_seed"])
+        lines += ["", f"MoE test weighted F1, {100 * ci['level']:.0f} % bootstrap interval over test conversations "
+                      f"({ci['draws']} draws): mean over seeds {100 * ci['pooled']['low']:.1f}–"
+                      f"{100 * ci['pooled']['high']:.1f}; per seed {per_seed}."]
     lines += ["", "![per expert](experts.png)", "", "## Per class (test, MoE)", ""]
     lines += _table(["class", "F1 (mean over seeds)"] + [f"β {e}" for e in GATE_EXPERTS if "gate" in test],
                     [[n, f"{100 * test['per_class_f1'][n]:.1f}"] +

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from mister_jax import atomic
 from mister_jax.batching import BatchPlanner, padding_efficiency
 from mister_jax.checkpoint import CheckpointError, RunCheckpoints
+from mister_jax.compare import PREDICTIONS, write_test_predictions
 from mister_jax.config import Config
 from mister_jax.errors import UsageError
 from mister_jax.evaluate import Evaluator, improved, results_json
@@ -196,12 +197,20 @@ class Trainer:
 
     def finish(self, ckpt: RunCheckpoints) -> None:
         """Writes each seed's best parameters to ``checkpoints/best/seed_<s>`` (read by predict) and
-        scores them on test (``self.best[k]["test"]``)."""
+        scores them on test (``self.best[k]["test"]``, ``self.test_interval``); the test predictions go to
+        ``test_predictions.npz`` (read by `mister_jax.compare`)."""
         for k, seed in enumerate(self.seeds.seeds):
             ckpt.save_best(seed, self.best[k]["epoch"], self.best_params.seed(k))
         params = self.seeds.stacked_params(self.best_params.tree)
-        for k, scores in enumerate(self.evaluator.score("test", params)):
+        probs = self.evaluator.predict("test", params)
+        for k, scores in enumerate(self.evaluator.score_predictions("test", probs)):
             self.best[k]["test"] = scores
+        self.test_interval = self.evaluator.intervals("test", probs)
+        test = self.evaluator.splits["test"]
+        labelled = test.labels >= 0
+        write_test_predictions(self.workdir / PREDICTIONS, test.utterance_ids[labelled],
+                               test.conversation_ids[labelled], test.labels[labelled],
+                               [np.argmax(p["moe"][labelled], axis=-1) for p in probs], self.label_names)
 
 
 def _check_same_run(workdir: Path, run_config: dict) -> None:
@@ -275,7 +284,7 @@ def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = 
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     results = results_json(dataset, config, store.label_names, trainer.history, trainer.best, trainer.shape_info,
-                           val_source, count_params(trainer.best_params.seed(0)))
+                           val_source, count_params(trainer.best_params.seed(0)), trainer.test_interval)
     atomic.write_json(workdir / "results.json", results)
     try:
         write_report(workdir, results, trainer.history)
