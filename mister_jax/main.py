@@ -37,8 +37,9 @@ from mister_jax.seeds import SEED_MODES
 from mister_jax.train import train_and_evaluate
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mister_jax.train", description=__doc__.split("\n\n")[0])
+def training_parser(prog: str = "python -m mister_jax.train", description: str = __doc__) -> argparse.ArgumentParser:
+    """The training command's flags (`mister_jax.sweep` adds its own to them)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0])
     parser.add_argument("--dataset", default="demo", help="preset and store name (default: demo)")
     parser.add_argument("--features", default="features", help="store root; the store is ROOT/NAME")
     parser.add_argument("--out", help="run directory (default: runs/NAME[-VARIANT])")
@@ -65,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
                         help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return training_parser().parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace, label_names) -> Config:
