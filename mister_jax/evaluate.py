@@ -89,6 +89,8 @@ def aggregate(best: list[dict], label_names: list[str], split: str) -> dict:
                                            for n in label_names} for e in experts},
            "confusion_matrix": np.sum([r["confusion_matrix"] for r in records], axis=0).tolist(),
            "confusion_matrix_per_seed": [r["confusion_matrix"] for r in records]}
+    if "calibration" in records[0]:
+        out["calibration"] = {e: pooled_reliability([r["calibration"][e] for r in records]) for e in experts}
     if "gate" in records[0]:
         out["gate"] = {
             "mean": {e: float(np.mean([r["gate"]["mean"][e] for r in records])) for e in GATE_EXPERTS},
@@ -98,6 +100,15 @@ def aggregate(best: list[dict], label_names: list[str], split: str) -> dict:
                           for n in label_names if all(n in r["gate"]["per_class"] for r in records)},
             "per_seed": [r["gate"] for r in records]}
     return out
+
+
+def pooled_reliability(per_seed: list[dict]) -> dict:
+    """The seeds' reliability bins pooled (counts summed, means weighted by count) and their ECE as
+    mean ± std over seeds."""
+    count = np.sum([r["count"] for r in per_seed], axis=0).astype(np.float64)
+    pooled = {name: np.divide(np.sum([np.multiply(r[name], r["count"]) for r in per_seed], axis=0), count,
+                              out=np.zeros_like(count), where=count > 0).tolist() for name in ("confidence", "accuracy")}
+    return {"ece": mean_std([r["ece"] for r in per_seed]), "count": count.astype(int).tolist(), **pooled}
 
 
 def results_json(dataset: str, config: Config, label_names, history, best, shape_info, val_source, num_params,

@@ -16,6 +16,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 EXPERTS = ("speech", "text", "multimodal", "moe")
 GATE_EXPERTS = ("speech", "text", "multimodal")
+CALIBRATION_BINS = 15
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,6 +35,21 @@ def per_class_f1(labels: np.ndarray, predictions: np.ndarray, label_names: Seque
     """``{label_name: F1}`` for every class (0.0 for a class neither present nor predicted)."""
     scores = f1_score(labels, predictions, labels=np.arange(len(label_names)), average=None, zero_division=0)
     return {name: float(s) for name, s in zip(label_names, scores)}
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Calibration of ``probs [N, C]`` (Guo et al., 2017): utterances binned by confidence (the top
+    probability) into ``bins`` equal-width bins; per bin the count, the mean confidence and the accuracy,
+    and the expected calibration error ECE = Σ_b (n_b / N) |accuracy_b − confidence_b|."""
+    confidence = probs.max(axis=-1)
+    correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)  # bin b holds [b/bins, (b+1)/bins); the last also 1
+    count = np.bincount(which, minlength=bins).astype(np.float64)
+    mean_confidence = np.divide(np.bincount(which, confidence, bins), count, out=np.zeros(bins), where=count > 0)
+    accuracy = np.divide(np.bincount(which, correct, bins), count, out=np.zeros(bins), where=count > 0)
+    ece = float(np.sum(count * np.abs(accuracy - mean_confidence)) / max(count.sum(), 1.0))
+    return {"ece": ece, "count": count.astype(int).tolist(), "confidence": mean_confidence.tolist(),
+            "accuracy": accuracy.tolist()}
 
 
 def gate_statistics(gate: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict:
@@ -59,7 +75,8 @@ def summarize(labels: np.ndarray, probs: Mapping[str, np.ndarray], gate: np.ndar
       probs: expert name (``speech``, ``text``, ``multimodal``, ``moe``) → ``[N, C]``; experts the
         variant lacks are absent.
       gate: ``[N, 3]`` or ``None``.
-      detailed: add per-class F1, the confusion matrix (rows = true class) and gate statistics.
+      detailed: add per-class F1, the confusion matrix (rows = true class), calibration (`reliability`)
+        and gate statistics.
     Returns:
       ``{"weighted_f1": {expert: f1}, ...}``.
     """
@@ -71,6 +88,7 @@ def summarize(labels: np.ndarray, probs: Mapping[str, np.ndarray], gate: np.ndar
         out["confusion_matrix"] = confusion(labels, preds["moe"], c).tolist()
         out["per_expert_per_class_f1"] = {e: per_class_f1(labels, preds[e], label_names)
                                           for e in EXPERTS if e in preds}
+        out["calibration"] = {e: reliability(probs[e], labels) for e in EXPERTS if e in probs}
         if gate is not None:
             out["gate"] = gate_statistics(gate, labels, label_names)
     return out

@@ -33,7 +33,7 @@ def _write(path: Path, data: bytes) -> None:
         raise ReportError(f"{path}: could not be written ({err.strerror or err})") from None
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     _write(path, buffer.getvalue())
@@ -63,7 +63,7 @@ def _plot_confusion(path: Path, matrix: np.ndarray, label_names: list[str]) -> N
     ax.set_ylabel("true")
     ax.set_title("test confusion (rows normalised, all seeds)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_gate(path: Path, per_class: dict, label_names: list[str]) -> None:
@@ -79,7 +79,7 @@ def _plot_gate(path: Path, per_class: dict, label_names: list[str]) -> None:
     ax.set_title("gate weights per true class (test, mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_experts(path: Path, experts: dict) -> None:
@@ -93,7 +93,7 @@ def _plot_experts(path: Path, experts: dict) -> None:
     ax.set_ylabel("test weighted F1")
     ax.set_title("per expert (mean ± std over seeds)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_curves(path: Path, history: list[dict], seeds: list[int]) -> None:
@@ -111,7 +111,22 @@ def _plot_curves(path: Path, history: list[dict], seeds: list[int]) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def _plot_reliability(path: Path, calibration: dict) -> None:
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    for expert in EXPERTS:
+        if expert in calibration:
+            c = calibration[expert]
+            used = np.asarray(c["count"]) > 0
+            ax.plot(np.asarray(c["confidence"])[used], np.asarray(c["accuracy"])[used], marker="o", label=expert)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    save_figure(fig, path)
 
 
 def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
@@ -142,6 +157,14 @@ def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
                      ([f"{test['gate']['per_class'][n][e]:.2f}" for e in GATE_EXPERTS]
                       if "gate" in test and n in test["gate"]["per_class"] else [])
                      for n in labels])
+    if "calibration" in test:
+        calibration = test["calibration"]
+        lines += ["", "## Calibration (test)", "",
+                  f"Expected calibration error over {len(calibration['moe']['count'])} confidence bins (Guo et al., "
+                  "2017), mean ± std over seeds; the diagram pools the seeds.", ""]
+        lines += _table(["expert", "ECE"], [[e, _pct(calibration[e]["ece"])] for e in EXPERTS if e in calibration])
+        lines += ["", "![reliability](reliability.png)"]
+        _plot_reliability(out_dir / "reliability.png", calibration)
     matrix = np.asarray(test["confusion_matrix"])
     lines += ["", "## Confusion matrix (test, summed over seeds; rows = true class)", ""]
     lines += _table(["true \\ predicted"] + labels, [[n] + [str(v) for v in row] for n, row in zip(labels, matrix)])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import itertools
 import json
 import sys
@@ -27,6 +26,7 @@ from mister_jax import atomic
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import fit_to_store, open_store
 from mister_jax.main import config_from_args, training_parser
+from mister_jax.report import save_figure
 from mister_jax.runtime.compile_cache import enable_compilation_cache
 from mister_jax.train import train_and_evaluate
 
@@ -97,9 +97,7 @@ def write_sweep_report(out: Path, grid: list[tuple[str, list[str]]], rows: list[
         ax.set_ylabel("weighted F1 (%)")
         ax.legend()
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        atomic.write_bytes(out / f"sweep_{key}.png", buffer.getvalue())
+        save_figure(fig, out / f"sweep_{key}.png")
         note = " (mean over the other fields' values)" if len(grid) > 1 else ""
         lines += ["", f"![{key}](sweep_{key}.png){note}"]
     atomic.write_text(out / "sweep.md", "\n".join(lines) + "\n")
