@@ -45,6 +45,8 @@ class ModelConfig:
       fusion_dropout: dropout on each attention sub-layer's output in the multimodal network, before its
         residual (the paper's "dropout 0.5 in the fusion network", placed as the authors' code does).
       attention_dropout: dropout on the attention probabilities of every multi-head attention.
+      modality_dropout: probability, per training conversation, that one of its two modalities is
+        replaced by zeros (`mister_jax.robustness`; 0 in the paper).
       gate: "fc" (paper, Eq. 10) or "mlp" (authors' code: 3C → gate_hidden → 3).
       gate_hidden: hidden width of the "mlp" gate.
       gate_temperature: β = softmax(g / gate_temperature) (authors' code uses 2 with the "mlp" gate).
@@ -66,6 +68,7 @@ class ModelConfig:
     attention_heads: int = 4
     fusion_dropout: float = 0.5
     attention_dropout: float = 0.1
+    modality_dropout: float = 0.0
     gate: str = "fc"
     gate_hidden: int = 10
     gate_temperature: float = 1.0
@@ -88,7 +91,7 @@ class ModelConfig:
             raise ValueError(
                 f"mister_jax/config.py: attention_dim={self.attention_dim} is not divisible by "
                 f"attention_heads={self.attention_heads}; pick sizes where it is.")
-        for name in ("can_dropout", "fusion_dropout", "attention_dropout"):
+        for name in ("can_dropout", "fusion_dropout", "attention_dropout", "modality_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must lie in [0, 1).")
 

@@ -101,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _main(args: argparse.Namespace) -> int:
-    run = Path(args.run)
+def open_run_and_store(run: Path, dataset: str, features: str, split: str):
+    """``(run_config, model_cfg, store)`` of a trained run and the store it is applied to, checked to
+    match (labels, modalities, dims, split)."""
     config = load_run(run)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
-    store = open_store(args.dataset, args.features)
+    store = open_store(dataset, features)
     if list(store.label_names) != list(config["label_names"]):
         raise UsageError(f"{store.directory / 'manifest.json'}: labels {store.label_names} differ from the run's "
                          f"{config['label_names']} — predict with the store the run was trained on")
@@ -118,11 +117,13 @@ def _main(args: argparse.Namespace) -> int:
         if store.modalities[m]["dim"] != getattr(model_cfg, f"{m}_dim"):
             raise UsageError(f"{store.directory / 'manifest.json'}: {m} dim {store.modalities[m]['dim']} differs "
                              f"from the run's {getattr(model_cfg, f'{m}_dim')} — use the store the run was trained on")
-    if args.split not in store.splits:
-        raise UsageError(f"--split {args.split}: the store has splits {list(store.splits)}")
-    seed = choose_seed(run, config, args.seed)
+    if split not in store.splits:
+        raise UsageError(f"--split {split}: the store has splits {list(store.splits)}")
+    return config, model_cfg, store
 
-    enable_compilation_cache(args.jax_cache)
+
+def restore_best_params(run: Path, model_cfg: ModelConfig, seed: int):
+    """Seed ``seed``'s best-validation parameters of ``run`` (host arrays)."""
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(model_cfg))
     try:
         ckpt = RunCheckpoints(run / "checkpoints")
@@ -130,6 +131,17 @@ def _main(args: argparse.Namespace) -> int:
         ckpt.close()
     except CheckpointError as err:
         raise UsageError(str(err)) from None
+    return params
+
+
+def _main(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    config, model_cfg, store = open_run_and_store(run, args.dataset, args.features, args.split)
+    seed = choose_seed(run, config, args.seed)
+    enable_compilation_cache(args.jax_cache)
+    params = restore_best_params(run, model_cfg, seed)
     data = load_split(store, args.split, required_modalities(model_cfg.variant))
     names = list(store.label_names)
     out = Path(args.out)

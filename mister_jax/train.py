@@ -27,7 +27,7 @@ from mister_jax import atomic
 from mister_jax.batching import BatchPlanner, padding_efficiency
 from mister_jax.checkpoint import CheckpointError, RunCheckpoints
 from mister_jax.compare import PREDICTIONS, write_test_predictions
-from mister_jax.config import Config
+from mister_jax.config import Config, LossConfig, ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.evaluate import Evaluator, improved, results_json
 from mister_jax.input_pipeline import batch_rows, fit_to_store, load_splits, make_batch, open_store_at
@@ -223,7 +223,11 @@ def _check_same_run(workdir: Path, run_config: dict) -> None:
     except (OSError, json.JSONDecodeError):
         raise UsageError(f"{path}: unreadable — delete it, or pass --restart") from None
 
-    def strip(c):
+    defaults = {"model": dataclasses.asdict(ModelConfig()), "loss": dataclasses.asdict(LossConfig()),
+                "train": dataclasses.asdict(TrainConfig())}
+
+    def strip(c):  # a field added since the run was written counts at its default
+        c = {**c, **{s: {**defaults[s], **c[s]} for s in defaults if isinstance(c.get(s), dict)}}
         return {**c, "train": {k: v for k, v in c.get("train", {}).items() if k not in IGNORED_ON_RESUME}}
 
     a, b = strip(old), strip(run_config)
