@@ -241,7 +241,7 @@ def _check_same_run(workdir: Path, run_config: dict) -> None:
 
 def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = None, seed_mode: str = "auto",
                        no_val: str = "carve", restart: bool = False, cache_dir: Path | None = None,
-                       progress: bool = False, log=None) -> dict:
+                       progress: bool = False, log=None, splits: tuple | None = None) -> dict:
     """Trains ``config.train.seeds`` seeds on ``store`` and writes the run to ``workdir``; returns
     ``results.json``'s content.
 
@@ -256,13 +256,18 @@ def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = 
       cache_dir: the compilation cache (`mister_jax.runtime.compile_cache.enable_compilation_cache`).
       progress: show a progress bar.
       log: where progress lines go (default: stderr).
+      splits: ``(train, val, test)`` `SplitData` to train on instead of the store's own splits (e.g. a
+        leave-one-session-out fold, `mister_jax.folds`); recorded as ``val_source="given"``.
     Raises:
       UsageError: bad input, one line per problem.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     store = open_store_at(Path(store)) if isinstance(store, (str, Path)) else store
     config = fit_to_store(config, store)
-    train, val, test, val_source = load_splits(store, config.model.variant, config.train, no_val, log)
+    if splits is None:
+        train, val, test, val_source = load_splits(store, config.model.variant, config.train, no_val, log)
+    else:
+        (train, val, test), val_source = splits, "given"
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = dataset or store.directory.name
