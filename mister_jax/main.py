@@ -21,8 +21,10 @@ command is `mister_jax.train.train_and_evaluate`.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -98,14 +100,17 @@ def config_from_args(args: argparse.Namespace, label_names) -> Config:
 
 
 def prepare_out(args: argparse.Namespace) -> Path:
-    """The run directory (``--out``, or ``runs/NAME[-VARIANT][-PRESET]``), checked to be writable."""
+    """The run directory (``--out``, or ``runs/NAME[-VARIANT][-PRESET]``), checked to be writable; it is
+    not created here (`train_and_evaluate` creates it once the store's splits pass), so a run refused
+    for its input leaves no directory behind."""
     suffix = (f"-{args.variant}" if args.variant else "") + ("" if args.preset == "paper" else f"-{args.preset}")
     out = Path(args.out) if args.out else Path("runs") / (args.dataset + suffix)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            code = errno.EEXIST if existing == out else errno.ENOTDIR
+            raise OSError(code, os.strerror(code), str(existing))
+        tempfile.TemporaryDirectory(prefix=".write-test-", dir=existing).cleanup()  # creating there works
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write there ({err.strerror}) — choose a writable directory") from None
     return out
