@@ -6,7 +6,7 @@
 - fused:   hoisted, and the four recurrences of a layer (speech/text × forward/backward) stepped
            together in one scan as one batched matmul [4, B, H] × [4, H, 3H].
 All three compute the same function (PyTorch GRU equations) and are differentiated by JAX itself;
-`benchmarks/profile_step.py` times them against `mister_jax.gru`, which is `fused` with a
+`benchmarks/profile_step.py` times them against `mister_jax.ops.gru`, which is `fused` with a
 hand-written backward pass and all-padding steps skipped.
 """
 

@@ -28,11 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mister_jax.attention import StackedMultiHeadAttention
 from mister_jax.config import ModelConfig
-from mister_jax.dropout import Dropout
-from mister_jax.gru import BidirectionalGRU
-from mister_jax.layers import Dense, StackedLayerNorm, bias_init, kernel_init
+from mister_jax.layers import Dense, StackedLayerNorm
+from mister_jax.ops.attention import StackedMultiHeadAttention
+from mister_jax.ops.dropout import Dropout
+from mister_jax.ops.gru import BidirectionalGRU
+from mister_jax.ops.temporal_conv import ConvWeights, temporal_conv
 
 Array = jax.Array
 
@@ -62,69 +63,38 @@ def _zero_padding(x: Array, mask: Array) -> Array:
     return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
 
-class ConvWeights(nn.Module):
-  """Kernel [D, k, F] and bias [F] of a 1-D convolution over time; fan-in D·k (`mister_jax.layers`).
-
-  Tap j multiplies x[t + j - k // 2]. The kernel is stored input-major (nn.Conv's is [k, D, F]) so that
-  it is a [D, k·F] matrix without a copy.
-
-  Attributes:
-    width: kernel size k.
-    features: F.
-    initialization: "torch" or "flax".
-  """
-
-  width: int
-  features: int
-  initialization: str = "torch"
-
-  @nn.compact
-  def __call__(self, in_features: int) -> tuple[Array, Array]:
-    fan_in = in_features * self.width
-    kernel = self.param("kernel", kernel_init(self.initialization, fan_in), (in_features, self.width, self.features))
-    bias = self.param("bias", bias_init(self.initialization, fan_in), (self.features,))
-    return kernel, bias
-
-
 class TemporalInception(nn.Module):
-  """Three 1-D convolutions over the utterance axis (kernels 1, 3, 5, 'same'), each with ReLU, summed
-  (Eq. 3). Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone.
+    """The temporal inception (Eq. 3): three 1-D convolutions over the utterance axis with kernels
+    k = 1, 3, 5 ('same' padding), each followed by ReLU, summed. Padded rows are zeroed first, so a
+    conversation's edges see the same zeros as when alone. Each convolution is
+    `mister_jax.ops.temporal_conv` (one matmul over its taps); its weights are `conv{k}`.
 
-  Each convolution is one [B·T, D] × [D, k·F] matmul giving the outputs of its k taps, then the sum of
-  those outputs shifted in time (zero beyond the edges, 'same' padding).
+    Attributes:
+      features: output width (2H).
+      initialization: "torch" or "flax".
+      dtype: compute dtype.
+    """
 
-  Attributes:
-    features: output width (2H).
-    initialization: "torch" or "flax".
-    dtype: compute dtype.
-  """
+    features: int
+    initialization: str = "torch"
+    dtype: Any = jnp.float32
 
-  features: int
-  initialization: str = "torch"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
-    """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
-    x = _zero_padding(x, mask).astype(self.dtype)
-    batch, length, width = x.shape
-    out = 0.0
-    for k in (1, 3, 5):
-      kernel, bias = ConvWeights(k, self.features, self.initialization, name=f"conv{k}")(width)
-      taps = jnp.dot(x.reshape(batch * length, width), kernel.reshape(width, k * self.features).astype(self.dtype),
-                     preferred_element_type=jnp.float32).reshape(batch, length, k, self.features)
-      half = k // 2
-      padded = jnp.pad(taps, ((0, 0), (half, half), (0, 0), (0, 0)))
-      conv = sum(padded[:, j:j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[:, j]
-      out = out + nn.relu(conv + bias)
-    return out.astype(self.dtype)
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
+        x = _zero_padding(x, mask).astype(self.dtype)
+        out = 0.0
+        for k in (1, 3, 5):
+            kernel, bias = ConvWeights(k, self.features, self.initialization, name=f"conv{k}")(x.shape[-1])
+            out = out + nn.relu(temporal_conv(x, kernel, bias, self.dtype))
+        return out.astype(self.dtype)
 
 
 class ContextAdditionNetworks(nn.Module):
     """The context addition networks (CAN, Eq. 3–4) of several modalities, one per modality with its own
     weights: temporal inception → L-layer bidirectional GRU, plus the residual projection FC(E): D → 2H,
     dropout, and (with `heads`) the classifier FC: 2H → C. The GRU recurrences of all modalities and
-    directions are stepped together (see `mister_jax.gru`).
+    directions are stepped together (see `mister_jax.ops.gru`).
 
     Attributes:
       config: the model configuration.
@@ -161,8 +131,13 @@ class ContextAdditionNetworks(nn.Module):
         return tuple(representations), (tuple(logits) if self.heads else None)
 
 
-def _other_modality(x: Array) -> Array:
-    """x [2, ...] stacked as (speech, text) → (text, speech): the keys of each stream's cross-attention."""
+def _swap_streams(x: Array) -> Array:
+    """x [2, ...] stacked as (speech, text) → (text, speech).
+
+    Cross-attention (Eq. 5–6) lets speech query text and text query speech. With the two modalities
+    stacked on the leading axis, swapping that axis gives every query stream the other modality as its
+    keys and values, so both cross-attentions run as one stacked attention.
+    """
     return x[::-1]
 
 
@@ -194,7 +169,7 @@ class CrossModalLayer(nn.Module):
             attended = Dropout(cfg.fusion_dropout)(attended, deterministic=deterministic)
             return StackedLayerNorm(name=f"{name}_norm")(queries + attended)
 
-        x = sublayer("cross", x, _other_modality(x))
+        x = sublayer("cross", x, _swap_streams(x))
         return sublayer("self", x, x)
 
 
@@ -350,8 +325,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
     """The parameter tree of `MisterE(cfg)` as `jax.ShapeDtypeStruct`s, without allocating it.
 
     The model is traced once per configuration (jit's cache, keyed on the frozen `cfg`): compiling the
-    training shapes and initialising each seed all ask for these shapes, and a trace at paper dims
-    takes 0.1-0.3 s.
+    training shapes and initialising each seed all ask for these shapes, and tracing the model at paper
+    dims is not free.
     """
     return _init_variables.eval_shape(cfg, jax.random.key(0))
 

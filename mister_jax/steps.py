@@ -25,7 +25,7 @@ from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
 from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import MisterE, init_params, param_shapes
-from mister_jax.trainer import clip_by_global_norm  # TEMP until ops lands
+from mister_jax.ops.clipping import clip_by_global_norm
 
 EXPERT_FIELDS = {e: f"{e}_logits" for e in GATE_EXPERTS}  # expert name -> its ModelOutputs field
 

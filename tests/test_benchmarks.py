@@ -113,7 +113,7 @@ def test_extract_smoke_times_sorted_by_tokens_by_chars_shuffled_and_single(tmp_p
 def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes():
     jax = pytest.importorskip("jax")
     import levers
-    from mister_jax.gru import BidirectionalGRU
+    from mister_jax.ops.gru import BidirectionalGRU
 
     streams, layers, width, hidden = 2, 2, 6, 3
     rng = np.random.default_rng(0)

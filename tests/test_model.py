@@ -1,4 +1,5 @@
-"""Tests of mister_jax.model: GRU reference, padding invariance and training of every variant, sizes."""
+"""Tests of mister_jax.model: padding invariance and training of every variant, dropout, bfloat16, the
+parameter count and initialisation, the temporal inception (Eq. 3). The kernels' own tests: test_ops_*.py."""
 
 import functools
 import math
@@ -11,10 +12,10 @@ import pytest
 
 from mister_jax import losses
 from mister_jax.config import VARIANTS, LossConfig, ModelConfig
-from mister_jax.gru import BidirectionalGRU, gru_layer
-from mister_jax.model import MisterE, count_params, init_params, param_shapes
+from mister_jax.model import MisterE, TemporalInception, count_params, init_params, param_shapes
+from mister_jax.ops.temporal_conv import temporal_conv_reference
 
-# XLA:CPU compiles these small programs ~3x faster with the classic fusion emitters and without LLVM's
+# XLA:CPU compiles these small programs faster with the classic fusion emitters and without LLVM's
 # expensive passes; the results are the same.
 _FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
                  "xla_llvm_disable_expensive_passes": True}
@@ -108,76 +109,6 @@ def test_training_steps_reduce_the_loss(variant):
         history.append(float(result["loss"]))
         params, state = update(result["g_params"], state, params)
     assert all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
-
-
-def _gru_numpy(x, lengths, params, hidden):
-    """One bidirectional GRU layer by explicit loops; backward runs from each sequence's last real step."""
-    w_ih, b_ih, w_hh, b_hh = (np.asarray(params[f"{n}_0"], np.float64) for n in ("w_ih", "b_ih", "w_hh", "b_hh"))
-    out = np.zeros(x.shape[:2] + (2 * hidden,))
-    for b, n in enumerate(lengths):
-        for direction, steps in enumerate((range(n), reversed(range(n)))):
-            h = np.zeros(hidden)
-            for t in steps:
-                gx = x[b, t] @ w_ih[direction] + b_ih[direction]
-                gh = h @ w_hh[direction] + b_hh[direction]
-                r = 1 / (1 + np.exp(-(gx[:hidden] + gh[:hidden])))
-                z = 1 / (1 + np.exp(-(gx[hidden:2 * hidden] + gh[hidden:2 * hidden])))
-                c = np.tanh(gx[2 * hidden:] + r * gh[2 * hidden:])
-                h = (1 - z) * c + z * h
-                out[b, t, direction * hidden:(direction + 1) * hidden] = h
-    return out
-
-
-def test_bidirectional_gru_matches_numpy_loop():
-    # T = 7 > the longest conversation: the last two steps are padding in every row and are skipped.
-    hidden, lengths = 3, np.array([5, 3])
-    x = np.random.default_rng(0).normal(size=(1, 2, 7, 2 * hidden)).astype(np.float32)
-    mask = np.arange(7)[None, :] < lengths[:, None]
-    gru = BidirectionalGRU(hidden, 1)
-    params = jax.jit(gru.init, compiler_options=_FAST_COMPILE)(jax.random.key(0), x, mask)["params"]
-    y = jax.jit(gru.apply, compiler_options=_FAST_COMPILE)({"params": params}, x, mask)
-    expected = _gru_numpy(x[0], lengths, params, hidden)
-    np.testing.assert_allclose(np.where(mask[..., None], y[0], 0), expected, rtol=1e-5, atol=1e-6)
-
-
-def _plain_gru_layer(x, hold, w_ih, b_ih, w_hh, b_hh):
-    """`gru_layer` as an input projection and a plain `lax.scan`, differentiated by JAX itself."""
-    x_proj = jnp.einsum("gbti,gik->tgbk", x, w_ih) + b_ih[None, :, None]
-
-    def step(h, inputs):
-        x_t, real_t = inputs
-        gh = jnp.einsum("gbh,ghk->gbk", h, w_hh) + b_hh[:, None]
-        xr, xz, xn = jnp.split(x_t, 3, axis=-1)
-        hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-        h = jnp.where(real_t, (1 - z) * jnp.tanh(xn + r * hn) + z * h, h)
-        return h, h
-    return jax.lax.scan(step, jnp.zeros(x_proj.shape[1:3] + (w_hh.shape[1],)), (x_proj, hold))[1]
-
-
-def test_gru_hand_written_gradient_matches_autodiff():
-    # Streams with different lengths, a row that is all padding, and trailing all-padding steps.
-    rng = np.random.default_rng(3)
-    steps, streams, batch, width, hidden = 6, 2, 3, 5, 4
-    normal = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)
-    x = normal(streams, batch, steps, width)
-    lengths = np.array([[4, 1, 0], [2, 4, 3]])
-    hold = (np.arange(steps)[:, None, None] < lengths[None])[..., None]
-    weights = (normal(streams, width, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5),
-               normal(streams, hidden, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5))
-    target = normal(steps, streams, batch, hidden)
-
-    def gradients(layer):
-        loss = lambda x, *w: jnp.sum(layer(x, *w) * target)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), compiler_options=_FAST_COMPILE)(x, *weights)
-
-    # gru_layer is feature-major ([T, G, 1, B] hold, [T, G, H, B] states); the reference is row-major.
-    feature_major = lambda x, *w: jnp.swapaxes(gru_layer(x, np.swapaxes(hold, 2, 3), *w), 2, 3)
-    plain = lambda x, *w: _plain_gru_layer(x, hold, *w)
-    (value, grads), (expected_value, expected_grads) = gradients(feature_major), gradients(plain)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-    for got, expected in zip(grads, expected_grads):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_is_active_only_when_not_deterministic():
@@ -296,19 +227,15 @@ def test_wrong_feature_dim_is_one_readable_error():
         MisterE(cfg).apply({"params": params}, speech[..., :5], text, mask)
 
 
-def test_temporal_inception_equals_three_same_padded_convolutions():
-  from mister_jax.model import TemporalInception
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(2, 7, 5)).astype(np.float32)
-  mask = np.arange(7)[None, :] < np.array([[7], [4]])
-  module = TemporalInception(6)
-  params = module.init(jax.random.key(0), x, mask)["params"]
-  got = np.asarray(module.apply({"params": params}, x, mask))
-  xz = np.where(mask[..., None], x, 0.0)
-  want = np.zeros((2, 7, 6))
-  for k in (1, 3, 5):
-    kernel, bias = np.asarray(params[f"conv{k}"]["kernel"]), np.asarray(params[f"conv{k}"]["bias"])
-    padded = np.pad(xz, ((0, 0), (k // 2, k // 2), (0, 0)))
-    conv = sum(padded[:, j:j + 7] @ kernel[:, j] for j in range(k)) + bias
-    want += np.maximum(conv, 0.0)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+def test_temporal_inception_sums_the_relu_of_three_same_convolutions_of_the_zero_padded_input():
+    # Eq. 3: kernels k = 1, 3, 5, each with ReLU, summed; padded rows count as zeros at the edges.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 7, 5)).astype(np.float32)
+    mask = np.arange(7)[None, :] < np.array([[7], [4]])
+    module = TemporalInception(6)
+    params = module.init(jax.random.key(0), x, mask)["params"]
+    got = module.apply({"params": params}, x, mask)
+    zeroed = np.where(mask[..., None], x, 0.0)
+    want = sum(np.maximum(temporal_conv_reference(zeroed, params[f"conv{k}"]["kernel"], params[f"conv{k}"]["bias"]), 0)
+               for k in (1, 3, 5))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
