@@ -4,12 +4,13 @@
 
 Each part is jitted on its own and timed forward + backward (value_and_grad of a scalar of its
 output) on one [B, T] batch of the IEMOCAP preset: the temporal-inception convolutions, the GRU
-recurrences (`mister_jax.gru.BidirectionalGRU`), the multimodal network, the losses, the optimizer
-update, and the whole step of `mister_jax.trainer.make_steps`. Levers, each against its baseline:
+recurrences (`mister_jax.ops.gru.BidirectionalGRU`), the multimodal network, the losses, the optimizer
+update, and the whole step (`mister_jax.steps.train_step`, jitted with the state donated). Levers, each
+against its baseline:
 
   gru:       the recurrences written naive / hoisted / fused (`benchmarks/levers.py`, gradients by
-             JAX's autodiff) against `mister_jax.gru` (fused, hand-written backward pass);
-  dropout:   `flax.linen.Dropout` (one 32-bit draw per element) against `mister_jax.dropout`
+             JAX's autodiff) against `mister_jax.ops.gru` (fused, hand-written backward pass);
+  dropout:   `flax.linen.Dropout` (one 32-bit draw per element) against `mister_jax.ops.dropout`
              (two 16-bit draws per 32-bit word), on the activations the model drops per step;
   donation:  the step with and without donated state buffers;
   sync:      `block_until_ready` after every step vs once at the end of 8 steps;
@@ -41,6 +42,8 @@ sys.path.insert(0, str(HERE.parent))
 from common import DIMS, RESULTS_DIR, emit, machine_info, make_corpus, parse_result, write_result  # noqa: E402
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+GRU_PART = "GRU recurrences (2 modalities x L-layer BiGRU, mister_jax.ops.gru)"
+WHOLE_STEP = "whole train step (steps.train_step)"
 
 
 def timed(fn, *args, repeats: int) -> dict:
@@ -58,9 +61,27 @@ def timed(fn, *args, repeats: int) -> dict:
     return {"compile_s": compile_s, "ms": 1e3 * float(np.median(runs))}
 
 
+def configs(dims):
+    """(ModelConfig, LossConfig, TrainConfig) of the IEMOCAP preset at the benchmark's dims, float32."""
+    from train_epoch import iemocap_config
+
+    config = iemocap_config(dims, "float32", None)
+    return config.model, config.loss, config.train
+
+
+def donated_train_step(model_cfg, loss_cfg, train_cfg):
+    """`mister_jax.steps.train_step` of one seed, jitted with its state donated (as the trainer runs it)."""
+    import jax
+
+    from mister_jax.steps import make_optimizer, train_step
+
+    step = functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, tx=make_optimizer(train_cfg))
+    return jax.jit(step, donate_argnums=0)
+
+
 def example_batch(dims, length: int):
     """A [B, T] batch of the synthetic corpus: the B longest conversations that fit in T."""
-    from mister_jax.data import Batch
+    from mister_jax.input_pipeline import Batch
 
     corpus = make_corpus(dims)
     fits = np.flatnonzero(corpus.lengths <= length)
@@ -81,17 +102,16 @@ def profile_parts(args) -> dict:
     """Forward + backward time of each part, the optimizer, the whole step and the levers."""
     import jax
     import jax.numpy as jnp
+    import levers as gru_levers
     import optax
 
-    import levers as gru_levers
-    from mister_jax.gru import BidirectionalGRU
     from mister_jax.losses import total_loss
     from mister_jax.model import MisterE, MultimodalNetwork, TemporalInception
-    from mister_jax.trainer import create_train_state, loss_fn, make_optimizer, make_steps, seed_keys, train_step
-    from train_epoch import presets
+    from mister_jax.ops.gru import BidirectionalGRU
+    from mister_jax.steps import create_train_state, loss_fn, make_optimizer, seed_keys, train_step
 
     dims = DIMS[args.dims]
-    model_cfg, loss_cfg, train_cfg = presets(dims)
+    model_cfg, loss_cfg, train_cfg = configs(dims)
     batch = jax.device_put(example_batch(dims, args.length))
     mask = batch.mask
     key = jax.random.key(0)
@@ -110,8 +130,7 @@ def profile_parts(args) -> dict:
     parts["inception convolutions (2 modalities)"] = grad_of(inception, batch.speech, mask)
     parts["inception convolutions (2 modalities)"]["ms"] *= 2
     gru_in = jnp.zeros((2,) + mask.shape + (width,), jnp.float32) + 0.1
-    parts["GRU recurrences (2 modalities x L-layer BiGRU, mister_jax.gru)"] = grad_of(
-        BidirectionalGRU(hidden, model_cfg.gru_layers), gru_in, mask)
+    parts[GRU_PART] = grad_of(BidirectionalGRU(hidden, model_cfg.gru_layers), gru_in, mask)
     parts["multimodal network"] = grad_of(MultimodalNetwork(model_cfg), batch.speech, batch.text, mask,
                                           deterministic=False)
 
@@ -128,7 +147,7 @@ def profile_parts(args) -> dict:
     parts["model + losses forward+backward"] = rep(grad_fn, state.params)
 
     dropout_key = seed_keys(0)[1]
-    train, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap=False)
+    train = donated_train_step(model_cfg, loss_cfg, train_cfg)
     t0 = time.perf_counter()
     compiled = train.lower(state, batch, dropout_key).compile()
     step_compile = time.perf_counter() - t0
@@ -146,7 +165,7 @@ def profile_parts(args) -> dict:
 
     steps(1, True)
     whole = {"compile_s": step_compile, "ms": float(np.median([steps(1, True) for _ in range(args.repeats)]))}
-    parts["whole train step (make_steps)"] = whole
+    parts[WHOLE_STEP] = whole
 
     levers = {}
     n = max(2, args.repeats)
@@ -162,7 +181,7 @@ def profile_parts(args) -> dict:
         fn = getattr(gru_levers, name)
         scalar = lambda p, x, fn=fn: jnp.sum(jnp.square(fn(p, x, mask)))
         levers[f"gru {name} (ms fwd+bwd)"] = rep(jax.jit(jax.value_and_grad(scalar)), gru_params, gru_in)["ms"]
-    levers["gru mister_jax.gru (ms fwd+bwd)"] = parts["GRU recurrences (2 modalities x L-layer BiGRU, mister_jax.gru)"]["ms"]
+    levers["gru mister_jax.ops.gru (ms fwd+bwd)"] = parts[GRU_PART]["ms"]
     levers.update(dropout_levers(model_cfg, mask.shape, rep))
     return {"parts": parts, "levers": levers}
 
@@ -173,7 +192,7 @@ def dropout_levers(model_cfg, batch_shape, rep) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mister_jax.dropout import Dropout
+    from mister_jax.ops.dropout import Dropout
 
     b, t = batch_shape
     cfg = model_cfg
@@ -182,7 +201,7 @@ def dropout_levers(model_cfg, batch_shape, rep) -> dict:
               + [((b, t, cfg.fusion_dim), cfg.fusion_dropout)])
     xs = [jnp.ones(shape) for shape, _ in shapes]
     out = {}
-    for name, module in (("flax.linen.Dropout", nn.Dropout), ("mister_jax.dropout", Dropout)):
+    for name, module in (("flax.linen.Dropout", nn.Dropout), ("mister_jax.ops.dropout", Dropout)):
         def total(xs, key, module=module):
             keys = jax.random.split(key, len(xs))
             return sum(jnp.sum(module(rate).apply({}, x, False, rngs={"dropout": k}))
@@ -262,7 +281,6 @@ def profile_trace(args) -> dict:
 def profile_torch(args) -> dict:
     """The same batch through the PyTorch reference: forward+backward+Adam, and the GRU alone."""
     import torch
-
     from torch_reference import MisterE, train_step
 
     dims = DIMS[args.dims]
@@ -297,14 +315,13 @@ def compiled_step(args):
     """``(compiled train step, state, batch, dropout key, compile seconds)`` at [B, args.length]."""
     import jax
 
-    from mister_jax.trainer import create_train_state, make_steps, seed_keys
-    from train_epoch import presets
+    from mister_jax.steps import create_train_state, seed_keys
 
     dims = DIMS[args.dims]
-    model_cfg, loss_cfg, train_cfg = presets(dims)
+    model_cfg, loss_cfg, train_cfg = configs(dims)
     batch = jax.device_put(example_batch(dims, args.length))
     state = create_train_state(model_cfg, train_cfg, 0)
-    train, _ = make_steps(model_cfg, loss_cfg, train_cfg, vmap=False)
+    train = donated_train_step(model_cfg, loss_cfg, train_cfg)
     key = seed_keys(0)[1]
     t0 = time.perf_counter()
     compiled = train.lower(state, batch, key).compile()
@@ -328,12 +345,8 @@ def profile_fast_compile(args) -> dict:
 
 
 def child(args, part: str, env_extra: dict | None = None) -> dict:
-    """Runs one part in a fresh interpreter; JAX parts under the training CLI's malloc tunables, PyTorch not."""
-    from mister_jax.host_memory import with_malloc_tunables
-
+    """Runs one part in a fresh interpreter (this environment plus `env_extra`)."""
     env = dict(os.environ, **(env_extra or {}))
-    if part != "torch":
-        env = with_malloc_tunables(env)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--dims", args.dims,
            "--length", str(args.length), "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=3600)
@@ -367,11 +380,12 @@ def main(argv=None) -> int:
     result["torch"] = child(args, "torch")
     result["levers"]["xla-opt0"] = child(args, "fast", {"XLA_FLAGS": FAST_COMPILE_FLAGS})
     result["trace"] = child(args, "trace")
-    whole = result["parts"]["whole train step (make_steps)"]["ms"]
+    whole = result["parts"][WHOLE_STEP]["ms"]
     print(f"one step at [B, T] = {result['batch']}, dims {args.dims}: {whole:.1f} ms "
-          f"(compile {result['parts']['whole train step (make_steps)']['compile_s']:.1f} s)")
+          f"(compile {result['parts'][WHOLE_STEP]['compile_s']:.1f} s)")
     for name, p in result["parts"].items():
-        print(f"  {name}: {p['ms']:.1f} ms fwd+bwd ({100 * p['ms'] / whole:.0f}% of the step), compile {p['compile_s']:.1f} s")
+        print(f"  {name}: {p['ms']:.1f} ms fwd+bwd ({100 * p['ms'] / whole:.0f}% of the step), "
+              f"compile {p['compile_s']:.1f} s")
     for name, value in result["levers"].items():
         if isinstance(value, dict):
             print(f"  lever {name}: step {value['ms']:.1f} ms, compile {value['compile_s']:.1f} s")
