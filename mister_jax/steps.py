@@ -25,8 +25,10 @@ from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
 from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import MisterE, init_params, param_shapes
+from mister_jax.robustness import apply_modality_dropout
 from mister_jax.ops.clipping import clip_by_global_norm
 
+MODALITY_DROPOUT_STREAM = 2  # fold_in index of the modality-dropout draws; the layers' dropout uses the key itself
 EXPERT_FIELDS = {e: f"{e}_logits" for e in GATE_EXPERTS}  # expert name -> its ModelOutputs field
 
 
@@ -80,9 +82,15 @@ def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelC
     Args:
       batch: ``speech [B, T, Ds]`` (or None), ``text [B, T, Dt]``, ``labels [B, T]``, ``mask [B, T]``.
     Returns:
-      ``(loss, terms)``: the scalar total loss and its named terms.
+      ``(loss, terms)``: the scalar total loss and its named terms. With
+      `ModelConfig.modality_dropout` a training batch first loses one modality of some conversations
+      (`mister_jax.robustness.apply_modality_dropout`).
     """
-    outputs = MisterE(model_cfg).apply({"params": params}, batch.speech, batch.text, batch.mask,
+    speech, text = batch.speech, batch.text
+    if model_cfg.modality_dropout > 0 and not deterministic and speech is not None:
+        speech, text = apply_modality_dropout(speech, text, model_cfg.modality_dropout,
+                                              jax.random.fold_in(dropout_key, MODALITY_DROPOUT_STREAM))
+    outputs = MisterE(model_cfg).apply({"params": params}, speech, text, batch.mask,
                                        deterministic=deterministic, rngs={"dropout": dropout_key})
     labelled = batch.mask & (batch.labels >= 0)
     with jax.named_scope("losses"):
