@@ -120,7 +120,7 @@ def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes()
     x = rng.standard_normal((streams, 3, 9, width)).astype(np.float32)
     mask = np.arange(9)[None] < np.array([7, 5, 2])[:, None]  # T = 9 > the longest conversation
     params = levers.init_gru(jax.random.key(0), streams, layers, width, hidden)
-    # The same weights in mister_jax.gru's layout: streams g = 2 m + d.
+    # The same weights in mister_jax.ops.gru's layout: streams g = 2 m + d.
     ours = {f"{name}_{l}": np.asarray(p[key]).reshape((2 * streams,) + p[key].shape[2:])
             for l, p in enumerate(params) for name, key in (("w_ih", "wi"), ("b_ih", "bi"), ("w_hh", "wh"), ("b_hh", "bh"))}
     expected = np.asarray(jax.jit(BidirectionalGRU(hidden, layers).apply)({"params": ours}, x, mask))
