@@ -46,7 +46,7 @@ class ModelConfig:
         residual (the paper's "dropout 0.5 in the fusion network", placed as the authors' code does).
       attention_dropout: dropout on the attention probabilities of every multi-head attention.
       modality_dropout: probability, per training conversation, that one of its two modalities is
-        replaced by zeros (`mister_jax.robustness`; 0 in the paper).
+        replaced by zeros (`mister_jax.augmentation`; 0 in the paper).
       gate: "fc" (paper, Eq. 10) or "mlp" (authors' code: 3C → gate_hidden → 3).
       gate_hidden: hidden width of the "mlp" gate.
       gate_temperature: β = softmax(g / gate_temperature) (authors' code uses 2 with the "mlp" gate).

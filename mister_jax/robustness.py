@@ -10,20 +10,25 @@ layer, and no statistic of the training data is needed at test time. Perturbatio
   noise-speech=σ     speech features plus Gaussian noise of σ times each dimension's standard
                      deviation over the split (text likewise), drawn with a fixed seed
 
-Modality dropout (``--set modality_dropout=p``, `ModelConfig.modality_dropout`): while training, each
-conversation of a batch has, with probability p, one of its two modalities (speech or text with equal
-probability) replaced by zeros, for the whole conversation (`apply_modality_dropout`).
+Training-time modality dropout (``--set modality_dropout=p``) prepares a model for it
+(`mister_jax.augmentation.apply_modality_dropout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
-from mister_jax.input_pipeline import SplitData
+from mister_jax import atomic
+from mister_jax.config import TrainConfig
+from mister_jax.errors import UsageError
+from mister_jax.input_pipeline import SplitData, load_split, required_modalities
+from mister_jax.metrics import EXPERTS, GATE_EXPERTS, mean_std, summarize
+from mister_jax.predict import open_run_and_store, predict_split, restore_best_params
+from mister_jax.report import save_figure
 
 PERTURBATIONS = ("none", "drop-speech", "drop-text", "noise-speech", "noise-text")
 NOISE_SEED = 0
@@ -72,14 +77,67 @@ def perturb(data: SplitData, name: str, sigma: float = 0.0) -> SplitData:
     return dataclasses.replace(data, features={**data.features, modality: changed})
 
 
-def apply_modality_dropout(speech: jax.Array, text: jax.Array, rate: float, key: jax.Array):
-    """Training-time modality dropout: per conversation, with probability ``rate``, zeroes either its
-    speech or its text features (equal odds). Args: speech, text [B, T, D]; returns both."""
-    drop_key, which_key = jax.random.split(key)
-    batch = speech.shape[0]
-    dropped = jax.random.uniform(drop_key, (batch,)) < rate  # [B]
-    speech_side = jax.random.bernoulli(which_key, 0.5, (batch,))  # [B] True: speech is the one dropped
-    keep_speech = ~(dropped & speech_side)[:, None, None]
-    keep_text = ~(dropped & ~speech_side)[:, None, None]
-    return (jnp.where(keep_speech, speech, jnp.zeros((), speech.dtype)),
-            jnp.where(keep_text, text, jnp.zeros((), text.dtype)))
+def robustness(run: Path, dataset: str, features: str, split: str, perturbations: list[tuple[str, float]],
+               batch_size: int = 8) -> dict:
+    """Every seed's best parameters on ``split`` under each perturbation (`mister_jax.robustness`): MoE
+    and per-expert weighted F1 (mean ± std over seeds) and the mean gate weights β."""
+    config, model_cfg, store = open_run_and_store(run, dataset, features, split)
+    data = load_split(store, split, required_modalities(model_cfg.variant))
+    labelled = data.labels >= 0
+    if not labelled.any():
+        raise UsageError(f"{store.directory / split / 'index.npz'}: no labelled utterance to score — pick a "
+                         f"labelled --split")
+    train_cfg, names = TrainConfig(**config["train"]), list(store.label_names)
+    params = [restore_best_params(run, model_cfg, seed) for seed in range(train_cfg.seeds)]
+    table = {}
+    for name, sigma in perturbations:
+        try:
+            perturbed = perturb(data, name, sigma)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        per_seed = []
+        for p in params:
+            probs = {}
+            for row, out in predict_split(p, model_cfg, perturbed, train_cfg, batch_size):
+                for key, v in out.items():
+                    probs.setdefault(key, np.zeros((data.num_utterances, v.shape[-1]), np.float32))[row] = v
+            gate = probs.pop("gate", None)
+            per_seed.append(summarize(data.labels[labelled], {e: v[labelled] for e, v in probs.items()},
+                                      None if gate is None else gate[labelled], names, detailed=gate is not None))
+        entry = {"experts": {e: mean_std([s["weighted_f1"][e] for s in per_seed]) for e in per_seed[0]["weighted_f1"]}}
+        if "gate" in per_seed[0]:
+            entry["gate_mean"] = {e: float(np.mean([s["gate"]["mean"][e] for s in per_seed])) for e in GATE_EXPERTS}
+        table[perturbation_name(name, sigma)] = entry
+    return {"run": str(run), "split": split, "utterances": int(labelled.sum()), "seeds": train_cfg.seeds,
+            "missing_modality_input": "zeros", "perturbations": table}
+
+
+def write_robustness(run: Path, result: dict) -> None:
+    """``robustness.json``, ``robustness.md`` and ``robustness.png`` in the run directory."""
+    rows = result["perturbations"]
+    experts = [e for e in EXPERTS if e in next(iter(rows.values()))["experts"]]
+    gated = all("gate_mean" in r for r in rows.values())
+    lines = [f"# Robustness to a missing or degraded modality ({result['split']}, {result['utterances']} "
+             f"utterances, {result['seeds']} seeds)", "",
+             "Weighted F1 in % (mean ± std over seeds); a dropped modality is fed as zeros.", "",
+             "| perturbation | " + " | ".join(experts) + (" | β speech | β text | β multimodal |" if gated else " |"),
+             "|---|" + "---|" * (len(experts) + (3 if gated else 0))]
+    for name, r in rows.items():
+        cells = [f"{100 * r['experts'][e]['mean']:.1f} ± {100 * r['experts'][e]['std']:.1f}" for e in experts]
+        cells += [f"{r['gate_mean'][e]:.3f}" for e in GATE_EXPERTS] if gated else []
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "![robustness](robustness.png)", ""]
+    fig = Figure(figsize=(1.6 + 1.1 * len(rows), 3.4))
+    ax = fig.subplots()
+    width = 0.8 / len(experts)
+    for i, e in enumerate(experts):
+        ax.bar(np.arange(len(rows)) + i * width, [100 * r["experts"][e]["mean"] for r in rows.values()], width,
+               yerr=[100 * r["experts"][e]["std"] for r in rows.values()], label=e)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, list(rows), rotation=20)
+    ax.set_ylabel("weighted F1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, run / "robustness.png")
+    atomic.write_json(run / "robustness.json", result)
+    atomic.write_text(run / "robustness.md", "\n".join(lines))
+

@@ -25,7 +25,7 @@ from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
 from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import MisterE, init_params, param_shapes
-from mister_jax.robustness import apply_modality_dropout
+from mister_jax.augmentation import apply_modality_dropout
 from mister_jax.ops.clipping import clip_by_global_norm
 
 MODALITY_DROPOUT_STREAM = 2  # fold_in index of the modality-dropout draws; the layers' dropout uses the key itself
@@ -84,7 +84,7 @@ def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelC
     Returns:
       ``(loss, terms)``: the scalar total loss and its named terms. With
       `ModelConfig.modality_dropout` a training batch first loses one modality of some conversations
-      (`mister_jax.robustness.apply_modality_dropout`).
+      (`mister_jax.augmentation.apply_modality_dropout`).
     """
     speech, text = batch.speech, batch.text
     if model_cfg.modality_dropout > 0 and not deterministic and speech is not None:

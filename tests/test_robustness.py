@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import CACHE, train_args
 
-from mister_jax import evaluate, robustness
+from mister_jax import augmentation, evaluate, robustness
 from mister_jax.input_pipeline import SplitData
 
 
@@ -44,7 +44,7 @@ def test_perturbations_parse_and_bad_ones_are_named():
 
 def test_modality_dropout_zeroes_one_whole_modality_of_some_conversations():
     speech, text = jax.numpy.ones((400, 3, 2)), jax.numpy.ones((400, 3, 5))
-    s, t = (np.asarray(x) for x in robustness.apply_modality_dropout(speech, text, 0.5, jax.random.key(0)))
+    s, t = (np.asarray(x) for x in augmentation.apply_modality_dropout(speech, text, 0.5, jax.random.key(0)))
     speech_gone, text_gone = ~s.any(axis=(1, 2)), ~t.any(axis=(1, 2))
     assert not np.any(speech_gone & text_gone)  # never both
     assert np.all(s.all(axis=(1, 2)) | speech_gone) and np.all(t.all(axis=(1, 2)) | text_gone)  # whole conversations
