@@ -1,4 +1,7 @@
-"""`python -m bridges.check STORE`: print a store's summary and exit 0, or one line per problem and exit 1."""
+"""`python -m bridges.check STORE`: print a store's summary and exit 0, or one line per problem and exit 1.
+
+The summary names, per modality that records them, the sessions its encoder was fine-tuned and
+selected on (the manifest's ``encoders``, `bridges.store`)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ def summary(store: FeatureStore) -> str:
         )
     for modality, spec in store.modalities.items():
         lines.append(f"  {modality}: dim {spec['dim']}, {spec['dtype']}, source {spec.get('source', {})}")
+        record = store.encoders.get(modality)
+        if record is not None:
+            fold = f"fold {record['fold']}, " if record.get("fold") is not None else ""
+            lines.append(f"    encoder: {fold}fine-tuned on {', '.join(record['trained_on']) or 'no session'}, "
+                         f"selected on {', '.join(record['selected_on']) or 'no session'}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,17 @@ Layout of one dataset::
 
 Writers put every file in place atomically (temporary name, then `os.replace`), so a crash leaves
 the previous version readable. Readers memory-map the arrays: opening a store reads headers only.
+
+Besides DESIGN §2's fields, the manifest may hold ``encoders``: per modality, the corpus sessions the
+encoder behind its features was fine-tuned on and those its model selection scored (a
+leave-one-session-out fold may only test on a session in neither; `mister_jax.folds`)::
+
+    "encoders": {"text": {"fold": 2, "trained_on": ["Ses01", "Ses04", "Ses05"], "selected_on": ["Ses03"]}}
+
+``fold`` is the fold the features were extracted for (``encoders_torch.extract --fold K``) or null;
+an encoder never fine-tuned on the corpus has empty lists. The field is optional (a reader of
+DESIGN §2 ignores it); when present it is validated, and `write_modality` replaces a modality's entry
+with what it is given (none: the entry goes, the new features' sessions being unknown).
 """
 
 from __future__ import annotations
@@ -192,10 +203,13 @@ def write_modality(
     modality: str,
     features: np.ndarray,
     source: Mapping | None = None,
+    encoder_sessions: Mapping | None = None,
 ) -> None:
     """Writes `<split>/<modality>.npy` ([N, D] float32 or float16) atomically and records it in the manifest.
 
-    The split's index must be written first; other modalities are left untouched.
+    The split's index must be written first; other modalities are left untouched. `encoder_sessions`
+    (``{"fold": K | None, "trained_on": [...], "selected_on": [...]}``) becomes the manifest's
+    ``encoders[modality]``; without it that entry is removed (module docstring).
     """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / split / f"{modality}.npy"
@@ -219,8 +233,22 @@ def write_modality(
             f"{path}: [{features.shape[1]}] {features.dtype.name} disagrees with the manifest's "
             f"[{declared['dim']}] {declared['dtype']} for other splits — write every split with one encoder"
         ])
+    if encoder_sessions is not None:
+        problems = _encoder_problems(dataset_dir / MANIFEST, modality, encoder_sessions)
+        if problems:
+            raise StoreError(problems)
     with _atomic_path(path, ".npy") as tmp:
         np.save(tmp, features)
+    encoders = manifest.pop("encoders", {})
+    if not isinstance(encoders, dict):
+        encoders = {}
+    encoders.pop(modality, None)
+    if encoder_sessions is not None:
+        encoders[modality] = {"fold": encoder_sessions.get("fold"),
+                              "trained_on": list(encoder_sessions["trained_on"]),
+                              "selected_on": list(encoder_sessions["selected_on"])}
+    if encoders:
+        manifest["encoders"] = encoders
     manifest["modalities"][modality] = {
         "dim": int(features.shape[1]),
         "dtype": features.dtype.name,
@@ -317,6 +345,12 @@ class FeatureStore:
     @property
     def modalities(self) -> dict[str, dict]:
         return dict(self.manifest["modalities"])
+
+    @property
+    def encoders(self) -> dict[str, dict]:
+        """Per modality, the sessions its encoder was fine-tuned and selected on (module docstring);
+        a modality without a record is absent."""
+        return dict(self.manifest.get("encoders", {}))
 
     def split(self, name: str) -> Split:
         try:
@@ -416,7 +450,33 @@ def _manifest_problems(path: Path, manifest: dict) -> list[str]:
                 problems.append(f"{path}: modality '{name}' needs a positive integer 'dim' — {fix}")
             elif spec.get("dtype") not in DTYPES:
                 problems.append(f"{path}: modality '{name}' has dtype {spec.get('dtype')!r}, expected one of {DTYPES} — {fix}")
+    encoders = manifest.get("encoders", {})
+    if not isinstance(encoders, dict):
+        problems.append(f"{path}: encoders must be an object mapping a modality to its encoder's sessions — {fix}")
+    else:
+        for name, record in encoders.items():
+            if isinstance(modalities, dict) and name not in modalities:
+                problems.append(f"{path}: encoders lists modality '{name}', which the manifest does not declare — "
+                                f"drop that entry, or re-extract the modality")
+            else:
+                problems += _encoder_problems(path, name, record)
     return problems
+
+
+def _encoder_problems(path: Path, modality: str, record) -> list[str]:
+    """What is wrong with one ``encoders`` entry (module docstring), one line."""
+    shape = '{"fold": K or null, "trained_on": ["Ses01", ...], "selected_on": [...]}'
+    fix = f"write it as {shape} (the sessions the encoder was fine-tuned and selected on)"
+    if not isinstance(record, Mapping):
+        return [f"{path}: encoders.{modality} is not an object — {fix}"]
+    for key in ("trained_on", "selected_on"):
+        sessions = record.get(key)
+        if not isinstance(sessions, list) or not all(isinstance(x, str) and x for x in sessions):
+            return [f"{path}: encoders.{modality}.{key} must be a list of session names — {fix}"]
+    fold = record.get("fold")
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 1):
+        return [f"{path}: encoders.{modality}.fold is {fold!r}, not a fold number (1, 2, ...) or null — {fix}"]
+    return []
 
 
 def _index_problems(path: Path, index: dict[str, np.ndarray], n_labels: int) -> list[str]:
