@@ -3,6 +3,7 @@
     python -m mister_jax.train --dataset NAME [--features ROOT] [--out DIR] [--epochs N] [--seeds K]
         [--variant V] [--preset {paper,authors-code}] [--set key=value ...] [--seed-mode {auto,vmap,sequential}]
         [--no-val {carve,refuse}] [--checkpoint-every N] [--checkpoint-minutes M] [--restart]
+        [--protocol {standard,loso}]
 
 Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
 Each seed keeps the parameters of its best validation weighted F1 (MoE prediction), scored on test once
@@ -12,6 +13,9 @@ statistics), ``metrics.jsonl``, ``report.md`` with PNG figures, ``run_config.jso
 (`mister_jax.checkpoint`), written once 10 minutes have passed since the last one and after the last
 epoch (``--checkpoint-minutes``, ``--checkpoint-every``). Re-running the same command resumes from the
 last checkpoint and ends with the same scores as an uninterrupted run.
+
+``--protocol loso`` trains IEMOCAP's leave-one-session-out folds instead, each a run in ``DIR/fold_K``,
+and writes their aggregate to ``DIR`` (`mister_jax.folds`, ``docs/LOSO.md``).
 
 On a GPU or TPU the matmuls and convolutions run in bfloat16 (``--set dtype=float32`` keeps float32);
 the parameters, the optimizer and the losses are float32 everywhere. The library call behind this
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import jax
 
+from mister_jax import folds
 from mister_jax.config import VARIANTS, Config
 from mister_jax.configs import STYLES, get_config
 from mister_jax.configs.overrides import OverrideError, apply_overrides
@@ -72,7 +77,12 @@ def training_parser(prog: str = "python -m mister_jax.train", description: str =
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return training_parser().parse_args(argv)
+    parser = training_parser()
+    parser.add_argument("--protocol", choices=("standard", "loso"), default="standard",
+                        help="standard (default): the store's train / val / test splits; loso: IEMOCAP "
+                             "leave-one-session-out, five folds into OUT/fold_K and their aggregate "
+                             "(mister_jax.folds, docs/LOSO.md)")
+    return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace, label_names) -> Config:
@@ -104,6 +114,7 @@ def prepare_out(args: argparse.Namespace) -> Path:
     not created here (`train_and_evaluate` creates it once the store's splits pass), so a run refused
     for its input leaves no directory behind."""
     suffix = (f"-{args.variant}" if args.variant else "") + ("" if args.preset == "paper" else f"-{args.preset}")
+    suffix += "-loso" if getattr(args, "protocol", "standard") == "loso" else ""
     out = Path(args.out) if args.out else Path("runs") / (args.dataset + suffix)
     try:
         existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        if args.protocol == "loso":
+            return _loso(args, log)
         store = open_store(args.dataset, args.features)
         config = config_from_args(args, store.label_names)
         out = prepare_out(args)
@@ -138,6 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     experts = ", ".join(f"{e} {100 * v['weighted_f1']['mean']:.1f}" for e, v in t["experts"].items())
     log(f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} ({experts}); "
         f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
+
+
+def _loso(args: argparse.Namespace, log) -> int:
+    """``--protocol loso``: every fold of `mister_jax.folds.train_loso` (UsageError is the caller's)."""
+    stores = folds.open_fold_stores(args.features, args.dataset)
+    config = config_from_args(args, next(iter(stores.values())).label_names)
+    out = prepare_out(args)
+    results = folds.train_loso(config, stores, out, dataset=args.dataset, seed_mode=args.seed_mode,
+                               restart=args.restart, cache_dir=enable_compilation_cache(args.jax_cache),
+                               progress=not args.quiet, log=log)
+    t = results["test"]
+    experts = ", ".join(f"{e} {100 * v['mean']:.1f}" for e, v in t["experts"].items())
+    log(f"leave-one-session-out test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± "
+        f"{100 * t['weighted_f1']['std']:.1f} over {len(results['folds'])} folds × {len(results['seeds'])} seeds "
+        f"({experts}); wrote {out / 'results.json'} and {out / 'report.md'}")
     return 0
 
 
