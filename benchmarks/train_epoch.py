@@ -12,7 +12,7 @@ RSS is per variant:
         to its longest conversation, conversations shuffled per epoch, the losses reduced as their
         `train_moe.py` reduces them, padded positions included (the authors' way);
   b     our training epoch, 1 seed, through the trainer's own pieces (`mister_jax.batching.BatchPlanner`,
-        `mister_jax.seeds.SeedStates`, `mister_jax.train.train_epoch`) with its default batching
+        `mister_jax.seeds.SeedStates`, `mister_jax.trainer.train_epoch`) with its default batching
         (bucketed: random per seed and epoch, pools sorted by length); run twice on one fresh
         persistent compilation cache: `b-cold` (init + compile only) then `b` (warm compile + epochs);
   c     3 seeds: `c-vmap` (one vmapped step) and `c-int` (the seeds stepped in turn: step i of every
@@ -134,7 +134,7 @@ def iemocap_config(dims, dtype: str, batching: str | None):
 
 def run_jax(args) -> dict:
     """The trainer's own pieces: its `BatchPlanner`, `SeedStates` (compile every training shape before
-    the states exist, initialise) and `mister_jax.train.train_epoch`; one warm-up step per shape, then
+    the states exist, initialise) and `mister_jax.trainer.train_epoch`; one warm-up step per shape, then
     the timed epochs."""
     from mister_jax.batching import BatchPlanner, padding_efficiency
     from mister_jax.evaluate import Evaluator
@@ -142,7 +142,7 @@ def run_jax(args) -> dict:
     from mister_jax.model import count_params, param_shapes
     from mister_jax.runtime.compile_cache import enable_compilation_cache
     from mister_jax.seeds import SeedStates
-    from mister_jax.train import train_epoch
+    from mister_jax.trainer import train_epoch
 
     if args.cache_dir:
         enable_compilation_cache(args.cache_dir)
