@@ -139,7 +139,7 @@ def run_jax(args) -> dict:
     from mister_jax.batching import BatchPlanner, padding_efficiency
     from mister_jax.evaluate import Evaluator
     from mister_jax.input_pipeline import batch_rows, make_batch
-    from mister_jax.model import count_params, param_shapes
+    from mister_jax.params import count_params, param_shapes
     from mister_jax.runtime.compile_cache import enable_compilation_cache
     from mister_jax.seeds import SeedStates
     from mister_jax.trainer import train_epoch

@@ -35,7 +35,7 @@ from mister_jax.config import ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import SplitData, iterate_batches, load_split, open_store, required_modalities
 from mister_jax.metrics import GATE_EXPERTS
-from mister_jax.model import param_shapes
+from mister_jax.params import param_shapes
 from mister_jax.runtime.compile_cache import DEFAULT_CACHE, enable_compilation_cache
 from mister_jax.steps import predict_step
 

@@ -24,7 +24,8 @@ from mister_jax.config import LossConfig, ModelConfig, TrainConfig
 from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
 from mister_jax.metrics import GATE_EXPERTS
-from mister_jax.model import MisterE, init_params, param_shapes
+from mister_jax.model import MisterE
+from mister_jax.params import init_params, param_shapes
 from mister_jax.augmentation import apply_modality_dropout
 from mister_jax.ops.clipping import clip_by_global_norm
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from mister_jax.config import ModelConfig
-from mister_jax.model import param_shapes
+from mister_jax.params import param_shapes
 from mister_jax.torch_checkpoint import CheckpointFormatError
 
 UNUSED_PREFIXES = ("proj.", "classifier.")  # in their AttentionMoE, never called in its forward

@@ -25,7 +25,7 @@ from mister_jax.config import Config, LossConfig, ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.evaluate import results_json
 from mister_jax.input_pipeline import fit_to_store, load_splits, open_store_at
-from mister_jax.model import count_params
+from mister_jax.params import count_params
 from mister_jax.report import ReportError, write_report
 from mister_jax.trainer import Trainer
 

@@ -53,7 +53,7 @@ def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes
     pytest.importorskip("jax")
     import dataclasses
 
-    from mister_jax.model import count_params, param_shapes
+    from mister_jax.params import count_params, param_shapes
     from torch_reference import AttentionMoE
     from train_epoch import iemocap_config
 

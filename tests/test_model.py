@@ -12,7 +12,8 @@ import pytest
 
 from mister_jax import losses
 from mister_jax.config import VARIANTS, LossConfig, ModelConfig
-from mister_jax.model import MisterE, TemporalInception, count_params, init_params, param_shapes
+from mister_jax.model import MisterE, TemporalInception
+from mister_jax.params import count_params, init_params, param_shapes
 from mister_jax.ops.temporal_conv import temporal_conv_reference
 
 # XLA:CPU compiles these small programs faster with the classic fusion emitters and without LLVM's
