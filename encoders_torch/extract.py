@@ -16,6 +16,15 @@ folder per epoch written under a temporary name and renamed when complete; an in
 continues after the last complete epoch. The folder is removed once the trained folder is saved; one
 written with other settings (but `--epochs`, `--patience`, `--log-every`) is discarded.
 
+IEMOCAP leave-one-session-out (`--fold K`, K = 1 … 5): fold K tests on session K, validates on the
+next one (cyclic: fold 5 validates on Ses01, the paper's split) and trains on the other three. The
+encoder is fine-tuned on the fold's train sessions, selected on its val session, and every utterance of
+all five sessions is exported into `ROOT/iemocap-foldK` as that fold's `train`, `val` and `test` splits
+(`mister_jax.folds` pools them again). For IEMOCAP the manifest's `encoders` field records, per
+modality, the sessions the encoder was fine-tuned and selected on (also without `--fold`: the paper's
+split is fold 5's), and `training.json` of a trained folder records them too; `--fold K` refuses an
+`--adapter` that saw session K or does not say what it saw.
+
 Embedding is resumable: every `--chunk-size` utterances (in length order) land in a chunk file under
 `ROOT/NAME/.work/MODALITY/SPLIT/`; an interrupted run restarts at the first missing chunk. Chunks are
 tied to the adapter, head and utterance list by a fingerprint, merged when a split is complete and
@@ -61,6 +70,55 @@ def limit_conversations(conversations: Sequence[Conversation], max_utterances: i
         kept.append(conversation)
         total += len(conversation)
     return tuple(kept)
+
+
+IEMOCAP_SESSIONS = tuple(f"Ses{s:02d}" for s in range(1, 6))
+
+
+def iemocap_fold(k: int) -> dict[str, tuple[str, ...]]:
+    """Split → sessions of leave-one-session-out fold `k` (1-based): test session k, val the next one
+    (cyclic), train the other three (the rule of `mister_jax.folds.loso_folds`)."""
+    if not 1 <= k <= len(IEMOCAP_SESSIONS):
+        raise EncoderError(f"--fold {k}: IEMOCAP has folds 1 to {len(IEMOCAP_SESSIONS)}, one per session")
+    test, val = IEMOCAP_SESSIONS[k - 1], IEMOCAP_SESSIONS[k % len(IEMOCAP_SESSIONS)]
+    return {"train": tuple(s for s in IEMOCAP_SESSIONS if s not in (test, val)), "val": (val,), "test": (test,)}
+
+
+def session_of(utterance: Utterance) -> str:
+    """The IEMOCAP session of an utterance (`Ses03M_script01_1_F012` → `Ses03`)."""
+    return utterance.id[:5]
+
+
+def fold_conversations(corpus: Corpus, k: int) -> dict[str, tuple[Conversation, ...]]:
+    """The conversations of all of the corpus's splits regrouped into fold `k`'s train, val and test,
+    in session order."""
+    sessions = iemocap_fold(k)
+    every = sorted((c for s in SPLITS for c in corpus.splits[s]), key=lambda c: session_of(c.utterances[0]))
+    return {split: tuple(c for c in every if session_of(c.utterances[0]) in sessions[split]) for split in SPLITS}
+
+
+def _sessions(utterances: Sequence[Utterance]) -> list[str]:
+    return sorted({session_of(u) for u in utterances})
+
+
+def encoder_sessions(args: argparse.Namespace, info: dict, trained_dir: Path) -> dict | None:
+    """The manifest's `encoders` entry for this run (IEMOCAP only; `bridges.store`), from the trained
+    folder's record; refuses, for `--fold K`, an encoder that saw session K or whose sessions are unknown."""
+    if args.dataset != "iemocap":
+        return None
+    sessions = info.get("sessions")
+    if args.fold is None:
+        return None if sessions is None else {"fold": None, **sessions}
+    test = iemocap_fold(args.fold)["test"][0]
+    fix = "drop --adapter (or pass --retrain) to fine-tune on the fold's train sessions"
+    if sessions is None:
+        raise EncoderError(f"{trained_dir}: its {TRAINING} does not record the sessions it was fine-tuned on, so "
+                           f"fold {args.fold}'s test session {test} cannot be shown unseen — {fix}")
+    if test in sessions["trained_on"] + sessions["selected_on"]:
+        raise EncoderError(f"{trained_dir}: fine-tuned on {', '.join(sessions['trained_on'])} and selected on "
+                           f"{', '.join(sessions['selected_on'])}, which includes fold {args.fold}'s test session "
+                           f"{test} — {fix}")
+    return {"fold": args.fold, **sessions}
 
 
 def build_encoder(args: argparse.Namespace, adapter: Path | None, dtype: torch.dtype) -> UtteranceEncoder:
@@ -194,6 +252,8 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
         "history": history,
         "encoder": encoder.source(),
         "head": dataclasses.asdict(head.config),
+        **({"sessions": {"trained_on": _sessions(splits["train"]), "selected_on": _sessions(splits["val"])}}
+           if corpus.name == "iemocap" else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_trained(trained_dir, model, info)
@@ -205,25 +265,35 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Fine-tunes or loads, embeds every split, writes the store; returns per-split weighted F1 of the head."""
     started = time.time()
+    if args.fold is not None and args.dataset != "iemocap":
+        raise EncoderError(f"--fold {args.fold} with --dataset {args.dataset}: leave-one-session-out folds exist for "
+                           f"IEMOCAP only — drop --fold to extract {args.dataset}'s own splits")
+    if args.fold is not None:
+        iemocap_fold(args.fold)  # a fold that does not exist stops here
     require = ("text",) if args.modality == "text" else ("audio",)
     corpus = read_corpus(args.dataset, args.data_root, require, args.on_missing, args.mosi_split)
     if corpus.dropped:
         log(f"dropped (--on-missing skip): {corpus.dropped}")
-    conversations = {s: limit_conversations(corpus.splits[s], args.max_utterances) for s in SPLITS}
+    grouped = corpus.splits if args.fold is None else fold_conversations(corpus, args.fold)
+    if args.fold is not None:
+        log(f"fold {args.fold}: " + ", ".join(f"{s} {', '.join(iemocap_fold(args.fold)[s])}" for s in SPLITS))
+    conversations = {s: limit_conversations(grouped[s], args.max_utterances) for s in SPLITS}
     splits = {s: [u for c in conversations[s] for u in c.utterances] for s in SPLITS}
     if args.modality == "speech":
         _check_decoder(splits, args.data_root)
     device, dtype = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset_dir = Path(args.out) / args.dataset
+    name = args.dataset if args.fold is None else f"{args.dataset}-fold{args.fold}"
+    dataset_dir = Path(args.out) / name
     if args.adapter and args.retrain:
         raise EncoderError("--retrain with --adapter: choose one (--adapter uses a trained folder as it is)")
     trained_dir = Path(args.adapter) if args.adapter else dataset_dir / "adapters" / args.modality
     model, info = _trained_model(args, corpus, splits, trained_dir, device, dtype, log)
+    sessions = encoder_sessions(args, info, trained_dir)
     trained_digest = file_digest([trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG,
                                   *sorted((trained_dir / ADAPTER).glob("*.safetensors"))])
-    dataset_dir = bridges.init_store(args.out, args.dataset, corpus.label_names, SPLITS)
+    dataset_dir = bridges.init_store(args.out, name, corpus.label_names, SPLITS)
     scores = {}
     work_root = dataset_dir / ".work" / args.modality
     features = {}
@@ -252,7 +322,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         utterances = splits[split]
         bridges.write_index(dataset_dir, split, [u.id for u in utterances],
                             [c.id for c in conversations[split] for _ in c.utterances], [u.label for u in utterances])
-        bridges.write_modality(dataset_dir, split, args.modality, features[split].astype(args.dtype), source)
+        bridges.write_modality(dataset_dir, split, args.modality, features[split].astype(args.dtype), source,
+                               sessions)
     shutil.rmtree(work_root, ignore_errors=True)
     with contextlib.suppress(OSError):
         work_root.parent.rmdir()  # `.work` goes too once no other modality is mid-extraction
@@ -301,6 +372,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--on-missing", default="fail", choices=("fail", "skip"),
                    help="utterances lacking transcript/audio or with unknown labels: stop, or drop them")
     p.add_argument("--mosi-split", default="paper", choices=("paper", "sdk"))
+    p.add_argument("--fold", type=int, default=None,
+                   help="IEMOCAP leave-one-session-out fold K (1-5): fine-tune on its train sessions, select on its "
+                        "val session, export every utterance to OUT/iemocap-foldK (mister_jax.folds)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="dtype of the stored features")
     p.add_argument("--chunk-size", type=int, default=256, help="utterances per resumable chunk file")
     return p
