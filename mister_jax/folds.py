@@ -242,8 +242,7 @@ def train_loso(config: Config, store, workdir, *, log=None, restart: bool = Fals
         rows.append({"fold": fold.index, "test_session": fold.test, "val_session": fold.val,
                      "train_sessions": list(fold.train), "store": str(fold_store.directory),
                      "encoders": {m: fold_store.encoders[m] for m in modalities}, "run": f"fold_{fold.index}",
-                     "utterances": {"train": train.num_utterances, "val": val.num_utterances,
-                                    "test": test.num_utterances},
+                     "utterances": {part.name: part.num_utterances for part in (train, val, test)},
                      "test": _scores(results["test"]), "val": _scores(results["val"]),
                      "best_epoch": results["best_epoch"]})
     summary = loso_results(rows, results)
@@ -259,13 +258,14 @@ def _scores(split: dict) -> dict:  # weighted F1 of the MoE and of each expert
 def loso_results(rows: list[dict], last: dict) -> dict:
     """The aggregate: per fold, and weighted F1 (MoE and per expert) as mean ± std over folds × seeds."""
 
+    def pooled(split: str, key) -> dict:  # fold-major: fold 1's seeds, then fold 2's, ...
+        stats = mean_std([x for r in rows for x in key(r[split])["per_seed"]])
+        return {"mean": stats["mean"], "std": stats["std"], "per_fold_seed": stats["per_seed"]}
+
     def overall(split: str) -> dict:
-        pooled = lambda key: [x for r in rows for x in key(r[split])["per_seed"]]  # noqa: E731
-        out = {"weighted_f1": mean_std(pooled(lambda s: s["weighted_f1"])),
-               "experts": {e: mean_std(pooled(lambda s, e=e: s["experts"][e])) for e in rows[0][split]["experts"]},
-               "fold_means": [r[split]["weighted_f1"]["mean"] for r in rows]}
-        out["weighted_f1"]["over"] = "folds × seeds"
-        return out
+        return {"weighted_f1": pooled(split, lambda s: s["weighted_f1"]),
+                "experts": {e: pooled(split, lambda s, e=e: s["experts"][e]) for e in rows[0][split]["experts"]},
+                "fold_means": [r[split]["weighted_f1"]["mean"] for r in rows]}
 
     return {"protocol": "loso", "dataset": last["dataset"], "variant": last["variant"], "seeds": last["seeds"],
             "epochs": last["epochs"], "label_names": last["label_names"], "fold_rule": FOLD_RULE,
@@ -278,7 +278,7 @@ def loso_report(summary: dict) -> str:
     pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
     experts = list(summary["test"]["experts"])
     lines = [f"# Leave-one-session-out: {summary['dataset']}, {summary['variant']}", "",
-             f"{len(summary['folds'])} folds × {len(summary['seeds'])} seeds, {summary['epochs']} epochs. "
+             f"{len(summary['folds'])} folds × {len(summary['seeds'])} seed(s), {summary['epochs']} epoch(s). "
              f"Weighted F1 in % (mean ± std over seeds; overall: over folds × seeds).", "",
              f"Folds: {summary['fold_rule']}. {SPEAKERS}.", "",
              "Encoder: the sessions the features' encoders were fine-tuned / selected on (all modalities).", "",

@@ -165,7 +165,7 @@ def _loso(args: argparse.Namespace, log) -> int:
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['mean']:.1f}" for e, v in t["experts"].items())
     log(f"leave-one-session-out test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± "
-        f"{100 * t['weighted_f1']['std']:.1f} over {len(results['folds'])} folds × {len(results['seeds'])} seeds "
+        f"{100 * t['weighted_f1']['std']:.1f} over {len(results['folds'])} folds × {len(results['seeds'])} seed(s) "
         f"({experts}); wrote {out / 'results.json'} and {out / 'report.md'}")
     return 0
 

@@ -206,7 +206,7 @@ def test_loso_writes_five_fold_runs_and_their_aggregate(loso_run):
         tested = read_test_predictions(run)["utterance_ids"]
         assert len(tested) == 8 and {folds.session_of(u) for u in tested} == {SESSIONS[k - 1]}
     per_fold = [r["test"]["weighted_f1"]["per_seed"][0] for r in results["folds"]]
-    assert results["test"]["weighted_f1"]["per_seed"] == per_fold
+    assert results["test"]["weighted_f1"]["per_fold_seed"] == per_fold
     assert results["test"]["weighted_f1"]["mean"] == pytest.approx(np.mean(per_fold))
     assert results["test"]["weighted_f1"]["std"] == pytest.approx(np.std(per_fold))
     assert set(results["test"]["experts"]) == {"speech", "text", "multimodal", "moe"}
