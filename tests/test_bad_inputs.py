@@ -1,8 +1,16 @@
 """Bad inputs through the public command lines: exit code, one line naming the file or flag, no traceback,
-nothing half-written (docs/RELIABILITY.md lists them)."""
+nothing half-written (docs/RELIABILITY.md lists them).
 
+``python -m bridges.check`` runs as its own process (it starts in a fraction of a second); the training
+and prediction commands run in this interpreter (`_in_process`), since a new one spends seconds
+importing JAX, except where a test drops capabilities, which only a new process can.
+"""
+
+import contextlib
+import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,13 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CACHE, REPO, TINY, set_flags
 
 from bridges import init_store, write_index, write_modality
-
-REPO = Path(__file__).resolve().parents[1]
-CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
-TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1", "fusion_layers=1",
-        "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
 
 
 def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None,
@@ -35,20 +39,59 @@ def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "tes
     return directory
 
 
-def _run(args, cwd=REPO, drop_caps=False):
-    command = [sys.executable, *args]
-    if drop_caps:
-        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
-                   " ".join(f"'{a}'" for a in command)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run(args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+# Runs ``python -m module args`` for each (module, args) of argv[1] in one interpreter; prints, for each,
+# its exit code and what it printed.
+_RUNNER = """
+import contextlib, io, json, runpy, sys
+results = []
+for module, args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [module, *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _without_caps(*calls) -> list[subprocess.CompletedProcess]:
+    """``python -m module args`` for each ``(module, args)``, in one new process that cannot override file
+    permissions (root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, as an ordinary user is)."""
+    command = [sys.executable, "-c", _RUNNER, json.dumps([[m, list(a)] for m, a in calls])]
+    proc = subprocess.run(["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [subprocess.CompletedProcess([m, *a], code, out, err)
+            for (m, a), (code, out, err) in zip(calls, json.loads(proc.stdout.splitlines()[-1]))]
+
+
+def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m module args`` run in this interpreter: its exit code and what it printed."""
+    from mister_jax import main as train_cli
+    from mister_jax import predict as predict_cli
+
+    main = {"mister_jax.train": train_cli.main, "mister_jax.predict": predict_cli.main}[module]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def _train(features: Path, out: Path, *extra):
-    args = ["-m", "mister_jax.train", "--dataset", "mine", "--features", str(features), "--out", str(out),
-            "--seeds", "1", "--quiet", "--jax-cache", CACHE, *extra]
-    for item in TINY:
-        args += ["--set", item]
-    return _run(args)
+    return _in_process("mister_jax.train", ["--dataset", "mine", "--features", str(features), "--out", str(out),
+                                            "--seeds", "1", "--quiet", "--jax-cache", CACHE, *extra,
+                                            *set_flags(TINY)])
 
 
 def _one_error_line(proc, code, *needles):
@@ -81,22 +124,42 @@ needs_capsh = pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() !
                                  reason="needs capsh (Debian libcap2-bin) and root to drop CAP_DAC_OVERRIDE")
 
 
-@needs_capsh
-@pytest.mark.parametrize("target", ["", "manifest.json", "train", "train/text.npy", "val/index.npz"])
-def test_unreadable_store_files_are_named_with_their_permissions(tmp_path, finished, target):
-    directory = _store(tmp_path / "f")
-    (directory / target).chmod(0)
+UNREADABLE = ["", "manifest.json", "train", "train/text.npy", "val/index.npz"]
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory, finished):
+    """Per target of `UNREADABLE`: a store whose target (a file or folder; "": the store folder) nobody
+    may read, and what check, training and prediction said of it, all run in one process without the
+    capabilities that let root read anything."""
+    root = tmp_path_factory.mktemp("unreadable")
+    stores = {target: _store(root / f"f{i}") for i, target in enumerate(UNREADABLE)}
+    calls = []
+    for i, (target, directory) in enumerate(stores.items()):
+        calls += [("bridges.check", [str(directory)]),
+                  ("mister_jax.train", ["--dataset", "mine", "--features", str(root / f"f{i}"),
+                                        "--out", str(root / f"run{i}"), "--quiet"]),
+                  ("mister_jax.predict", ["--run", str(finished / "run"), "--dataset", "mine", "--features",
+                                          str(root / f"f{i}"), "--out", str(root / f"p{i}.jsonl")])]
+    for target, directory in stores.items():
+        (directory / target).chmod(0)
     try:
-        for args, code in ((["-m", "bridges.check", str(directory)], 1),
-                           (["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
-                             "--out", str(tmp_path / "run"), "--quiet"], 2),
-                           (["-m", "mister_jax.predict", "--run", str(finished / "run"), "--dataset", "mine",
-                             "--features", str(tmp_path / "f"), "--out", str(tmp_path / "p.jsonl")], 2)):
-            proc = _run(args, drop_caps=True)
-            _one_error_line(proc, code, f"{directory / target}: not readable — check its permissions")
+        procs = _without_caps(*calls)
     finally:
-        (directory / target).chmod(0o755)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "p.jsonl").exists()
+        for target, directory in stores.items():
+            (directory / target).chmod(0o755)
+    return {target: {"directory": directory, "procs": procs[3 * i:3 * i + 3],
+                     "written": [root / f"run{i}", root / f"p{i}.jsonl"]}
+            for i, (target, directory) in enumerate(stores.items())}
+
+
+@needs_capsh
+@pytest.mark.parametrize("target", UNREADABLE)
+def test_unreadable_store_files_are_named_with_their_permissions(unreadable, target):
+    directory = unreadable[target]["directory"]
+    for proc, code in zip(unreadable[target]["procs"], (1, 2, 2)):  # check, train, predict
+        _one_error_line(proc, code, f"{directory / target}: not readable — check its permissions")
+    assert not any(path.exists() for path in unreadable[target]["written"])
 
 
 @needs_capsh
@@ -104,9 +167,10 @@ def test_a_store_under_a_folder_that_cannot_be_entered_names_that_folder(tmp_pat
     directory = _store(tmp_path / "locked" / "f")
     (tmp_path / "locked").chmod(0)
     try:
-        check = _run(["-m", "bridges.check", str(directory)], drop_caps=True)
-        train = _run(["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "locked" / "f"),
-                      "--out", str(tmp_path / "run"), "--quiet"], drop_caps=True)
+        check, train = _without_caps(("bridges.check", [str(directory)]),
+                                     ("mister_jax.train", ["--dataset", "mine", "--features",
+                                                           str(tmp_path / "locked" / "f"), "--out",
+                                                           str(tmp_path / "run"), "--quiet"]))
     finally:
         (tmp_path / "locked").chmod(0o755)
     for proc, code in ((check, 1), (train, 2)):
@@ -120,8 +184,8 @@ def test_an_unreadable_demo_store_is_named_not_rebuilt(tmp_path):
     _store(tmp_path / "f").rename(tmp_path / "f" / "demo")
     (tmp_path / "f" / "demo").chmod(0)
     try:
-        proc = _run(["-m", "mister_jax.train", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"),
-                     "--quiet"], drop_caps=True)
+        proc, = _without_caps(("mister_jax.train", ["--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"),
+                                                    "--quiet"]))
     finally:
         (tmp_path / "f" / "demo").chmod(0o755)
     _one_error_line(proc, 2, f"{tmp_path / 'f' / 'demo'}: not readable — check its permissions")
@@ -170,9 +234,8 @@ def test_a_store_without_test_split_is_refused_before_out_is_created(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--seeds", "0"), ("--checkpoint-every", "-2")])
 def test_a_bad_count_names_its_flag(tmp_path, flag, value):
     _store(tmp_path / "f")
-    args = ["-m", "mister_jax.train", "--dataset", "mine", "--features", str(tmp_path / "f"),
-            "--out", str(tmp_path / "run"), flag, value]
-    _one_error_line(_run(args), 2, f"{flag} {value}: must be >=")
+    args = ["--dataset", "mine", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"), flag, value]
+    _one_error_line(_in_process("mister_jax.train", args), 2, f"{flag} {value}: must be >=")
     assert not (tmp_path / "run").exists()
 
 
@@ -212,7 +275,8 @@ def test_predict_with_corrupt_best_parameters_says_to_retrain_not_restart(finish
     shutil.copytree(finished / "run", out)
     record = out / "checkpoints" / "best" / "seed_0.digest.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))
-    proc = _run(["-m", "mister_jax.predict", "--run", str(out), "--dataset", "mine", "--features",
-                 str(finished / "f"), "--out", str(tmp_path / "p.jsonl"), "--jax-cache", CACHE])
+    proc = _in_process("mister_jax.predict", ["--run", str(out), "--dataset", "mine", "--features",
+                                              str(finished / "f"), "--out", str(tmp_path / "p.jsonl"),
+                                              "--jax-cache", CACHE])
     line = _one_error_line(proc, 2, "fail their SHA-256 digest", "rerun the training command")
     assert "--restart" not in line and not (tmp_path / "p.jsonl").exists()

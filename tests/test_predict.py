@@ -1,33 +1,27 @@
 """python -m mister_jax.predict: one JSON line per utterance, independent of --batch-size."""
 
+import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CACHE, TINY, TINY_DEMO, set_flags, tiny_store
 
 from bridges import FeatureStore
-from bridges.demo import DemoConfig, build_demo_store
+from mister_jax import main as train_cli
 from mister_jax import predict as predict_cli
-from mister_jax import train as train_cli
 
-CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
-TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1",
-        "fusion_layers=1", "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
-TINY_DEMO = DemoConfig(conversations=(("train", 8), ("val", 4), ("test", 11)), min_length=3, max_length=6,
-                       text_dim=6, speech_dim=5)
+# A test split of 11 conversations: batches of 8 leave a partly filled one, batches of 1 many.
+PREDICT_DEMO = dataclasses.replace(TINY_DEMO, conversations=(("train", 8), ("val", 4), ("test", 11)))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    build_demo_store(root / "features", config=TINY_DEMO)
-    args = ["--dataset", "demo", "--features", str(root / "features"), "--out", str(root / "run"), "--epochs", "2",
-            "--seeds", "2", "--quiet", "--jax-cache", CACHE]
-    for item in TINY:
-        args += ["--set", item]
-    assert train_cli.main(args) == 0
+    tiny_store(root / "features", PREDICT_DEMO)
+    assert train_cli.main(["--dataset", "demo", "--features", str(root / "features"), "--out", str(root / "run"),
+                           "--epochs", "2", "--seeds", "2", "--quiet", "--jax-cache", CACHE, *set_flags(TINY)]) == 0
     return root
 
 
@@ -78,3 +72,26 @@ def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     code = predict_cli.main(["--run", str(tmp_path / "nothing"), "--dataset", "demo", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert code == 2 and "no run_config.json" in err and "Traceback" not in err
+
+
+def test_predict_split_gives_every_row_once_with_the_probabilities_of_the_command_line(run):
+    import jax
+
+    from mister_jax.checkpoint import RunCheckpoints
+    from mister_jax.config import ModelConfig, TrainConfig
+    from mister_jax.input_pipeline import load_split
+    from mister_jax.params import param_shapes
+    from mister_jax.predict import predict_split
+
+    config = json.loads((run / "run" / "run_config.json").read_text())
+    model_cfg = ModelConfig(**config["model"])
+    ckpt = RunCheckpoints(run / "run" / "checkpoints")
+    _, params = ckpt.restore_best(1, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                                            param_shapes(model_cfg)))
+    ckpt.close()
+    data = load_split(FeatureStore.open(run / "features" / "demo"), "test", ("speech", "text"))
+    rows = dict(predict_split(params, model_cfg, data, TrainConfig(**config["train"]), batch_size=1))
+    assert sorted(rows) == list(range(data.num_utterances))
+    lines = _predict(run, 8, "--seed", "1")
+    np.testing.assert_allclose([rows[i]["moe"] for i in range(data.num_utterances)], [r["probs"] for r in lines],
+                               atol=1e-5)

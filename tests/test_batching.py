@@ -1,25 +1,46 @@
-"""mister_jax.data: bucketing, deterministic shuffling, padding, carving a validation split."""
+"""mister_jax.batching: pad lengths, epoch plans (sorted, shuffled, random, bucketed), aligned steps and
+the run's `BatchPlanner` (DESIGN §3 "Batches")."""
 
 import itertools
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bridges.demo import build_demo_store
 from bridges import FeatureStore
-from mister_jax.data import (BATCHING, align_steps, batch_rows, bucket_lengths, carve_validation, choose_pad_lengths,
-                             epoch_plan, load_split, make_batch, padding_efficiency, sorted_batch_maxima)
+from bridges.demo import build_demo_store
+from mister_jax.batching import (
+    BATCHING,
+    BatchPlanner,
+    PlannedBatch,
+    align_steps,
+    bucket_lengths,
+    choose_pad_lengths,
+    epoch_plan,
+    example_batch,
+    padding_efficiency,
+    sorted_batch_maxima,
+)
+from mister_jax.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """Conversation lengths ``[M]`` of each split of the default demo store."""
     store = FeatureStore.open(build_demo_store(tmp_path_factory.mktemp("features")))
-    return {s: load_split(store, s, ("speech", "text")) for s in ("train", "val", "test")}
+    return {s: np.array([c.stop - c.start for c in store.split(s).conversations()]) for s in ("train", "val", "test")}
 
 
 def _waste(lengths, pads):
     pads = np.asarray(sorted(pads))
     return sum(pads[np.searchsorted(pads, n)] - n for n in lengths)
+
+
+def _real_and_slots(lengths, plan):
+    """Real utterances and padded slots of a plan, counted batch by batch."""
+    real = sum(int(lengths[c]) for p in plan for c in p.conversations if c >= 0)
+    return real, sum(len(p.conversations) * p.length for p in plan)
 
 
 def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
@@ -36,13 +57,12 @@ def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
 @pytest.mark.parametrize("batching", ("sorted", "shuffled", "bucketed"))
 def test_demo_train_split_compiles_at_most_4_shapes_at_padding_efficiency_above_0_8(demo, batching):
     train = demo["train"]
-    pads = choose_pad_lengths([d.lengths for d in demo.values()], 8, num_buckets=4, multiple=8, batching=batching)
-    plan = epoch_plan(train.lengths, pads, batch_size=8, seed=0, epoch=0, batching=batching)
+    pads = choose_pad_lengths(list(demo.values()), 8, num_buckets=4, multiple=8, batching=batching)
+    plan = epoch_plan(train, pads, batch_size=8, seed=0, epoch=0, batching=batching)
     assert len({p.length for p in plan}) <= 4
-    real = sum(int((batch_rows(train, p) >= 0).sum()) for p in plan)
-    slots = sum(batch_rows(train, p).size for p in plan)
-    assert real == train.num_utterances
-    assert padding_efficiency(train.lengths, plan) == pytest.approx(real / slots)
+    real, slots = _real_and_slots(train, plan)
+    assert real == train.sum()
+    assert padding_efficiency(train, plan) == pytest.approx(real / slots)
     assert real / slots > 0.8
 
 
@@ -68,7 +88,7 @@ def test_sorted_batches_hold_neighbours_in_length_and_pad_less_than_shuffled_one
 
 @pytest.mark.parametrize("batching", BATCHING)
 def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conversation_once(demo, batching):
-    lengths = demo["train"].lengths
+    lengths = demo["train"]
     pads = choose_pad_lengths([lengths], 8, 3, 8, batching)
     plan = lambda seed, epoch: [(p.length, p.conversations.tolist()) for p in
                                 epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching)]
@@ -82,7 +102,7 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conver
 
 @pytest.mark.parametrize("batching", ("sorted", "shuffled"))
 def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo, batching):
-    lengths = demo["train"].lengths
+    lengths = demo["train"]
     pads = choose_pad_lengths([lengths], 8, 4, 8, batching)
     shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3, batching=batching)]
               for seed in range(4)}
@@ -96,7 +116,7 @@ def _co_batched(plan):
 
 @pytest.mark.parametrize("batching", ("random", "bucketed"))
 def test_random_batches_change_members_from_epoch_to_epoch_and_seed_to_seed(demo, batching):
-    lengths = demo["train"].lengths
+    lengths = demo["train"]
     pads = choose_pad_lengths([lengths], 8, 4, 8, batching, pool_batches=4)
     plan = lambda seed, epoch: epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching, pool_batches=4)
     sorted_pads = choose_pad_lengths([lengths], 8, 4, 8)
@@ -133,12 +153,11 @@ def test_aligned_steps_give_every_seed_one_shape_that_holds_each():
         assert aligned[0][i].length in pads
     assert [[b.conversations.tolist() for b in p] for p in aligned] == [[b.conversations.tolist() for b in p]
                                                                          for p in plans]
+    with pytest.raises(ValueError, match="different numbers of batches"):
+        align_steps([plans[0], plans[1][:-1]])
 
 
 def test_bucketed_padding_on_iemocap_shaped_lengths_is_at_least_0_78():
-    import sys
-    from pathlib import Path
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import PAPER, conversation_lengths
 
@@ -148,34 +167,6 @@ def test_bucketed_padding_on_iemocap_shaped_lengths_is_at_least_0_78():
              for s in range(3) for e in range(30)]
     assert len(pads) <= 4
     assert np.mean([padding_efficiency(lengths, p) for p in plans]) >= 0.78
-
-
-def test_make_batch_places_each_conversation_in_order_and_zeroes_padding(demo):
-    test = demo["test"]
-    plan = epoch_plan(test.lengths, bucket_lengths(test.lengths, 2, 8), 8, seed=None, epoch=0)
-    rows = batch_rows(test, plan[0])
-    batch = make_batch(test, rows)
-    for i, c in enumerate(plan[0].conversations):
-        n = test.lengths[c] if c >= 0 else 0
-        span = slice(test.starts[c], test.starts[c] + n) if c >= 0 else slice(0, 0)
-        np.testing.assert_array_equal(batch.text[i, :n], test.features["text"][span])
-        np.testing.assert_array_equal(batch.labels[i, :n], test.labels[span])
-        assert batch.mask[i, :n].all() and not batch.mask[i, n:].any()
-        assert (batch.labels[i, n:] == -1).all() and (batch.speech[i, n:] == 0).all()
-    assert batch.speech.shape == (8, plan[0].length, test.features["speech"].shape[1])
-
-
-def test_carve_validation_splits_whole_conversations_with_a_fixed_seed(demo):
-    train = demo["train"]
-    rest, val = carve_validation(train, 0.2, seed=0)
-    again, val_again = carve_validation(train, 0.2, seed=0)
-    np.testing.assert_array_equal(val.utterance_ids, val_again.utterance_ids)
-    assert val.num_conversations == round(0.2 * train.num_conversations)
-    assert set(val.conversation_ids).isdisjoint(rest.conversation_ids)
-    assert sorted(np.concatenate([rest.utterance_ids, val.utterance_ids])) == sorted(train.utterance_ids)
-    for part in (rest, val):
-        for s, n in zip(part.starts, part.lengths):
-            assert len(set(part.conversation_ids[s:s + n])) == 1
 
 
 @pytest.mark.parametrize("batching", ("random", "bucketed"))
@@ -192,36 +183,45 @@ def test_drawn_batches_use_at_most_num_buckets_pad_lengths_and_every_conversatio
     assert len(pads) <= 3 and used <= set(pads)
 
 
-def test_the_trainer_steps_bucketed_batches_of_every_pad_length_vmapped_and_interleaved(tmp_path):
-    """Seed 0's first epoch leaves a pad length out here, which must be compiled all the same; vmapped
-    seeds pad each step to the longest of theirs, interleaved ones keep their own, for the same losses
-    (without dropout: its masks are drawn for the padded shape)."""
-    import json
-    import os
-    from pathlib import Path
+def test_an_example_batch_holds_the_shortest_conversation_at_the_asked_length():
+    lengths = np.array([7, 3, 9, 5])
+    batch = example_batch(lengths, 8, batch_size=4)
+    assert batch.length == 8 and batch.conversations.tolist() == [1, -1, -1, -1]
+    with pytest.raises(ValueError, match="no conversation fits the pad length 2"):
+        example_batch(lengths, 2, batch_size=4)
 
-    from bridges.demo import DemoConfig
-    from mister_jax import train as train_cli
 
-    config = DemoConfig(conversations=(("train", 12), ("val", 4), ("test", 4)), min_length=3, max_length=12,
-                        text_dim=6, speech_dim=5)
-    lengths = load_split(FeatureStore.open(build_demo_store(tmp_path / "features", config=config)), "train",
-                         ("text",)).lengths
-    pads = choose_pad_lengths([lengths], 4, 3, 2, "bucketed", pool_batches=2)
-    assert {p.length for p in epoch_plan(lengths, pads, 4, seed=0, epoch=0, batching="bucketed",
-                                         pool_batches=2)} < set(pads)
-    cache = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
-    settings = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1",
-                "fusion_layers=1", "batch_size=4", "learning_rate=0.01", "num_buckets=3", "batching=bucketed",
-                "pool_batches=2", "can_dropout=0", "fusion_dropout=0", "attention_dropout=0"]
-    losses = {}
-    for mode in ("vmap", "sequential"):
-        out = tmp_path / mode
-        args = ["--dataset", "demo", "--features", str(tmp_path / "features"), "--out", str(out), "--epochs", "2",
-                "--seeds", "2", "--quiet", "--jax-cache", cache, "--seed-mode", mode]
-        assert train_cli.main(args + [a for s in settings for a in ("--set", s)]) == 0
-        results = json.loads((out / "results.json").read_text())
-        assert [t for _, t in results["train_shapes"]] == list(pads)
-        losses[mode] = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(losses["vmap"], losses["sequential"], rtol=1e-4)
-    assert losses["vmap"][0][0] != losses["vmap"][0][1]
+def test_padding_efficiency_counts_real_utterances_over_padded_slots():
+    lengths = np.array([3, 5, 2])
+    plan = [PlannedBatch(6, np.array([1, 0])), PlannedBatch(4, np.array([2, -1]))]
+    assert padding_efficiency(lengths, plan) == pytest.approx((5 + 3 + 2) / (2 * 6 + 2 * 4))
+    assert padding_efficiency(lengths, []) == 1.0
+
+
+def _listed(plan):
+    return [(p.length, p.conversations.tolist()) for p in plan]
+
+
+@pytest.mark.parametrize("batching", BATCHING)
+def test_the_planner_pads_training_and_evaluation_each_on_their_own_splits(batching):
+    rng = np.random.default_rng(5)
+    train, val, test = rng.integers(2, 40, size=30), rng.integers(2, 60, size=9), rng.integers(2, 50, size=9)
+    cfg = TrainConfig(batch_size=4, num_buckets=3, bucket_multiple=2, batching=batching, pool_batches=2)
+    planner = BatchPlanner.create(cfg, train, [val, test])
+    assert planner.train_pads == choose_pad_lengths([train], 4, 3, 2, batching, pool_batches=2)
+    assert planner.eval_pads == choose_pad_lengths([val, test], 4, 3, 2, "sorted")
+    seeds = [0, 1, 2]
+    plans = planner.train_epoch(train, seeds, 4, aligned=False)
+    for s, plan in zip(seeds, plans):
+        assert _listed(plan) == _listed(epoch_plan(train, planner.train_pads, 4, seed=s, epoch=4, batching=batching,
+                                                   pool_batches=2))
+    aligned = planner.train_epoch(train, seeds, 4, aligned=True)
+    assert [_listed(p) for p in aligned] == [_listed(p) for p in align_steps(plans)]
+    evaluation = planner.evaluation(val)
+    assert _listed(evaluation) == _listed(epoch_plan(val, planner.eval_pads, 4, seed=None, epoch=0))
+    assert sorted(c for p in evaluation for c in p.conversations if c >= 0) == list(range(len(val)))
+    shapes = planner.train_shapes(plans[0])
+    # Drawn batchings compile every pad length, as a later epoch may need any; fixed ones what they use.
+    assert shapes == (sorted(planner.train_pads) if batching in ("random", "bucketed")
+                      else sorted({p.length for p in plans[0]}))
+    assert planner.example(train, shapes[-1]).length == shapes[-1]
