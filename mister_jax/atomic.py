@@ -7,8 +7,10 @@ cached programs all go through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,3 +45,18 @@ def write_json(path: Path, obj: Any, durable: bool = True) -> None:
     """`write_bytes` of ``obj`` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2) + "\n", durable)
 
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Lets checkpoint writes finish before a Ctrl-C takes effect (then raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt

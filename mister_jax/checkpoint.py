@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import shutil
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -38,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from mister_jax import atomic
+from mister_jax.atomic import interrupts_deferred
 from mister_jax.runtime import direct_io
 
 
@@ -45,28 +45,14 @@ class CheckpointError(Exception):
     """A checkpoint directory that cannot be read or written."""
 
 
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Lets checkpoint writes finish before a Ctrl-C takes effect (then raises KeyboardInterrupt)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
-
-
 def _reason(err: Exception) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return f"checkpoint is unreadable ({type(err).__name__}: {first})"
 
 
-def _unreadable(path: Path, err: Exception, fix: str = "delete that directory or rerun with --restart") -> CheckpointError:
+def _unreadable(
+    path: Path, err: Exception, fix: str = "delete that directory or rerun with --restart"
+) -> CheckpointError:
     return CheckpointError(f"{path}: {_reason(err)} — {fix}")
 
 
@@ -80,9 +66,11 @@ def _manager(path: Path, keep: int) -> ocp.CheckpointManager:
 
 def _unwritable(path: Path, err: Exception) -> CheckpointError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return CheckpointError(f"{path}: writing a checkpoint failed ({type(err).__name__}: {first}) — free disk "
-                           f"space or fix the directory's permissions, then rerun the same command to resume "
-                           f"from the last complete checkpoint")
+    return CheckpointError(
+        f"{path}: writing a checkpoint failed ({type(err).__name__}: {first}) — free disk "
+        f"space or fix the directory's permissions, then rerun the same command to resume "
+        f"from the last complete checkpoint"
+    )
 
 
 @contextlib.contextmanager
@@ -166,8 +154,9 @@ class RunCheckpoints:
         not modify them before `wait` returns. Each step is committed atomically (``close`` waits for
         the last one)."""
         self.wait()
-        self._writer = threading.Thread(target=self._write_state, args=(epoch, dict(mirrors), meta),
-                                        name="checkpoint-writer")
+        self._writer = threading.Thread(
+            target=self._write_state, args=(epoch, dict(mirrors), meta), name="checkpoint-writer"
+        )
         self._writer.start()
 
     def _write_state(self, epoch: int, mirrors: dict, meta: dict) -> None:
@@ -179,14 +168,15 @@ class RunCheckpoints:
             for name, mirror in mirrors.items():
                 digests[f"{name}.bin"] = _sha256(mirror.buffer)
                 direct_io.write_buffer(partial / f"{name}.bin", mirror.buffer)
-            digests["index.json"] = _write_json(partial / "index.json",
-                                                {name: mirror.layout for name, mirror in mirrors.items()})
+            digests["index.json"] = _write_json(
+                partial / "index.json", {name: mirror.layout for name, mirror in mirrors.items()}
+            )
             digests["meta.json"] = _write_json(partial / "meta.json", meta)
             _write_json(partial / "digests.json", digests)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             direct_io.sync_directory(self._state_dir)
-            for old in self._committed()[:-self._keep]:
+            for old in self._committed()[: -self._keep]:
                 shutil.rmtree(self._state_dir / str(old), ignore_errors=True)
         except Exception as err:  # reported by the next `wait`
             self._write_error = err
@@ -207,12 +197,15 @@ class RunCheckpoints:
                 failures.append((path, err))
                 older = [e for e in steps if e < epoch]
                 if older:
-                    self._log(f"{path}: {_reason(err)}; resuming from the previous checkpoint "
-                              f"(epoch {older[-1]}) instead")
+                    self._log(
+                        f"{path}: {_reason(err)}; resuming from the previous checkpoint (epoch {older[-1]}) instead"
+                    )
         if len(failures) == 1:
             raise _unreadable(*failures[0])
-        raise CheckpointError(f"{self._state_dir}: no intact checkpoint (epochs {', '.join(map(str, steps))}; "
-                              f"newest: {_reason(failures[0][1])}) — rerun with --restart to train from scratch")
+        raise CheckpointError(
+            f"{self._state_dir}: no intact checkpoint (epochs {', '.join(map(str, steps))}; "
+            f"newest: {_reason(failures[0][1])}) — rerun with --restart to train from scratch"
+        )
 
     def _read_step(self, path: Path, mirrors: dict) -> dict:
         digests = json.loads((path / "digests.json").read_text(encoding="utf-8"))
@@ -245,8 +238,11 @@ class RunCheckpoints:
         if epoch in manager.all_steps() and self._recorded_digest(seed, epoch) == digest:
             return
         with interrupts_deferred(), _writing(self.root / "best" / f"seed_{seed}"):
-            manager.save(epoch, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(serialization.to_state_dict(params))), force=True)
+            manager.save(
+                epoch,
+                args=ocp.args.Composite(params=ocp.args.StandardSave(serialization.to_state_dict(params))),
+                force=True,
+            )
             manager.wait_until_finished()
             atomic.write_json(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
 
@@ -265,18 +261,24 @@ class RunCheckpoints:
         if epoch is None:
             raise CheckpointError(f"{path}: no best parameters saved — train the run to the end first")
         try:
-            restored = manager.restore(epoch, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(target))))
+            restored = manager.restore(
+                epoch, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(target)))
+            )
             params = serialization.from_state_dict(target, restored["params"])
         except Exception as err:
-            raise _unreadable(path / str(epoch), err, f"delete {path} and rerun the training command, which "
-                              "exports them again from its training checkpoint") from None
+            raise _unreadable(
+                path / str(epoch),
+                err,
+                f"delete {path} and rerun the training command, which exports them again from its training checkpoint",
+            ) from None
         recorded = self._recorded_digest(seed, epoch)
         if recorded != params_digest(params):
             problem = "have no digest" if recorded is None else "fail their SHA-256 digest"
-            raise CheckpointError(f"{path / str(epoch)}: the best parameters of seed {seed} {problem} — delete "
-                                  f"{path} and rerun the training command, which exports them again from its "
-                                  f"training checkpoint")
+            raise CheckpointError(
+                f"{path / str(epoch)}: the best parameters of seed {seed} {problem} — delete "
+                f"{path} and rerun the training command, which exports them again from its "
+                f"training checkpoint"
+            )
         return epoch, params
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""IEMOCAP leave-one-session-out (LOSO): five folds, each a normal run, and their aggregate.
+"""IEMOCAP leave-one-session-out (LOSO) folds: which sessions each fold tests, validates and trains on,
+their splits, and the refusal of features whose encoder saw a fold's test session.
 
     python -m mister_jax.train --dataset iemocap --protocol loso [--features ROOT] [--out DIR]
 
@@ -14,40 +15,35 @@ writes fold K's store to ``ROOT/iemocap-foldK`` (encoder fine-tuned on its train
 its val session, every utterance exported); `open_fold_stores` takes that store for fold K and
 ``ROOT/iemocap`` for a fold without one.
 
-`train_loso` trains fold k into ``DIR/fold_<k>`` (`train_and_evaluate`, resumable; a complete fold is
-skipped), then writes ``DIR/results.json`` and ``DIR/report.md``.
+`mister_jax.loso.train_loso` runs the folds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from bridges import FeatureStore
-from mister_jax import atomic
-from mister_jax.config import Config
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import (
     SplitData,
-    fit_to_store,
     load_split,
     open_store_at,
-    required_modalities,
     select_conversations,
 )
-from mister_jax.metrics import mean_std
-from mister_jax.train import train_and_evaluate
 
-FOLD_RULE = ("fold k tests on session k, validates on the next session (cyclic: the last fold validates on "
-             "the first session) and trains on the others")
-SPEAKERS = ("IEMOCAP's sessions have disjoint speakers (one pair of actors each), so testing on a held-out "
-            "session is speaker-independent")
+FOLD_RULE = (
+    "fold k tests on session k, validates on the next session (cyclic: the last fold validates on "
+    "the first session) and trains on the others"
+)
+SPEAKERS = (
+    "IEMOCAP's sessions have disjoint speakers (one pair of actors each), so testing on a held-out "
+    "session is speaker-independent"
+)
 _SESSION = re.compile(r"^(Ses\d{2})")
 
 
@@ -93,8 +89,9 @@ def store_sessions(store: FeatureStore) -> list[str]:
         try:
             sessions |= {session_of(u) for u in np.unique(store.split(name).utterance_ids)}
         except ValueError as err:
-            raise UsageError(f"{store.directory / name / 'index.npz'}: {err} — leave-one-session-out needs "
-                             f"IEMOCAP's utterance ids") from None
+            raise UsageError(
+                f"{store.directory / name / 'index.npz'}: {err} — leave-one-session-out needs IEMOCAP's utterance ids"
+            ) from None
     return sorted(sessions)
 
 
@@ -105,13 +102,20 @@ def pool_splits(store: FeatureStore, modalities: Sequence[str]) -> SplitData:
     ids = np.concatenate([p.utterance_ids for p in parts])
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise UsageError(f"{_manifest(store)}: utterance {str(unique[counts > 1][0])!r} appears in more than one "
-                         f"split — each utterance must be in exactly one split; re-extract the store")
+        raise UsageError(
+            f"{_manifest(store)}: utterance {str(unique[counts > 1][0])!r} appears in more than one "
+            f"split — each utterance must be in exactly one split; re-extract the store"
+        )
     lengths = np.concatenate([p.lengths for p in parts])
-    return SplitData(name="all", features={m: np.concatenate([p.features[m] for p in parts]) for m in modalities},
-                     labels=np.concatenate([p.labels for p in parts]), utterance_ids=ids,
-                     conversation_ids=np.concatenate([p.conversation_ids for p in parts]),
-                     starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths=lengths)
+    return SplitData(
+        name="all",
+        features={m: np.concatenate([p.features[m] for p in parts]) for m in modalities},
+        labels=np.concatenate([p.labels for p in parts]),
+        utterance_ids=ids,
+        conversation_ids=np.concatenate([p.conversation_ids for p in parts]),
+        starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+        lengths=lengths,
+    )
 
 
 def fold_splits(store: FeatureStore, fold: Fold, modalities: Sequence[str]) -> tuple[SplitData, SplitData, SplitData]:
@@ -120,17 +124,21 @@ def fold_splits(store: FeatureStore, fold: Fold, modalities: Sequence[str]) -> t
     data = pool_splits(store, modalities)
     session = np.empty(data.num_conversations, dtype=object)
     for c, (start, n) in enumerate(zip(data.starts, data.lengths)):
-        found = {session_of(u) for u in data.utterance_ids[start:start + n]}
+        found = {session_of(u) for u in data.utterance_ids[start : start + n]}
         if len(found) != 1:
-            raise UsageError(f"{_manifest(store)}: conversation {data.conversation_ids[start]!r} holds utterances "
-                             f"of sessions {sorted(found)} — a conversation must lie in one session")
+            raise UsageError(
+                f"{_manifest(store)}: conversation {data.conversation_ids[start]!r} holds utterances "
+                f"of sessions {sorted(found)} — a conversation must lie in one session"
+            )
         session[c] = found.pop()
     parts = []
     for name, sessions in (("train", fold.train), ("val", (fold.val,)), ("test", (fold.test,))):
         part = select_conversations(data, np.flatnonzero(np.isin(session, sessions)), name)
         if not (part.labels >= 0).any():
-            raise UsageError(f"{_manifest(store)}: {fold.describe()}; its {name} part ({', '.join(sessions)}) has "
-                             f"no labelled utterance in this store — extract every session (no --max-utterances)")
+            raise UsageError(
+                f"{_manifest(store)}: {fold.describe()}; its {name} part ({', '.join(sessions)}) has "
+                f"no labelled utterance in this store — extract every session (no --max-utterances)"
+            )
         parts.append(part)
     return tuple(parts)
 
@@ -140,17 +148,29 @@ def fold_problem(store: FeatureStore, fold: Fold, modalities: Sequence[str] | No
     fine-tuned or selected on the fold's test session, or one whose sessions the manifest does not record."""
     modalities = list(store.modalities) if modalities is None else list(modalities)
     out = store.directory.parent
-    fix = (f"extract fold {fold.index}'s features with `python -m encoders_torch.extract --dataset iemocap --fold "
-           f"{fold.index} --modality MODALITY ... --out {out}` (writes {out}/iemocap-fold{fold.index})")
+    fix = (
+        f"extract fold {fold.index}'s features with `python -m encoders_torch.extract --dataset iemocap --fold "
+        f"{fold.index} --modality MODALITY ... --out {out}` (writes {out}/iemocap-fold{fold.index})"
+    )
     if unknown := [m for m in modalities if m not in store.encoders]:
-        return (f"{_manifest(store)}: records no encoder sessions for {', '.join(unknown)} (manifest field "
-                f"'encoders'), so {fold.describe()} cannot be shown not to leak its test session — {fix}, or "
-                f"record the sessions with bridges.write_modality(..., encoder_sessions=...)")
-    seen = {m: [word for key, word in (("trained_on", "fine-tuned"), ("selected_on", "selected"))
-                if fold.test in store.encoders[m][key]] for m in modalities}
+        return (
+            f"{_manifest(store)}: records no encoder sessions for {', '.join(unknown)} (manifest field "
+            f"'encoders'), so {fold.describe()} cannot be shown not to leak its test session — {fix}, or "
+            f"record the sessions with bridges.write_modality(..., encoder_sessions=...)"
+        )
+    seen = {
+        m: [
+            word
+            for key, word in (("trained_on", "fine-tuned"), ("selected_on", "selected"))
+            if fold.test in store.encoders[m][key]
+        ]
+        for m in modalities
+    }
     if leaks := [f"{m} was {' and '.join(seen[m])} on {fold.test}" for m in modalities if seen[m]]:
-        return (f"{_manifest(store)}: {fold.describe()} would leak its test session: the encoder of "
-                f"{'; '.join(leaks)} — {fix}")
+        return (
+            f"{_manifest(store)}: {fold.describe()} would leak its test session: the encoder of "
+            f"{'; '.join(leaks)} — {fix}"
+        )
     return None
 
 
@@ -166,134 +186,33 @@ def open_fold_stores(root, dataset: str) -> dict[int, FeatureStore]:
     from the sessions of the stores, which must all hold the same ones."""
     root = Path(root)
     base = root / dataset
-    found = {int(p.name.rpartition("-fold")[2]): p for p in root.glob(f"{dataset}-fold[0-9]*")
-             if p.name.rpartition("-fold")[2].isdigit() and (p / "manifest.json").exists()}
+    found = {
+        int(p.name.rpartition("-fold")[2]): p
+        for p in root.glob(f"{dataset}-fold[0-9]*")
+        if p.name.rpartition("-fold")[2].isdigit() and (p / "manifest.json").exists()
+    }
     if not found and not (base / "manifest.json").exists():
-        raise UsageError(f"{base}: no feature store, and no {root}/{dataset}-foldK — extract each fold with "
-                         f"`python -m encoders_torch.extract --dataset {dataset} --fold K --out {root} ...`")
+        raise UsageError(
+            f"{base}: no feature store, and no {root}/{dataset}-foldK — extract each fold with "
+            f"`python -m encoders_torch.extract --dataset {dataset} --fold K --out {root} ...`"
+        )
     paths = {*found.values(), *([base] if (base / "manifest.json").exists() else [])}
     opened = {path: open_store_at(path) for path in paths}
     sessions = {path: store_sessions(store) for path, store in opened.items()}
     reference = sessions[min(sessions, key=str)]
     for path, s in sessions.items():
         if s != reference:
-            raise UsageError(f"{path / 'manifest.json'}: holds sessions {s}, but {min(sessions, key=str)} holds "
-                             f"{reference} — every fold's store must export all sessions")
+            raise UsageError(
+                f"{path / 'manifest.json'}: holds sessions {s}, but {min(sessions, key=str)} holds "
+                f"{reference} — every fold's store must export all sessions"
+            )
     stores = {}
     for fold in loso_folds(reference):
         path = found.get(fold.index, base)
         if path not in opened:
-            raise UsageError(f"{path}: no feature store for {fold.describe()} — extract it with `python -m "
-                             f"encoders_torch.extract --dataset {dataset} --fold {fold.index} --out {root} ...`")
+            raise UsageError(
+                f"{path}: no feature store for {fold.describe()} — extract it with `python -m "
+                f"encoders_torch.extract --dataset {dataset} --fold {fold.index} --out {root} ...`"
+            )
         stores[fold.index] = opened[path]
     return stores
-
-
-def _complete(run: Path, config: Config, store: FeatureStore) -> dict | None:
-    """A fold's ``results.json`` when it was written for this configuration and store, else None."""
-    try:
-        results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-        stored = json.loads((run / "run_config.json").read_text(encoding="utf-8"))["store"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        return None
-    config = fit_to_store(config, store)
-    want = {"model": dataclasses.asdict(config.model), "loss": dataclasses.asdict(config.loss),
-            "train": dataclasses.asdict(config.train)}
-    return results if results.get("config") == want and stored == str(store.directory.resolve()) else None
-
-
-def train_loso(config: Config, store, workdir, *, log=None, restart: bool = False, **train_and_evaluate_kwargs) -> dict:
-    """Trains every fold into ``workdir/fold_<k>`` and writes the aggregate ``results.json`` and ``report.md``;
-    returns the aggregate.
-
-    Args:
-      config: the run's `Config`, the same for every fold.
-      store: one store (a `bridges.FeatureStore` or its path) for every fold, or a mapping fold number →
-        store (`open_fold_stores`).
-      workdir: the run directory.
-      restart: retrain every fold from scratch.
-      train_and_evaluate_kwargs: passed on to `mister_jax.train.train_and_evaluate`.
-    Raises:
-      UsageError: a fold that would leak its test session (one line per fold, before any training), or
-        bad input.
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    as_store = lambda s: open_store_at(Path(s)) if isinstance(s, (str, Path)) else s  # noqa: E731
-    given = {int(k): as_store(s) for k, s in store.items()} if isinstance(store, Mapping) else as_store(store)
-    folds = loso_folds(store_sessions(next(iter(given.values())) if isinstance(given, dict) else given))
-    stores = given if isinstance(given, dict) else {f.index: given for f in folds}
-    if missing := [f.describe() for f in folds if f.index not in stores]:
-        raise UsageError(f"no store given for {'; '.join(missing)} — pass one store per fold")
-    modalities = required_modalities(config.model.variant)
-    problems = [p for f in folds if (p := fold_problem(stores[f.index], f, modalities))]
-    if problems:
-        raise UsageError("\n".join(problems))
-    workdir = Path(workdir)
-    rows = []
-    for fold in folds:
-        run, fold_store = workdir / f"fold_{fold.index}", stores[fold.index]
-        train, val, test = fold_splits(fold_store, fold, modalities)
-        results = None if restart else _complete(run, config, fold_store)
-        log(f"{fold.describe()} ({train.num_utterances} / {val.num_utterances} / {test.num_utterances} utterances)"
-            + (f": complete in {run}, skipped" if results else f": training into {run}"))
-        if results is None:
-            results = train_and_evaluate(config, fold_store, run, restart=restart, log=log, splits=(train, val, test),
-                                         **train_and_evaluate_kwargs)
-        rows.append({"fold": fold.index, "test_session": fold.test, "val_session": fold.val,
-                     "train_sessions": list(fold.train), "store": str(fold_store.directory),
-                     "encoders": {m: fold_store.encoders[m] for m in modalities}, "run": f"fold_{fold.index}",
-                     "utterances": {part.name: part.num_utterances for part in (train, val, test)},
-                     "test": _scores(results["test"]), "val": _scores(results["val"]),
-                     "best_epoch": results["best_epoch"]})
-    summary = loso_results(rows, results)
-    atomic.write_json(workdir / "results.json", summary)
-    atomic.write_text(workdir / "report.md", loso_report(summary))
-    return summary
-
-
-def _scores(split: dict) -> dict:  # weighted F1 of the MoE and of each expert
-    return {"weighted_f1": split["weighted_f1"], "experts": {e: v["weighted_f1"] for e, v in split["experts"].items()}}
-
-
-def loso_results(rows: list[dict], last: dict) -> dict:
-    """The aggregate: per fold, and weighted F1 (MoE and per expert) as mean ± std over folds × seeds."""
-
-    def pooled(split: str, key) -> dict:  # fold-major: fold 1's seeds, then fold 2's, ...
-        stats = mean_std([x for r in rows for x in key(r[split])["per_seed"]])
-        return {"mean": stats["mean"], "std": stats["std"], "per_fold_seed": stats["per_seed"]}
-
-    def overall(split: str) -> dict:
-        return {"weighted_f1": pooled(split, lambda s: s["weighted_f1"]),
-                "experts": {e: pooled(split, lambda s, e=e: s["experts"][e]) for e in rows[0][split]["experts"]},
-                "fold_means": [r[split]["weighted_f1"]["mean"] for r in rows]}
-
-    return {"protocol": "loso", "dataset": last["dataset"], "variant": last["variant"], "seeds": last["seeds"],
-            "epochs": last["epochs"], "label_names": last["label_names"], "fold_rule": FOLD_RULE,
-            "speaker_independent": True, "speaker_note": SPEAKERS, "folds": rows,
-            "test": overall("test"), "val": overall("val"), "config": last["config"]}
-
-
-def loso_report(summary: dict) -> str:
-    """``report.md``: one row per fold, the overall row, the fold rule and the speaker independence."""
-    pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
-    experts = list(summary["test"]["experts"])
-    lines = [f"# Leave-one-session-out: {summary['dataset']}, {summary['variant']}", "",
-             f"{len(summary['folds'])} folds × {len(summary['seeds'])} seed(s), {summary['epochs']} epoch(s). "
-             f"Weighted F1 in % (mean ± std over seeds; overall: over folds × seeds).", "",
-             f"Folds: {summary['fold_rule']}. {SPEAKERS}.", "",
-             "Encoder: the sessions the features' encoders were fine-tuned / selected on (all modalities).", "",
-             "| fold | test | val | train | encoder | utterances (train / val / test) | val | test | "
-             + " | ".join(f"test {e}" for e in experts) + " |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(experts)]
-    for r in summary["folds"]:
-        sizes = " / ".join(str(r["utterances"][k]) for k in ("train", "val", "test"))
-        saw = [", ".join(sorted({s for e in r["encoders"].values() for s in e[k]})) or "—"
-               for k in ("trained_on", "selected_on")]
-        lines.append(f"| [{r['fold']}]({r['run']}/report.md) | {r['test_session']} | {r['val_session']} | "
-                     f"{', '.join(r['train_sessions'])} | {' / '.join(saw)} | {sizes} | "
-                     f"{pct(r['val']['weighted_f1'])} | {pct(r['test']['weighted_f1'])} | "
-                     + " | ".join(pct(r["test"]["experts"][e]) for e in experts) + " |")
-    t, v = summary["test"], summary["val"]
-    lines.append(f"| **all** | | | | | | {pct(v['weighted_f1'])} | **{pct(t['weighted_f1'])}** | "
-                 + " | ".join(pct(t["experts"][e]) for e in experts) + " |")
-    return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import jax
 
-from mister_jax import folds
+from mister_jax import folds, loso
 from mister_jax.config import VARIANTS, Config
 from mister_jax.configs import STYLES, get_config
 from mister_jax.configs.overrides import OverrideError, apply_overrides
@@ -53,35 +53,68 @@ def training_parser(prog: str = "python -m mister_jax.train", description: str =
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--seeds", type=int, help="number of seeds 0..K-1 (default 3)")
     parser.add_argument("--variant", help="mister-e, feat-moe, no-loss-moe, monolithic or text-only")
-    parser.add_argument("--preset", choices=STYLES, default="paper",
-                        help="paper (default): the paper's model and losses; authors-code: what the authors' "
-                             "public code trains (3 heads, MLP gate at temperature 2, batch-pooled contrastive "
-                             "loss, symmetric KL, no CAN dropout, fully random batches), selected on validation")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0")
-    parser.add_argument("--seed-mode", choices=SEED_MODES, default="auto",
-                        help="train seeds in one vmapped step or in separate steps, in turn (auto: vmap on GPU/TPU)")
-    parser.add_argument("--no-val", choices=("carve", "refuse"), default="carve",
-                        help="when the store has no val split: carve one from train (fixed seed) or stop")
-    parser.add_argument("--checkpoint-every", type=int, help="save the training state every N epochs (default: by time)")
-    parser.add_argument("--checkpoint-minutes", type=float,
-                        help="save it once M minutes have passed since the last save (default 10; 0: off)")
-    parser.add_argument("--on-nonfinite", choices=("stop", "skip-step"),
-                        help="a step whose loss or gradient is NaN/inf: stop the run (default, exit 2, the last "
-                             "good checkpoint kept) or skip the step and count it")
+    parser.add_argument(
+        "--preset",
+        choices=STYLES,
+        default="paper",
+        help="paper (default): the paper's model and losses; authors-code: what the authors' "
+        "public code trains (3 heads, MLP gate at temperature 2, batch-pooled contrastive "
+        "loss, symmetric KL, no CAN dropout, fully random batches), selected on validation",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any ModelConfig / LossConfig / TrainConfig field, e.g. lambda_con=0",
+    )
+    parser.add_argument(
+        "--seed-mode",
+        choices=SEED_MODES,
+        default="auto",
+        help="train seeds in one vmapped step or in separate steps, in turn (auto: vmap on GPU/TPU)",
+    )
+    parser.add_argument(
+        "--no-val",
+        choices=("carve", "refuse"),
+        default="carve",
+        help="when the store has no val split: carve one from train (fixed seed) or stop",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, help="save the training state every N epochs (default: by time)"
+    )
+    parser.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="save it once M minutes have passed since the last save (default 10; 0: off)",
+    )
+    parser.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip-step"),
+        help="a step whose loss or gradient is NaN/inf: stop the run (default, exit 2, the last "
+        "good checkpoint kept) or skip the step and count it",
+    )
     parser.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
-    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
-                        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
+    parser.add_argument(
+        "--jax-cache",
+        default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
+        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = training_parser()
-    parser.add_argument("--protocol", choices=("standard", "loso"), default="standard",
-                        help="standard (default): the store's train / val / test splits; loso: IEMOCAP "
-                             "leave-one-session-out, five folds into OUT/fold_K and their aggregate "
-                             "(mister_jax.folds, docs/LOSO.md)")
+    parser.add_argument(
+        "--protocol",
+        choices=("standard", "loso"),
+        default="standard",
+        help="standard (default): the store's train / val / test splits; loso: IEMOCAP "
+        "leave-one-session-out, five folds into OUT/fold_K and their aggregate "
+        "(mister_jax.folds, docs/LOSO.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,8 +126,13 @@ def config_from_args(args: argparse.Namespace, label_names) -> Config:
         if args.variant not in VARIANTS:
             raise UsageError(f"--variant {args.variant}: unknown variant; choose one of {', '.join(VARIANTS)}")
         overrides.insert(0, f"variant={args.variant}")
-    flags = {"epochs": args.epochs, "seeds": args.seeds, "checkpoint_every": args.checkpoint_every,
-             "checkpoint_minutes": args.checkpoint_minutes, "on_nonfinite": args.on_nonfinite}
+    flags = {
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_minutes": args.checkpoint_minutes,
+        "on_nonfinite": args.on_nonfinite,
+    }
     for name, least in (("epochs", 1), ("seeds", 1), ("checkpoint_every", 0), ("checkpoint_minutes", 0)):
         if flags[name] is not None and flags[name] < least:
             raise UsageError(f"--{name.replace('_', '-')} {flags[name]}: must be >= {least}")
@@ -136,10 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(args.dataset, args.features)
         config = config_from_args(args, store.label_names)
         out = prepare_out(args)
-        results = train_and_evaluate(config, store, out, dataset=args.dataset, seed_mode=args.seed_mode,
-                                     no_val=args.no_val, restart=args.restart,
-                                     cache_dir=enable_compilation_cache(args.jax_cache), progress=not args.quiet,
-                                     log=log)
+        results = train_and_evaluate(
+            config,
+            store,
+            out,
+            dataset=args.dataset,
+            seed_mode=args.seed_mode,
+            no_val=args.no_val,
+            restart=args.restart,
+            cache_dir=enable_compilation_cache(args.jax_cache),
+            progress=not args.quiet,
+            log=log,
+        )
     except UsageError as err:
         for line in str(err).splitlines():
             log(f"error: {line}")
@@ -149,24 +195,36 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['weighted_f1']['mean']:.1f}" for e, v in t["experts"].items())
-    log(f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} ({experts}); "
-        f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    log(
+        f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} ({experts}); "
+        f"wrote {out / 'results.json'} and {out / 'report.md'}"
+    )
     return 0
 
 
 def _loso(args: argparse.Namespace, log) -> int:
-    """``--protocol loso``: every fold of `mister_jax.folds.train_loso` (UsageError is the caller's)."""
+    """``--protocol loso``: every fold of `mister_jax.loso.train_loso` (UsageError is the caller's)."""
     stores = folds.open_fold_stores(args.features, args.dataset)
     config = config_from_args(args, next(iter(stores.values())).label_names)
     out = prepare_out(args)
-    results = folds.train_loso(config, stores, out, dataset=args.dataset, seed_mode=args.seed_mode,
-                               restart=args.restart, cache_dir=enable_compilation_cache(args.jax_cache),
-                               progress=not args.quiet, log=log)
+    results = loso.train_loso(
+        config,
+        stores,
+        out,
+        dataset=args.dataset,
+        seed_mode=args.seed_mode,
+        restart=args.restart,
+        cache_dir=enable_compilation_cache(args.jax_cache),
+        progress=not args.quiet,
+        log=log,
+    )
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['mean']:.1f}" for e, v in t["experts"].items())
-    log(f"leave-one-session-out test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± "
+    log(
+        f"leave-one-session-out test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± "
         f"{100 * t['weighted_f1']['std']:.1f} over {len(results['folds'])} folds × {len(results['seeds'])} seed(s) "
-        f"({experts}); wrote {out / 'results.json'} and {out / 'report.md'}")
+        f"({experts}); wrote {out / 'results.json'} and {out / 'report.md'}"
+    )
     return 0
 
 

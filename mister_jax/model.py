@@ -22,39 +22,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mister_jax.config import ModelConfig
 from mister_jax.layers import Dense, StackedLayerNorm
+from mister_jax.model_io import ModelOutputs, check_input, check_mask
 from mister_jax.ops.attention import StackedMultiHeadAttention
 from mister_jax.ops.dropout import Dropout
 from mister_jax.ops.gru import BidirectionalGRU
 from mister_jax.ops.temporal_conv import ConvWeights, temporal_conv
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class ModelOutputs:
-    """Outputs of `MisterE`; fields a variant does not produce are None.
-
-    Attributes:
-      logits: [B, T, C] final prediction ŷ (the gated mixture for the MoE variants).
-      speech_logits, text_logits, multimodal_logits: [B, T, C] expert predictions ŷ^s, ŷ^t, ŷ^m.
-      gate: [B, T, 3] gate weights (β^s, β^t, β^m).
-      m_speech, m_text: [B, T, Hf] fused representations M^s, M^t of the multimodal network (Eq. 13).
-    """
-
-    logits: Array
-    speech_logits: Array | None = None
-    text_logits: Array | None = None
-    multimodal_logits: Array | None = None
-    gate: Array | None = None
-    m_speech: Array | None = None
-    m_text: Array | None = None
 
 
 def _zero_padding(x: Array, mask: Array) -> Array:
@@ -116,8 +96,12 @@ class ContextAdditionNetworks(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         width = 2 * cfg.can_hidden
-        inception = jnp.stack([TemporalInception(width, cfg.init, dtype, name=f"{name}_inception")(x, mask)
-                               for name, x in zip(self.modalities, inputs)])
+        inception = jnp.stack(
+            [
+                TemporalInception(width, cfg.init, dtype, name=f"{name}_inception")(x, mask)
+                for name, x in zip(self.modalities, inputs)
+            ]
+        )
         context = BidirectionalGRU(cfg.can_hidden, cfg.gru_layers, dtype, name="gru")(inception, mask)
         representations, logits = [], []
         for name, x, h in zip(self.modalities, inputs, context):
@@ -162,9 +146,15 @@ class CrossModalLayer(nn.Module):
         cfg = self.config
 
         def sublayer(name: str, queries: Array, keys: Array) -> Array:
-            attended = StackedMultiHeadAttention(cfg.attention_heads, cfg.attention_dim, cfg.fusion_dim,
-                                                 cfg.attention_dropout, cfg.init, jnp.dtype(cfg.dtype),
-                                                 name=f"{name}_attention")(queries, keys, mask, deterministic)
+            attended = StackedMultiHeadAttention(
+                cfg.attention_heads,
+                cfg.attention_dim,
+                cfg.fusion_dim,
+                cfg.attention_dropout,
+                cfg.init,
+                jnp.dtype(cfg.dtype),
+                name=f"{name}_attention",
+            )(queries, keys, mask, deterministic)
             attended = Dropout(cfg.fusion_dropout)(attended, deterministic=deterministic)
             return StackedLayerNorm(name=f"{name}_norm")(queries + attended)
 
@@ -197,8 +187,9 @@ class MultimodalNetwork(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         dense = lambda features, name: Dense(features, cfg.init, dtype, name=name)
-        x = jnp.stack([dense(cfg.fusion_dim, "speech_projection")(speech),
-                       dense(cfg.fusion_dim, "text_projection")(text)]).astype(jnp.float32)  # [2, B, T, Hf]
+        x = jnp.stack(
+            [dense(cfg.fusion_dim, "speech_projection")(speech), dense(cfg.fusion_dim, "text_projection")(text)]
+        ).astype(jnp.float32)  # [2, B, T, Hf]
         for layer in range(cfg.fusion_layers):
             x = CrossModalLayer(cfg, name=f"layer_{layer}")(x, mask, deterministic)
         m_speech = x[0] + dense(cfg.fusion_dim, "speech_residual")(speech).astype(jnp.float32)
@@ -232,19 +223,7 @@ class MoEGate(nn.Module):
 
 def _mix(beta: Array, experts: tuple[Array, Array, Array]) -> Array:
     """Σ_k β_k x_k for β [B, T, 3] and three [B, T, F] arrays."""
-    return sum(beta[..., k:k + 1] * x.astype(jnp.float32) for k, x in enumerate(experts))
-
-
-def _check_input(name: str, x: Any, dim: int, flag: str, mask_shape: tuple[int, ...]) -> None:
-    if x is None:
-        raise ValueError(
-            f"mister_jax/model.py: {name} features are missing; pass them or use variant='text-only'.")
-    if x.ndim != 3 or tuple(x.shape[:2]) != mask_shape:
-        raise ValueError(f"mister_jax/model.py: {name} has shape {tuple(x.shape)}, expected [B, T, D] with "
-                         f"[B, T] = {list(mask_shape)} (the mask's shape); batch the features like the mask.")
-    if x.shape[-1] != dim:
-        raise ValueError(f"mister_jax/model.py: {name} has dim {x.shape[-1]} but ModelConfig.{flag}={dim}; "
-                         f"set {flag}={x.shape[-1]} (the feature store's dim).")
+    return sum(beta[..., k : k + 1] * x.astype(jnp.float32) for k, x in enumerate(experts))
 
 
 class MisterE(nn.Module):
@@ -270,12 +249,8 @@ class MisterE(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        mask = jnp.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"mister_jax/model.py: mask has shape {tuple(mask.shape)}, expected [B, T]; "
-                             "pass one boolean row per conversation.")
-        mask = mask.astype(bool)
-        _check_input("text", text, cfg.text_dim, "text_dim", tuple(mask.shape))
+        mask = check_mask(mask)
+        check_input("text", text, cfg.text_dim, "text_dim", tuple(mask.shape))
         text = _zero_padding(jnp.asarray(text, jnp.float32), mask)
         f32 = lambda x: x.astype(jnp.float32)
 
@@ -283,21 +258,25 @@ class MisterE(nn.Module):
             _, (text_logits,) = ContextAdditionNetworks(cfg, ("text",), name="can")((text,), mask, deterministic)
             return ModelOutputs(logits=f32(text_logits), text_logits=f32(text_logits))
 
-        _check_input("speech", speech, cfg.speech_dim, "speech_dim", tuple(mask.shape))
+        check_input("speech", speech, cfg.speech_dim, "speech_dim", tuple(mask.shape))
         speech = _zero_padding(jnp.asarray(speech, jnp.float32), mask)
 
         if cfg.variant == "monolithic":
             (rep_s, rep_t), _ = ContextAdditionNetworks(cfg, ("speech", "text"), heads=False, name="can")(
-                (speech, text), mask, deterministic)
+                (speech, text), mask, deterministic
+            )
             m_s, m_t, _, logits = MultimodalNetwork(cfg, name="multimodal")(rep_s, rep_t, mask, deterministic)
             return ModelOutputs(logits=f32(logits), m_speech=f32(m_s), m_text=f32(m_t))
 
         (rep_s, rep_t), (logits_s, logits_t) = ContextAdditionNetworks(cfg, ("speech", "text"), name="can")(
-            (speech, text), mask, deterministic)
+            (speech, text), mask, deterministic
+        )
         m_s, m_t, hidden_m, logits_m = MultimodalNetwork(cfg, name="multimodal")(speech, text, mask, deterministic)
         if cfg.variant == "feat-moe":
-            features = tuple(Dense(cfg.fusion_dim, cfg.init, dtype, name=f"{name}_feature_projection")(x)
-                             for name, x in (("speech", rep_s), ("text", rep_t), ("multimodal", hidden_m)))
+            features = tuple(
+                Dense(cfg.fusion_dim, cfg.init, dtype, name=f"{name}_feature_projection")(x)
+                for name, x in (("speech", rep_s), ("text", rep_t), ("multimodal", hidden_m))
+            )
             beta = MoEGate(cfg, name="gate")(jnp.concatenate(features, axis=-1))
             mixture = _mix(beta, features).astype(dtype)
             logits = Dense(cfg.num_classes, cfg.init, dtype, name="feature_classifier")(mixture)
@@ -305,5 +284,12 @@ class MisterE(nn.Module):
             experts = (logits_s, logits_t, logits_m)
             beta = MoEGate(cfg, name="gate")(jnp.concatenate(experts, axis=-1))
             logits = _mix(beta, experts)
-        return ModelOutputs(logits=f32(logits), speech_logits=f32(logits_s), text_logits=f32(logits_t),
-                            multimodal_logits=f32(logits_m), gate=beta, m_speech=f32(m_s), m_text=f32(m_t))
+        return ModelOutputs(
+            logits=f32(logits),
+            speech_logits=f32(logits_s),
+            text_logits=f32(logits_t),
+            multimodal_logits=f32(logits_m),
+            gate=beta,
+            m_speech=f32(m_s),
+            m_text=f32(m_t),
+        )
