@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PAPER, conversation_lengths  # noqa: E402
+
 from mister_jax.batching import PlannedBatch, align_steps, choose_pad_lengths, epoch_plan  # noqa: E402
 
 MELD_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "meld" / "train_sent_emo.csv"
@@ -68,36 +69,73 @@ def kept(a: set, b: set) -> float:
 
 def row(name: str, lengths: np.ndarray, batch: int, batching: str, pool_batches: int, epochs: int) -> dict:
     pads = choose_pad_lengths([lengths], batch, NUM_BUCKETS, MULTIPLE, batching, pool_batches)
-    plans = [[epoch_plan(lengths, pads, batch, seed=s, epoch=e, batching=batching, pool_batches=pool_batches)
-              for s in range(SEEDS)] for e in range(epochs)]  # [epoch][seed]
+    plans = [
+        [
+            epoch_plan(lengths, pads, batch, seed=s, epoch=e, batching=batching, pool_batches=pool_batches)
+            for s in range(SEEDS)
+        ]
+        for e in range(epochs)
+    ]  # [epoch][seed]
     one = [efficiency(lengths, [p[0]]) for p in plans]
-    own = [efficiency(lengths, [[PlannedBatch(int(lengths[b.conversations[b.conversations >= 0]].max()),
-                                              b.conversations) for b in p[0]]]) for p in plans]
+    own = [
+        efficiency(
+            lengths,
+            [[PlannedBatch(int(lengths[b.conversations[b.conversations >= 0]].max()), b.conversations) for b in p[0]]],
+        )
+        for p in plans
+    ]
     aligned = [align_steps(p) for p in plans]
     unranked = []
     for e, p in enumerate(plans):
-        shuffled = [[plan[i] for i in np.random.default_rng([s, e, 7]).permutation(len(plan))]
-                    for s, plan in enumerate(p)]
+        shuffled = [
+            [plan[i] for i in np.random.default_rng([s, e, 7]).permutation(len(plan))] for s, plan in enumerate(p)
+        ]
         unranked.append(efficiency(lengths, align_steps(shuffled)))
-    used = {b.length for p in plans for plan in p for b in plan} | {b.length for a in aligned for plan in a
-                                                                    for b in plan}
-    return {"name": name, "pads": pads, "shapes": len(used), "eff1": float(np.mean(one)), "eff1_min": min(one),
-            "eff_own": float(np.mean(own)),
-            "eff3": float(np.mean([efficiency(lengths, a) for a in aligned])), "eff3_unranked": float(np.mean(unranked)),
-            "kept_epoch": float(np.mean([kept(pairs(plans[e][0]), pairs(plans[e + 1][0])) for e in range(epochs - 1)])),
-            "kept_seed": float(np.mean([kept(pairs(p[0]), pairs(p[1])) for p in plans]))}
+    used = {b.length for p in plans for plan in p for b in plan} | {
+        b.length for a in aligned for plan in a for b in plan
+    }
+    return {
+        "name": name,
+        "pads": pads,
+        "shapes": len(used),
+        "eff1": float(np.mean(one)),
+        "eff1_min": min(one),
+        "eff_own": float(np.mean(own)),
+        "eff3": float(np.mean([efficiency(lengths, a) for a in aligned])),
+        "eff3_unranked": float(np.mean(unranked)),
+        "kept_epoch": float(np.mean([kept(pairs(plans[e][0]), pairs(plans[e + 1][0])) for e in range(epochs - 1)])),
+        "kept_seed": float(np.mean([kept(pairs(p[0]), pairs(p[1])) for p in plans])),
+    }
 
 
 def own_max_row(lengths: np.ndarray, batch: int, epochs: int) -> dict:
     """Random batches each padded to its own longest conversation (the authors' DataLoader)."""
-    plans = [[[PlannedBatch(int(lengths[b].max()), b) for b in np.array_split(
-        np.random.default_rng([s, e]).permutation(len(lengths)), np.arange(batch, len(lengths), batch))]
-        for s in range(SEEDS)] for e in range(epochs)]
+    plans = [
+        [
+            [
+                PlannedBatch(int(lengths[b].max()), b)
+                for b in np.array_split(
+                    np.random.default_rng([s, e]).permutation(len(lengths)), np.arange(batch, len(lengths), batch)
+                )
+            ]
+            for s in range(SEEDS)
+        ]
+        for e in range(epochs)
+    ]
     shapes = {b.length for p in plans for plan in p for b in plan}
     one = [efficiency(lengths, [p[0]]) for p in plans]
-    return {"name": "random, own max", "pads": (), "shapes": len(shapes), "eff1": float(np.mean(one)),
-            "eff1_min": min(one), "eff_own": float(np.mean(one)), "eff3": float("nan"), "eff3_unranked": float("nan"),
-            "kept_epoch": float("nan"), "kept_seed": float("nan")}
+    return {
+        "name": "random, own max",
+        "pads": (),
+        "shapes": len(shapes),
+        "eff1": float(np.mean(one)),
+        "eff1_min": min(one),
+        "eff_own": float(np.mean(one)),
+        "eff3": float("nan"),
+        "eff3_unranked": float("nan"),
+        "kept_epoch": float("nan"),
+        "kept_seed": float("nan"),
+    }
 
 
 def table(title: str, lengths: np.ndarray, batch: int, pools, epochs: int) -> str:
@@ -105,19 +143,23 @@ def table(title: str, lengths: np.ndarray, batch: int, pools, epochs: int) -> st
     rows += [row(f"bucketed k={k}", lengths, batch, "bucketed", k, epochs) for k in pools]
     rows += [row("random", lengths, batch, "random", 1, epochs), own_max_row(lengths, batch, epochs)]
     m = len(lengths)
-    lines = [f"{title}: {m} conversations, {int(lengths.sum())} utterances, lengths {lengths.min()}-{lengths.max()}, "
-             f"batch {batch} ({-(-m // batch)} batches), {epochs} epochs x {SEEDS} seeds; uniformly random batches "
-             f"keep {(batch - 1) / (m - 1):.3f} of pairs",
-             "",
-             "| batching | pad lengths | shapes | eff 1 seed (min) | eff own max | eff 3 aligned | eff 3 unranked "
-             "| kept epoch | kept seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{title}: {m} conversations, {int(lengths.sum())} utterances, lengths {lengths.min()}-{lengths.max()}, "
+        f"batch {batch} ({-(-m // batch)} batches), {epochs} epochs x {SEEDS} seeds; uniformly random batches "
+        f"keep {(batch - 1) / (m - 1):.3f} of pairs",
+        "",
+        "| batching | pad lengths | shapes | eff 1 seed (min) | eff own max | eff 3 aligned | eff 3 unranked "
+        "| kept epoch | kept seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x: "—" if np.isnan(x) else f"{x:.3f}"
     for r in rows:
-        lines.append(f"| {r['name']} | {', '.join(map(str, r['pads'])) or 'per batch'} | {r['shapes']} | "
-                     f"{r['eff1']:.3f} ({r['eff1_min']:.3f}) | {r['eff_own']:.3f} | {fmt(r['eff3'])} | "
-                     f"{fmt(r['eff3_unranked'])} | "
-                     f"{fmt(r['kept_epoch'])} | {fmt(r['kept_seed'])} |")
+        lines.append(
+            f"| {r['name']} | {', '.join(map(str, r['pads'])) or 'per batch'} | {r['shapes']} | "
+            f"{r['eff1']:.3f} ({r['eff1_min']:.3f}) | {r['eff_own']:.3f} | {fmt(r['eff3'])} | "
+            f"{fmt(r['eff3_unranked'])} | "
+            f"{fmt(r['kept_epoch'])} | {fmt(r['kept_seed'])} |"
+        )
     return "\n".join(lines)
 
 

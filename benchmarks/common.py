@@ -38,13 +38,39 @@ class Dims:
     batch_size: int
 
 
-PAPER = Dims(speech_dim=2048, text_dim=2048, num_classes=6, can_hidden=512, gru_layers=3,
-             fusion_dim=1024, fusion_layers=4, attention_dim=120, attention_heads=4,
-             num_conversations=92, total_utterances=4791, min_length=24, max_length=110, batch_size=8)
+PAPER = Dims(
+    speech_dim=2048,
+    text_dim=2048,
+    num_classes=6,
+    can_hidden=512,
+    gru_layers=3,
+    fusion_dim=1024,
+    fusion_layers=4,
+    attention_dim=120,
+    attention_heads=4,
+    num_conversations=92,
+    total_utterances=4791,
+    min_length=24,
+    max_length=110,
+    batch_size=8,
+)
 
-TINY = Dims(speech_dim=16, text_dim=12, num_classes=6, can_hidden=8, gru_layers=1,
-            fusion_dim=16, fusion_layers=1, attention_dim=8, attention_heads=2,
-            num_conversations=10, total_utterances=55, min_length=3, max_length=8, batch_size=4)
+TINY = Dims(
+    speech_dim=16,
+    text_dim=12,
+    num_classes=6,
+    can_hidden=8,
+    gru_layers=1,
+    fusion_dim=16,
+    fusion_layers=1,
+    attention_dim=8,
+    attention_heads=2,
+    num_conversations=10,
+    total_utterances=55,
+    min_length=3,
+    max_length=8,
+    batch_size=4,
+)
 
 DIMS = {"paper": PAPER, "tiny": TINY}
 
@@ -70,11 +96,11 @@ def conversation_lengths(dims: Dims, seed: int = 0) -> np.ndarray:
 class Corpus:
     """Synthetic utterance embeddings in conversation order (one row per utterance)."""
 
-    speech: np.ndarray      # float32 [N, Ds]
-    text: np.ndarray        # float32 [N, Dt]
-    labels: np.ndarray      # int32 [N]
-    lengths: np.ndarray     # int64 [num_conversations]
-    starts: np.ndarray      # int64 [num_conversations]
+    speech: np.ndarray  # float32 [N, Ds]
+    text: np.ndarray  # float32 [N, Dt]
+    labels: np.ndarray  # int32 [N]
+    lengths: np.ndarray  # int64 [num_conversations]
+    starts: np.ndarray  # int64 [num_conversations]
 
 
 def make_corpus(dims: Dims, seed: int = 0) -> Corpus:
@@ -92,7 +118,7 @@ def make_corpus(dims: Dims, seed: int = 0) -> Corpus:
 def authors_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """The authors' batching: conversations shuffled, cut into batches, each padded to its longest."""
     order = rng.permutation(len(lengths))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def pad_batch(corpus: Corpus, conversations: np.ndarray, width: int | None = None):
@@ -106,9 +132,9 @@ def pad_batch(corpus: Corpus, conversations: np.ndarray, width: int | None = Non
     mask = np.zeros((b, t), bool)
     for row, (c, n) in enumerate(zip(conversations, lens)):
         s = corpus.starts[c]
-        speech[row, :n] = corpus.speech[s:s + n]
-        text[row, :n] = corpus.text[s:s + n]
-        labels[row, :n] = corpus.labels[s:s + n]
+        speech[row, :n] = corpus.speech[s : s + n]
+        text[row, :n] = corpus.text[s : s + n]
+        labels[row, :n] = corpus.labels[s : s + n]
         mask[row, :n] = True
     return speech, text, labels, mask
 
@@ -159,8 +185,12 @@ def cpu_flags() -> list[str]:
 
 def machine_info() -> dict:
     """nproc, CPU model, SIMD flags and library versions, for the results file."""
-    info = {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
-            "python": sys.version.split()[0]}
+    info = {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "python": sys.version.split()[0],
+    }
     for name in ("numpy", "jax", "jaxlib", "flax", "optax", "torch", "transformers"):
         try:
             module = __import__(name)
@@ -180,7 +210,7 @@ def parse_result(stdout: str) -> dict:
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     if not lines:
         raise RuntimeError("benchmark worker printed no RESULT line; its output:\n" + stdout[-2000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def write_result(result: dict, out: str | os.PathLike) -> None:

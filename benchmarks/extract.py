@@ -34,10 +34,12 @@ from common import RESULTS_DIR, machine_info, peak_rss_mib, write_result  # noqa
 
 MELD_CSV = HERE.parent.parent / "shared" / "data" / "meld" / "train_sent_emo.csv"
 SIZES = {  # LLaMA shapes: hidden, layers, heads, kv heads, intermediate
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64),
-    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=1408),
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408
+    ),
 }
 
 
@@ -66,8 +68,9 @@ def build_model_folder(folder: Path, texts: list[str], size: str) -> Path:
     raw.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>"], vocab_size=8000))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, **SIZES[size])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, **SIZES[size]
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -81,7 +84,7 @@ def time_pass(model, utterances, order, batch_size) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            batch = model.encoder.collate([utterances[i] for i in order[start:start + batch_size]])
+            batch = model.encoder.collate([utterances[i] for i in order[start : start + batch_size]])
             model(batch)
             real += int(batch["attention_mask"].sum())
             padded += int(batch["attention_mask"].numel())
@@ -104,31 +107,48 @@ def run(args) -> dict:
         folder = build_model_folder(Path(tmp) / "llama", texts, args.size)
         t0 = time.perf_counter()
         encoder = TextEncoder(folder, max_length=args.max_length)
-        head = ClassifierHead(HeadConfig(input_dim=encoder.hidden_size, num_classes=7, pooling="attentive",
-                                         embedding_dim=args.embedding_dim))
+        head = ClassifierHead(
+            HeadConfig(
+                input_dim=encoder.hidden_size, num_classes=7, pooling="attentive", embedding_dim=args.embedding_dim
+            )
+        )
         model = EmotionModel(encoder, head).eval()
         load_s = time.perf_counter() - t0
     warm = list(range(min(len(utterances), 2 * args.batch_size)))
     time_pass(model, utterances, warm, args.batch_size)
     lengths = [encoder.length(u) for u in utterances]
-    orders = {"sorted": np.argsort(lengths, kind="stable"),
-              "by-chars": np.argsort([len(t) for t in texts], kind="stable"),
-              "shuffled": np.random.default_rng(1).permutation(len(utterances)),
-              "single": np.arange(len(utterances))}
+    orders = {
+        "sorted": np.argsort(lengths, kind="stable"),
+        "by-chars": np.argsort([len(t) for t in texts], kind="stable"),
+        "shuffled": np.random.default_rng(1).permutation(len(utterances)),
+        "single": np.arange(len(utterances)),
+    }
     passes = {}
     for name, order in orders.items():
         seconds, real, padded = time_pass(model, utterances, order, 1 if name == "single" else args.batch_size)
-        passes[name] = {"seconds": seconds, "utterances_per_s": len(utterances) / seconds,
-                        "token_padding_efficiency": real / padded}
-    return {"size": args.size, "model": {k: v for k, v in SIZES[args.size].items()},
-            "params": sum(p.numel() for p in model.parameters()), "utterances": len(utterances),
-            "text_source": source, "batch_size": args.batch_size, "max_length": args.max_length,
-            "threads": torch.get_num_threads(), "load_s": load_s, "passes": passes,
-            "speedup_sorted_over_single": passes["sorted"]["utterances_per_s"] / passes["single"]["utterances_per_s"],
-            "speedup_sorted_over_shuffled": passes["sorted"]["utterances_per_s"] / passes["shuffled"]["utterances_per_s"],
-            "speedup_sorted_over_by_chars": passes["sorted"]["utterances_per_s"] / passes["by-chars"]["utterances_per_s"],
-            "peak_rss_mib": peak_rss_mib(), "machine": machine_info(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        passes[name] = {
+            "seconds": seconds,
+            "utterances_per_s": len(utterances) / seconds,
+            "token_padding_efficiency": real / padded,
+        }
+    return {
+        "size": args.size,
+        "model": {k: v for k, v in SIZES[args.size].items()},
+        "params": sum(p.numel() for p in model.parameters()),
+        "utterances": len(utterances),
+        "text_source": source,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "passes": passes,
+        "speedup_sorted_over_single": passes["sorted"]["utterances_per_s"] / passes["single"]["utterances_per_s"],
+        "speedup_sorted_over_shuffled": passes["sorted"]["utterances_per_s"] / passes["shuffled"]["utterances_per_s"],
+        "speedup_sorted_over_by_chars": passes["sorted"]["utterances_per_s"] / passes["by-chars"]["utterances_per_s"],
+        "peak_rss_mib": peak_rss_mib(),
+        "machine": machine_info(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
 
 
 def parse_args(argv=None):
@@ -149,15 +169,21 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(f"text encoder: LLaMA {args.size} ({result['params']:,} parameters with head and LoRA), "
-          f"{result['utterances']} utterances from {result['text_source']}, batch {args.batch_size}, "
-          f"{result['threads']} threads")
+    print(
+        f"text encoder: LLaMA {args.size} ({result['params']:,} parameters with head and LoRA), "
+        f"{result['utterances']} utterances from {result['text_source']}, batch {args.batch_size}, "
+        f"{result['threads']} threads"
+    )
     for name, p in result["passes"].items():
-        print(f"{name}: {p['utterances_per_s']:.1f} utt/s ({p['seconds']:.2f} s), "
-              f"token padding efficiency {p['token_padding_efficiency']:.3f}")
-    print(f"speedup sorted/single: {result['speedup_sorted_over_single']:.2f}x; "
-          f"sorted/shuffled: {result['speedup_sorted_over_shuffled']:.2f}x; "
-          f"sorted/by-chars: {result['speedup_sorted_over_by_chars']:.2f}x; peak RSS {result['peak_rss_mib']:.0f} MiB")
+        print(
+            f"{name}: {p['utterances_per_s']:.1f} utt/s ({p['seconds']:.2f} s), "
+            f"token padding efficiency {p['token_padding_efficiency']:.3f}"
+        )
+    print(
+        f"speedup sorted/single: {result['speedup_sorted_over_single']:.2f}x; "
+        f"sorted/shuffled: {result['speedup_sorted_over_shuffled']:.2f}x; "
+        f"sorted/by-chars: {result['speedup_sorted_over_by_chars']:.2f}x; peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
     write_result(result, args.out)
     return 0
 

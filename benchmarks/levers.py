@@ -22,10 +22,15 @@ def init_gru(key, streams: int, layers: int, in_dim: int, hidden: int):
     for layer in range(layers):
         d = in_dim if layer == 0 else 2 * hidden
         key, k1, k2 = jax.random.split(key, 3)
-        scale = hidden ** -0.5
-        params.append({"wi": jax.random.uniform(k1, (streams, 2, d, 3 * hidden), minval=-scale, maxval=scale),
-                       "wh": jax.random.uniform(k2, (streams, 2, hidden, 3 * hidden), minval=-scale, maxval=scale),
-                       "bi": jnp.zeros((streams, 2, 3 * hidden)), "bh": jnp.zeros((streams, 2, 3 * hidden))})
+        scale = hidden**-0.5
+        params.append(
+            {
+                "wi": jax.random.uniform(k1, (streams, 2, d, 3 * hidden), minval=-scale, maxval=scale),
+                "wh": jax.random.uniform(k2, (streams, 2, hidden, 3 * hidden), minval=-scale, maxval=scale),
+                "bi": jnp.zeros((streams, 2, 3 * hidden)),
+                "bh": jnp.zeros((streams, 2, 3 * hidden)),
+            }
+        )
     return params
 
 
@@ -101,11 +106,11 @@ def fused(params, xs, mask):
     x = xs
     for p in params:
         hidden = p["wh"].shape[-2]
-        gi = jnp.einsum("sbtd,sedg->setbg", x, p["wi"]) + p["bi"][:, :, None, None]   # [S, 2, T, B, 3H]
+        gi = jnp.einsum("sbtd,sedg->setbg", x, p["wi"]) + p["bi"][:, :, None, None]  # [S, 2, T, B, 3H]
         gi = jnp.stack([gi[:, 0], jnp.flip(gi[:, 1], 1)], 1).reshape(s_count * 2, t, b, -1)
-        gi = jnp.swapaxes(gi, 0, 1)                                                       # [T, 2S, B, 3H]
-        m = jnp.stack([mask.T, jnp.flip(mask.T, 0)], 1)                                  # [T, 2, B]
-        m = jnp.tile(m, (1, s_count, 1))[..., None]                                      # [T, 2S, B, 1]
+        gi = jnp.swapaxes(gi, 0, 1)  # [T, 2S, B, 3H]
+        m = jnp.stack([mask.T, jnp.flip(mask.T, 0)], 1)  # [T, 2, B]
+        m = jnp.tile(m, (1, s_count, 1))[..., None]  # [T, 2S, B, 1]
         wh = p["wh"].reshape(s_count * 2, hidden, -1)
         bh = p["bh"].reshape(s_count * 2, 1, -1)
 
@@ -117,6 +122,6 @@ def fused(params, xs, mask):
 
         _, ys = jax.lax.scan(step, jnp.zeros((s_count * 2, b, hidden), x.dtype), (gi, m))
         ys = ys.reshape(t, s_count, 2, b, hidden)
-        fwd, bwd = ys[:, :, 0], jnp.flip(ys[:, :, 1], 0)                                 # [T, S, B, H]
-        x = jnp.transpose(jnp.concatenate([fwd, bwd], -1), (1, 2, 0, 3))                # [S, B, T, 2H]
+        fwd, bwd = ys[:, :, 0], jnp.flip(ys[:, :, 1], 0)  # [T, S, B, H]
+        x = jnp.transpose(jnp.concatenate([fwd, bwd], -1), (1, 2, 0, 3))  # [S, B, T, 2H]
     return x

@@ -42,8 +42,17 @@ from bridges.demo import DemoConfig, build_demo_store  # noqa: E402
 
 # Weak evidence per utterance (noise 5 against unit-norm-scale class means, 35 % nearly empty
 # utterances), emotions that persist (0.9), and per-modality confusions (bridges.demo).
-HARD = DemoConfig(conversations=(("train", 120), ("val", 30), ("test", 31)), min_length=12, max_length=48,
-                  text_dim=64, speech_dim=64, persistence=0.9, ambiguous=0.35, noise=5.0, seed=11)
+HARD = DemoConfig(
+    conversations=(("train", 120), ("val", 30), ("test", 31)),
+    min_length=12,
+    max_length=48,
+    text_dim=64,
+    speech_dim=64,
+    persistence=0.9,
+    ambiguous=0.35,
+    noise=5.0,
+    seed=11,
+)
 # Reduced widths for the curves (the paper's: H 512, Hf 1024, attention 120, 3 GRU and 4 fusion layers).
 CURVE_DIMS = dict(can_hidden=32, gru_layers=2, fusion_dim=64, fusion_layers=2, attention_dim=24)
 CURVE_LEARNING_RATE = 1e-4
@@ -63,11 +72,32 @@ def build_store(root: Path) -> Path:
 def run_ours(label: str, sets: list[str], features: Path, work: Path, epochs: int, seeds: int) -> dict:
     """Validation MoE weighted F1 [epoch][seed] of one configuration, through the training CLI."""
     out = work / label.replace(", ", "_").replace(" ", "-")
-    args = [sys.executable, "-m", "mister_jax.train", "--dataset", "demo", "--features", str(features),
-            "--out", str(out), "--preset", "authors-code", "--epochs", str(epochs), "--seeds", str(seeds),
-            "--quiet", "--restart"]
-    dims = {**CURVE_DIMS, "speech_dim": HARD.speech_dim, "learning_rate": CURVE_LEARNING_RATE,
-            "batch_size": CURVE_BATCH, "num_buckets": 4}
+    args = [
+        sys.executable,
+        "-m",
+        "mister_jax.train",
+        "--dataset",
+        "demo",
+        "--features",
+        str(features),
+        "--out",
+        str(out),
+        "--preset",
+        "authors-code",
+        "--epochs",
+        str(epochs),
+        "--seeds",
+        str(seeds),
+        "--quiet",
+        "--restart",
+    ]
+    dims = {
+        **CURVE_DIMS,
+        "speech_dim": HARD.speech_dim,
+        "learning_rate": CURVE_LEARNING_RATE,
+        "batch_size": CURVE_BATCH,
+        "num_buckets": 4,
+    }
     for item in [f"{k}={v}" for k, v in dims.items()] + sets:
         args += ["--set", item]
     t0 = time.perf_counter()
@@ -90,13 +120,14 @@ def exactness(steps: int, length: int, batch_size: int, learning_rate: float) ->
     import jax
     import jax.numpy as jnp
     import torch
+    from torch_reference import AttentionMoE, train_step
 
     from mister_jax.config import LossConfig, TrainConfig
     from mister_jax.configs import authors_code
     from mister_jax.import_torch import params_from_state_dict
     from mister_jax.input_pipeline import Batch
-    from mister_jax.steps import TrainState, init_optimizer_state, make_optimizer, train_step as jax_train_step
-    from torch_reference import AttentionMoE, train_step
+    from mister_jax.steps import TrainState, init_optimizer_state, make_optimizer
+    from mister_jax.steps import train_step as jax_train_step
 
     dims = _reference_dims()
     torch.manual_seed(0)
@@ -107,8 +138,10 @@ def exactness(steps: int, length: int, batch_size: int, learning_rate: float) ->
     loss_kwargs = dict(gamma=3.0, lambda_con=2.0, alpha_kl=0.1, temperature=1.0)
     loss_cfg = LossConfig(**loss_kwargs, **authors_code.LOSS)
     train_cfg = TrainConfig(batch_size=batch_size, learning_rate=learning_rate)
-    train = jax.jit(functools.partial(jax_train_step, model_cfg=model_cfg, loss_cfg=loss_cfg,
-                                      tx=make_optimizer(train_cfg)), donate_argnums=0)
+    train = jax.jit(
+        functools.partial(jax_train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, tx=make_optimizer(train_cfg)),
+        donate_argnums=0,
+    )
     state = TrainState(jnp.zeros((), jnp.int32), params, init_optimizer_state(params, train_cfg))
     optimizer = torch.optim.Adam(reference.parameters(), lr=learning_rate)
     rng = np.random.default_rng(0)
@@ -123,13 +156,23 @@ def exactness(steps: int, length: int, batch_size: int, learning_rate: float) ->
         ours.append(float(metrics["loss"]))
         seconds["ours"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        theirs.append(train_step(reference, optimizer, *(torch.from_numpy(x) for x in (speech, text, labels, mask)),
-                                 **loss_kwargs))
+        theirs.append(
+            train_step(
+                reference, optimizer, *(torch.from_numpy(x) for x in (speech, text, labels, mask)), **loss_kwargs
+            )
+        )
         seconds["reference"] += time.perf_counter() - t0
     relative = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
-    return {"steps": steps, "batch": [batch_size, length], "learning_rate": learning_rate,
-            "dims": dataclasses.asdict(dims), "loss_ours": ours, "loss_reference": theirs,
-            "max_relative_difference": max(relative), "seconds": seconds}
+    return {
+        "steps": steps,
+        "batch": [batch_size, length],
+        "learning_rate": learning_rate,
+        "dims": dataclasses.asdict(dims),
+        "loss_ours": ours,
+        "loss_reference": theirs,
+        "max_relative_difference": max(relative),
+        "seconds": seconds,
+    }
 
 
 def _weighted_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
@@ -144,9 +187,9 @@ def run_reference(features: Path, epochs: int, seeds: int) -> dict:
     no masks inside the model (the losses count real utterances only). Validation runs one
     conversation at a time, so padding never touches the scores."""
     import torch
+    from torch_reference import AttentionMoE, train_step
 
     from bridges import FeatureStore
-    from torch_reference import AttentionMoE, train_step
 
     store = FeatureStore.open(features / "demo")
 
@@ -168,7 +211,7 @@ def run_reference(features: Path, epochs: int, seeds: int) -> dict:
             model.train()
             order = np.random.default_rng([seed, epoch]).permutation(len(train))
             for start in range(0, len(order), CURVE_BATCH):
-                members = [train[i] for i in order[start:start + CURVE_BATCH]]
+                members = [train[i] for i in order[start : start + CURVE_BATCH]]
                 width = max(len(m[2]) for m in members)
                 pad = lambda x: np.pad(x, ((0, width - len(x)),) + ((0, 0),) * (x.ndim - 1))
                 speech = np.stack([pad(m[0]) for m in members]).astype(np.float32)
@@ -180,8 +223,10 @@ def run_reference(features: Path, epochs: int, seeds: int) -> dict:
             predictions, truth = [], []
             with torch.no_grad():
                 for speech, text, labels in val:
-                    out = model(torch.from_numpy(speech[None].astype(np.float32)),
-                                torch.from_numpy(text[None].astype(np.float32)))
+                    out = model(
+                        torch.from_numpy(speech[None].astype(np.float32)),
+                        torch.from_numpy(text[None].astype(np.float32)),
+                    )
                     predictions.append(out["logits"][0].argmax(-1).numpy())
                     truth.append(labels)
             curves[epoch, seed] = _weighted_f1(np.concatenate(truth), np.concatenate(predictions), 6)
@@ -205,8 +250,9 @@ def plot(result: dict, path: Path) -> None:
         steps = np.arange(1, exact["steps"] + 1)
         left.plot(steps, exact["loss_reference"], label="PyTorch reference (authors' layout)", lw=2)
         left.plot(steps, exact["loss_ours"], "--", label="mister_jax, imported weights")
-        left.set_title(f"same weights, dropout off: max relative difference {exact['max_relative_difference']:.1e}",
-                       fontsize=8)
+        left.set_title(
+            f"same weights, dropout off: max relative difference {exact['max_relative_difference']:.1e}", fontsize=8
+        )
         left.set_xlabel("Adam step")
         left.set_ylabel("training loss (Eq. 18, authors-code terms)")
         left.legend(fontsize=7)
@@ -238,14 +284,19 @@ def main() -> None:
     result = {"machine": machine_info(), "command": " ".join(sys.argv)}
     if "exact" in parts:
         result["exact"] = exactness(args.steps, length=16, batch_size=4, learning_rate=args.learning_rate)
-        print(f"exact: {args.steps} steps, max relative loss difference {result['exact']['max_relative_difference']:.2e}"
-              f" (first {result['exact']['loss_ours'][0]:.5f} vs {result['exact']['loss_reference'][0]:.5f}, last "
-              f"{result['exact']['loss_ours'][-1]:.5f} vs {result['exact']['loss_reference'][-1]:.5f})", flush=True)
+        print(
+            f"exact: {args.steps} steps, max relative loss difference {result['exact']['max_relative_difference']:.2e}"
+            f" (first {result['exact']['loss_ours'][0]:.5f} vs {result['exact']['loss_reference'][0]:.5f}, last "
+            f"{result['exact']['loss_ours'][-1]:.5f} vs {result['exact']['loss_reference'][-1]:.5f})",
+            flush=True,
+        )
     if "curves" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             features = Path(tmp) / "features"
             build_store(features)
-            curves = {"PyTorch reference (authors' model and batches)": run_reference(features, args.epochs, args.seeds)}
+            curves = {
+                "PyTorch reference (authors' model and batches)": run_reference(features, args.epochs, args.seeds)
+            }
             for label, sets in OURS.items():
                 curves[label] = run_ours(label, sets, features, Path(tmp), args.epochs, args.seeds)
         reference = np.asarray(next(iter(curves.values()))["val_f1"])
@@ -253,12 +304,19 @@ def main() -> None:
             values = np.asarray(run["val_f1"])
             run["within_reference_spread"] = within_spread(values, reference)
             run["final_mean"] = float(values[-1].mean())
-            print(f"{label}: final val F1 {values[-1].mean():.3f} (range {values[-1].min():.3f}-{values[-1].max():.3f}),"
-                  f" mean within the reference's seed range at {100 * run['within_reference_spread']:.0f} % of epochs,"
-                  f" {run['seconds']:.0f} s", flush=True)
+            print(
+                f"{label}: final val F1 {values[-1].mean():.3f} (range {values[-1].min():.3f}-{values[-1].max():.3f}),"
+                f" mean within the reference's seed range at {100 * run['within_reference_spread']:.0f} % of epochs,"
+                f" {run['seconds']:.0f} s",
+                flush=True,
+            )
         result["curves"] = curves
-        result["curve_setup"] = {"corpus": dataclasses.asdict(HARD), "dims": CURVE_DIMS,
-                                 "learning_rate": CURVE_LEARNING_RATE, "batch_size": CURVE_BATCH}
+        result["curve_setup"] = {
+            "corpus": dataclasses.asdict(HARD),
+            "dims": CURVE_DIMS,
+            "learning_rate": CURVE_LEARNING_RATE,
+            "batch_size": CURVE_BATCH,
+        }
     write_result(result, args.out)
     plot(result, Path(args.plot))
     print(f"wrote {args.plot}")

@@ -85,7 +85,7 @@ def example_batch(dims, length: int):
 
     corpus = make_corpus(dims)
     fits = np.flatnonzero(corpus.lengths <= length)
-    chosen = fits[np.argsort(corpus.lengths[fits])[::-1][:dims.batch_size]]
+    chosen = fits[np.argsort(corpus.lengths[fits])[::-1][: dims.batch_size]]
     b, t = dims.batch_size, length
     speech = np.zeros((b, t, dims.speech_dim), np.float32)
     text = np.zeros((b, t, dims.text_dim), np.float32)
@@ -93,8 +93,8 @@ def example_batch(dims, length: int):
     mask = np.zeros((b, t), bool)
     for row, c in enumerate(chosen):
         s, n = corpus.starts[c], corpus.lengths[c]
-        speech[row, :n], text[row, :n] = corpus.speech[s:s + n], corpus.text[s:s + n]
-        labels[row, :n], mask[row, :n] = corpus.labels[s:s + n], True
+        speech[row, :n], text[row, :n] = corpus.speech[s : s + n], corpus.text[s : s + n]
+        labels[row, :n], mask[row, :n] = corpus.labels[s : s + n], True
     return Batch(speech, text, labels, mask)
 
 
@@ -121,9 +121,13 @@ def profile_parts(args) -> dict:
 
     def grad_of(module, *inputs, **kw):
         params = module.init({"params": key, "dropout": key}, *inputs, **kw)["params"]
-        scalar = lambda p, *xs: jnp.sum(jnp.square(module.apply({"params": p}, *xs, rngs={"dropout": key}, **kw)
-                                                   if not isinstance(module, MultimodalNetwork) else
-                                                   module.apply({"params": p}, *xs, rngs={"dropout": key}, **kw)[3]))
+        scalar = lambda p, *xs: jnp.sum(
+            jnp.square(
+                module.apply({"params": p}, *xs, rngs={"dropout": key}, **kw)
+                if not isinstance(module, MultimodalNetwork)
+                else module.apply({"params": p}, *xs, rngs={"dropout": key}, **kw)[3]
+            )
+        )
         return rep(jax.jit(jax.value_and_grad(scalar, argnums=(0,))), params, *inputs)
 
     inception = TemporalInception(width)
@@ -131,14 +135,17 @@ def profile_parts(args) -> dict:
     parts["inception convolutions (2 modalities)"]["ms"] *= 2
     gru_in = jnp.zeros((2,) + mask.shape + (width,), jnp.float32) + 0.1
     parts[GRU_PART] = grad_of(BidirectionalGRU(hidden, model_cfg.gru_layers), gru_in, mask)
-    parts["multimodal network"] = grad_of(MultimodalNetwork(model_cfg), batch.speech, batch.text, mask,
-                                          deterministic=False)
+    parts["multimodal network"] = grad_of(
+        MultimodalNetwork(model_cfg), batch.speech, batch.text, mask, deterministic=False
+    )
 
     state = create_train_state(model_cfg, train_cfg, 0)
-    outputs = MisterE(model_cfg).apply({"params": state.params}, batch.speech, batch.text, mask,
-                                       deterministic=False, rngs={"dropout": key})
-    loss_only = lambda out: total_loss(out, jnp.maximum(batch.labels, 0), mask & (batch.labels >= 0),
-                                       loss_cfg, model_cfg.variant)[0]
+    outputs = MisterE(model_cfg).apply(
+        {"params": state.params}, batch.speech, batch.text, mask, deterministic=False, rngs={"dropout": key}
+    )
+    loss_only = lambda out: total_loss(
+        out, jnp.maximum(batch.labels, 0), mask & (batch.labels >= 0), loss_cfg, model_cfg.variant
+    )[0]
     parts["losses (Eq. 18)"] = rep(jax.jit(jax.value_and_grad(loss_only)), outputs)
     tx = make_optimizer(train_cfg)
     update = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
@@ -196,28 +203,36 @@ def dropout_levers(model_cfg, batch_shape, rep) -> dict:
 
     b, t = batch_shape
     cfg = model_cfg
-    shapes = ([((2, b, t, 2 * cfg.can_hidden), cfg.can_dropout)]
-              + [((2, b, cfg.attention_heads, t, t), cfg.fusion_dropout)] * (2 * cfg.fusion_layers)
-              + [((b, t, cfg.fusion_dim), cfg.fusion_dropout)])
+    shapes = (
+        [((2, b, t, 2 * cfg.can_hidden), cfg.can_dropout)]
+        + [((2, b, cfg.attention_heads, t, t), cfg.fusion_dropout)] * (2 * cfg.fusion_layers)
+        + [((b, t, cfg.fusion_dim), cfg.fusion_dropout)]
+    )
     xs = [jnp.ones(shape) for shape, _ in shapes]
     out = {}
     for name, module in (("flax.linen.Dropout", nn.Dropout), ("mister_jax.ops.dropout", Dropout)):
+
         def total(xs, key, module=module):
             keys = jax.random.split(key, len(xs))
-            return sum(jnp.sum(module(rate).apply({}, x, False, rngs={"dropout": k}))
-                       for x, (_, rate), k in zip(xs, shapes, keys))
+            return sum(
+                jnp.sum(module(rate).apply({}, x, False, rngs={"dropout": k}))
+                for x, (_, rate), k in zip(xs, shapes, keys)
+            )
+
         out[f"dropout {name} (ms fwd+bwd)"] = rep(jax.jit(jax.value_and_grad(total)), xs, jax.random.key(0))["ms"]
     return out
 
 
 # Where each XLA op of the step belongs, by the name scope in its metadata (first match wins).
-TRACE_GROUPS = (("GRU recurrences (the scans)", "/can/gru/while"),
-                ("GRU input projections and weight gradients", "/can/gru"),
-                ("temporal inception", "_inception"),
-                ("multimodal network", "/multimodal/"),
-                ("CAN residuals, heads, gate", "/can/"),
-                ("losses", "(losses)"),
-                ("optimizer (clip + Adam)", "/optimizer/"))
+TRACE_GROUPS = (
+    ("GRU recurrences (the scans)", "/can/gru/while"),
+    ("GRU input projections and weight gradients", "/can/gru"),
+    ("temporal inception", "_inception"),
+    ("multimodal network", "/multimodal/"),
+    ("CAN residuals, heads, gate", "/can/"),
+    ("losses", "(losses)"),
+    ("optimizer (clip + Adam)", "/optimizer/"),
+)
 
 
 def _self_times(events: list) -> dict:
@@ -307,8 +322,11 @@ def profile_torch(args) -> dict:
             total = total + out.square().sum()
         total.backward()
         gru_runs.append(time.perf_counter() - t0)
-    return {"torch step (ms, batch padded to its max)": 1e3 * float(np.median(runs)),
-            "torch GRU recurrences fwd+bwd (ms)": 1e3 * float(np.median(gru_runs)), "torch_padded_length": last}
+    return {
+        "torch step (ms, batch padded to its max)": 1e3 * float(np.median(runs)),
+        "torch GRU recurrences fwd+bwd (ms)": 1e3 * float(np.median(gru_runs)),
+        "torch_padded_length": last,
+    }
 
 
 def compiled_step(args):
@@ -347,8 +365,18 @@ def profile_fast_compile(args) -> dict:
 def child(args, part: str, env_extra: dict | None = None) -> dict:
     """Runs one part in a fresh interpreter (this environment plus `env_extra`)."""
     env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--dims", args.dims,
-           "--length", str(args.length), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        part,
+        "--dims",
+        args.dims,
+        "--length",
+        str(args.length),
+        "--repeats",
+        str(args.repeats),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"profile part {part} failed:\n{proc.stderr[-3000:]}")
@@ -371,21 +399,32 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.part:
-        emit({"jax": profile_parts, "torch": profile_torch, "fast": profile_fast_compile,
-              "trace": profile_trace}[args.part](args))
+        emit(
+            {"jax": profile_parts, "torch": profile_torch, "fast": profile_fast_compile, "trace": profile_trace}[
+                args.part
+            ](args)
+        )
         return 0
-    result = {"dims": args.dims, "batch": [DIMS[args.dims].batch_size, args.length], "machine": machine_info(),
-              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    result = {
+        "dims": args.dims,
+        "batch": [DIMS[args.dims].batch_size, args.length],
+        "machine": machine_info(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
     result.update(child(args, "jax"))
     result["torch"] = child(args, "torch")
     result["levers"]["xla-opt0"] = child(args, "fast", {"XLA_FLAGS": FAST_COMPILE_FLAGS})
     result["trace"] = child(args, "trace")
     whole = result["parts"][WHOLE_STEP]["ms"]
-    print(f"one step at [B, T] = {result['batch']}, dims {args.dims}: {whole:.1f} ms "
-          f"(compile {result['parts'][WHOLE_STEP]['compile_s']:.1f} s)")
+    print(
+        f"one step at [B, T] = {result['batch']}, dims {args.dims}: {whole:.1f} ms "
+        f"(compile {result['parts'][WHOLE_STEP]['compile_s']:.1f} s)"
+    )
     for name, p in result["parts"].items():
-        print(f"  {name}: {p['ms']:.1f} ms fwd+bwd ({100 * p['ms'] / whole:.0f}% of the step), "
-              f"compile {p['compile_s']:.1f} s")
+        print(
+            f"  {name}: {p['ms']:.1f} ms fwd+bwd ({100 * p['ms'] / whole:.0f}% of the step), "
+            f"compile {p['compile_s']:.1f} s"
+        )
     for name, value in result["levers"].items():
         if isinstance(value, dict):
             print(f"  lever {name}: step {value['ms']:.1f} ms, compile {value['compile_s']:.1f} s")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import DIMS, RESULTS_DIR, machine_info, make_corpus, write_result  # noqa: E402
+
 from mister_jax.config import TrainConfig  # noqa: E402
 
 PROTOCOL_EPOCHS = 100
@@ -54,12 +55,18 @@ def build_store(root: Path, dims_name: str) -> None:
     dataset = init_store(root, "iemocap", LABELS)
     splits = {"train": make_corpus(dims, seed=0)}
     for seed, (split, (conversations, utterances)) in enumerate(EVAL_SPLITS[dims_name].items(), start=1):
-        splits[split] = make_corpus(dataclasses.replace(dims, num_conversations=conversations,
-                                                        total_utterances=utterances), seed=10 * seed)
+        splits[split] = make_corpus(
+            dataclasses.replace(dims, num_conversations=conversations, total_utterances=utterances), seed=10 * seed
+        )
     for split, corpus in splits.items():
         conversation = np.repeat(np.arange(len(corpus.lengths)), corpus.lengths)
-        write_index(dataset, split, [f"{split}-u{i}" for i in range(len(conversation))],
-                    [f"{split}-c{c}" for c in conversation], corpus.labels)
+        write_index(
+            dataset,
+            split,
+            [f"{split}-u{i}" for i in range(len(conversation))],
+            [f"{split}-c{c}" for c in conversation],
+            corpus.labels,
+        )
         write_modality(dataset, split, "speech", corpus.speech)
         write_modality(dataset, split, "text", corpus.text)
 
@@ -74,12 +81,29 @@ def model_overrides(dims_name: str) -> list[str]:
     return flags
 
 
-def timed_run(root: Path, out: Path, epochs: int, cache: Path, dims_name: str, overrides: list[str],
-              *flags: str) -> float:
+def timed_run(
+    root: Path, out: Path, epochs: int, cache: Path, dims_name: str, overrides: list[str], *flags: str
+) -> float:
     """Wall seconds of one training CLI run (a fresh interpreter, as a user starts it)."""
-    cmd = [sys.executable, "-m", "mister_jax.train", "--dataset", "iemocap", "--features", str(root),
-           "--out", str(out), "--epochs", str(epochs), "--quiet", "--jax-cache", str(cache),
-           *model_overrides(dims_name), *[f for item in overrides for f in ("--set", item)], *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mister_jax.train",
+        "--dataset",
+        "iemocap",
+        "--features",
+        str(root),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--quiet",
+        "--jax-cache",
+        str(cache),
+        *model_overrides(dims_name),
+        *[f for item in overrides for f in ("--set", item)],
+        *flags,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=4 * 3600)
     seconds = time.perf_counter() - t0
@@ -95,9 +119,11 @@ def epoch_seconds(run_dir: Path, last_checkpoint: bool) -> dict:
     checkpoint = [h["checkpoint_seconds"] for h in history]
     if not last_checkpoint:
         checkpoint[-1] = 0.0
-    parts = {"training": float(np.mean([h["seconds"] for h in history])),
-             "validation": float(np.mean([h["validation_seconds"] for h in history])),
-             "checkpoint": float(np.mean(checkpoint))}
+    parts = {
+        "training": float(np.mean([h["seconds"] for h in history])),
+        "validation": float(np.mean([h["validation_seconds"] for h in history])),
+        "checkpoint": float(np.mean(checkpoint)),
+    }
     return {**parts, "epoch": sum(parts.values())}
 
 
@@ -108,28 +134,44 @@ def run(args) -> dict:
         cache = tmp / "jax-cache"
         cold = timed_run(tmp / "features", tmp / "cold", 1, cache, args.dims, args.overrides)
         timed_run(tmp / "features", tmp / "longer", 1 + args.epochs, cache, args.dims, args.overrides)
-        timed_run(tmp / "features", tmp / "saving", 1 + args.epochs, cache, args.dims, args.overrides,
-                  "--checkpoint-every", "1")
+        timed_run(
+            tmp / "features",
+            tmp / "saving",
+            1 + args.epochs,
+            cache,
+            args.dims,
+            args.overrides,
+            "--checkpoint-every",
+            "1",
+        )
         # The default run's last checkpoint is the one every run ends with, counted in the cold run.
         default, every = epoch_seconds(tmp / "longer", last_checkpoint=False), epoch_seconds(tmp / "saving", True)
     checkpoint_s = every["epoch"] - default["epoch"]
     saves = int((PROTOCOL_EPOCHS - 1) * default["epoch"] // (60 * CHECKPOINT_MINUTES))
-    return {"dims": args.dims, "extra_epochs": args.epochs, "seeds": 3, "overrides": args.overrides,
-            "machine": machine_info(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "run_1_epoch_cold_s": cold,
-            "epoch_s": default["epoch"], "epoch_training_s": default["training"],
-            "epoch_validation_s": default["validation"],
-            "epoch_with_checkpoint_s": every["epoch"], "epoch_with_checkpoint_training_s": every["training"],
-            "epoch_with_checkpoint_copies_s": every["checkpoint"],
-            "checkpoint_s": checkpoint_s, "checkpoints_written": saves + 1,
-            "protocol_hours": (cold + (PROTOCOL_EPOCHS - 1) * default["epoch"] + saves * checkpoint_s) / 3600,
-            "protocol_hours_checkpoint_every_epoch": (cold + (PROTOCOL_EPOCHS - 1) * every["epoch"]) / 3600,
-            "basis": f"cold 1-epoch run (start, compile, init, 1 epoch, checkpoint, test, report) + "
-                     f"{PROTOCOL_EPOCHS - 1} x one epoch (3 seeds: training, validation) + one checkpoint's cost "
-                     f"per {CHECKPOINT_MINUTES:g} minutes of those epochs (the default schedule); epochs 2-{1 + args.epochs} "
-                     f"of warm runs timed by the trainer, a checkpoint's cost = an epoch with --checkpoint-every 1 "
-                     f"(its copies and its write's toll on the next training pass) minus one without"}
+    return {
+        "dims": args.dims,
+        "extra_epochs": args.epochs,
+        "seeds": 3,
+        "overrides": args.overrides,
+        "machine": machine_info(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "run_1_epoch_cold_s": cold,
+        "epoch_s": default["epoch"],
+        "epoch_training_s": default["training"],
+        "epoch_validation_s": default["validation"],
+        "epoch_with_checkpoint_s": every["epoch"],
+        "epoch_with_checkpoint_training_s": every["training"],
+        "epoch_with_checkpoint_copies_s": every["checkpoint"],
+        "checkpoint_s": checkpoint_s,
+        "checkpoints_written": saves + 1,
+        "protocol_hours": (cold + (PROTOCOL_EPOCHS - 1) * default["epoch"] + saves * checkpoint_s) / 3600,
+        "protocol_hours_checkpoint_every_epoch": (cold + (PROTOCOL_EPOCHS - 1) * every["epoch"]) / 3600,
+        "basis": f"cold 1-epoch run (start, compile, init, 1 epoch, checkpoint, test, report) + "
+        f"{PROTOCOL_EPOCHS - 1} x one epoch (3 seeds: training, validation) + one checkpoint's cost "
+        f"per {CHECKPOINT_MINUTES:g} minutes of those epochs (the default schedule); epochs 2-{1 + args.epochs} "
+        f"of warm runs timed by the trainer, a checkpoint's cost = an epoch with --checkpoint-every 1 "
+        f"(its copies and its write's toll on the next training pass) minus one without",
+    }
 
 
 def parse_args(argv=None):
@@ -137,8 +179,14 @@ def parse_args(argv=None):
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=2, help="extra epochs of the longer run (default 2)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "protocol.json"), help="results JSON file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed on to every training run (e.g. dtype=bfloat16)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed on to every training run (e.g. dtype=bfloat16)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

@@ -27,10 +27,9 @@ of the tests of `mister_jax.import_torch`; it is not part of the three packages.
 from __future__ import annotations
 
 import torch
+from common import Dims
 from torch import nn
 from torch.nn import functional as F
-
-from common import Dims
 
 AUTHORS_HEADS = 3  # their CrossAttentionModel_s(hidden, 120, 3); `Dims.attention_heads` is the paper's 4
 
@@ -81,14 +80,42 @@ class CrossAttentionModel_s(nn.Module):  # noqa: N801 (the authors' class name k
 
     def forward(self, audio: torch.Tensor, text: torch.Tensor):
         """audio, text [T, B, F] → (text, audio) [T, B, F], the authors' return order."""
-        text_x = self._sublayer(self.multihead_attn_asr, self.fc_asrq(text), self.fc_audk(audio),
-                                self.fc_audv(audio), self.fc_text, self.layer_norm_t, text)
-        audio_x = self._sublayer(self.multihead_attn_aud, self.fc_audq(audio), self.fc_asrk(text),
-                                 self.fc_asrv(text), self.fc_audio, self.layer_norm_a, audio)
-        text_out = self._sublayer(self.multihead_attn_selfasr, self.fc_asrq_s(text_x), self.fc_asrk_s(text_x),
-                                  self.fc_asrv_s(text_x), self.fc_text_s, self.layer_norm_t_s, text_x)
-        audio_out = self._sublayer(self.multihead_attn_selfaud, self.fc_audq_s(audio_x), self.fc_audk_s(audio_x),
-                                   self.fc_audv_s(audio_x), self.fc_aud_s, self.layer_norm_a_s, audio_x)
+        text_x = self._sublayer(
+            self.multihead_attn_asr,
+            self.fc_asrq(text),
+            self.fc_audk(audio),
+            self.fc_audv(audio),
+            self.fc_text,
+            self.layer_norm_t,
+            text,
+        )
+        audio_x = self._sublayer(
+            self.multihead_attn_aud,
+            self.fc_audq(audio),
+            self.fc_asrk(text),
+            self.fc_asrv(text),
+            self.fc_audio,
+            self.layer_norm_a,
+            audio,
+        )
+        text_out = self._sublayer(
+            self.multihead_attn_selfasr,
+            self.fc_asrq_s(text_x),
+            self.fc_asrk_s(text_x),
+            self.fc_asrv_s(text_x),
+            self.fc_text_s,
+            self.layer_norm_t_s,
+            text_x,
+        )
+        audio_out = self._sublayer(
+            self.multihead_attn_selfaud,
+            self.fc_audq_s(audio_x),
+            self.fc_audk_s(audio_x),
+            self.fc_audv_s(audio_x),
+            self.fc_aud_s,
+            self.layer_norm_a_s,
+            audio_x,
+        )
         return text_out, audio_out
 
 
@@ -96,8 +123,9 @@ class FusionModel(nn.Module):
     """The multimodal network (Eq. 5–9): `fc_aud`, `fc_text` input projections, `units`, residual projections
     `fc_aud_self`, `fc_text_self`, classifier `bn` (LayerNorm on [text; audio]) → `fc` → ReLU → `fc_2`."""
 
-    def __init__(self, speech_dim: int, text_dim: int, dim: int, layers: int, attention_dim: int, heads: int,
-                 num_classes: int):
+    def __init__(
+        self, speech_dim: int, text_dim: int, dim: int, layers: int, attention_dim: int, heads: int, num_classes: int
+    ):
         super().__init__()
         self.fc = nn.Linear(2 * dim, dim)
         self.fc_2 = nn.Linear(dim, num_classes)
@@ -124,8 +152,9 @@ class AttentionMoE(nn.Module):
     """Two CANs (`audio_self`, `text_self`), the fusion network, and the MLP gate `3C → 10 → 3` at softmax
     temperature 2 over the logits of (speech, text, multimodal)."""
 
-    def __init__(self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0,
-                 unused_hidden: int | None = None):
+    def __init__(
+        self, dims: Dims, heads: int | None = None, gate_temperature: float = 2.0, unused_hidden: int | None = None
+    ):
         """``heads``: of every attention (default ``dims.attention_heads``; theirs is `AUTHORS_HEADS`).
         ``unused_hidden``: also build their `proj` (Hf → hidden) and `classifier` (hidden → C), which
         their forward never calls (their training script: 768), so that their checkpoints load strictly."""
@@ -133,8 +162,15 @@ class AttentionMoE(nn.Module):
         h = dims.can_hidden
         self.audio_self = GRUModel(dims.speech_dim, h, dims.num_classes, dims.gru_layers)
         self.text_self = GRUModel(dims.text_dim, h, dims.num_classes, dims.gru_layers)
-        self.fusion = FusionModel(dims.speech_dim, dims.text_dim, dims.fusion_dim, dims.fusion_layers,
-                                  dims.attention_dim, heads or dims.attention_heads, dims.num_classes)
+        self.fusion = FusionModel(
+            dims.speech_dim,
+            dims.text_dim,
+            dims.fusion_dim,
+            dims.fusion_layers,
+            dims.attention_dim,
+            heads or dims.attention_heads,
+            dims.num_classes,
+        )
         self.gate = nn.Sequential(nn.Linear(3 * dims.num_classes, 10), nn.ReLU(), nn.Linear(10, 3))
         self.temperature = gate_temperature
         if unused_hidden:
@@ -148,8 +184,15 @@ class AttentionMoE(nn.Module):
         m_s, m_t, ym = self.fusion(speech, text)
         beta = F.softmax(self.gate(torch.cat([ys, yt, ym], -1)) / self.temperature, -1)
         y = beta[..., 0:1] * ys + beta[..., 1:2] * yt + beta[..., 2:3] * ym
-        return {"logits": y, "speech_logits": ys, "text_logits": yt, "multimodal_logits": ym,
-                "gate": beta, "m_speech": m_s, "m_text": m_t}
+        return {
+            "logits": y,
+            "speech_logits": ys,
+            "text_logits": yt,
+            "multimodal_logits": ym,
+            "gate": beta,
+            "m_speech": m_s,
+            "m_text": m_t,
+        }
 
 
 MisterE = AttentionMoE
@@ -165,8 +208,9 @@ def focal_loss(logits, labels, mask, gamma):
 def supervised_contrastive_loss_batch(m_speech, m_text, labels, mask, temperature):
     """Eq. 13–14 with every real row of the batch pooled: [B, T, F] x 2 → mean over anchors with a positive."""
     keep = mask.reshape(-1)
-    z = F.normalize(torch.cat([m_speech.reshape(-1, m_speech.shape[-1])[keep],
-                               m_text.reshape(-1, m_text.shape[-1])[keep]]), dim=-1)   # [2N, F]
+    z = F.normalize(
+        torch.cat([m_speech.reshape(-1, m_speech.shape[-1])[keep], m_text.reshape(-1, m_text.shape[-1])[keep]]), dim=-1
+    )  # [2N, F]
     y = labels.reshape(-1)[keep].repeat(2)
     others = ~torch.eye(len(y), dtype=torch.bool)
     logits = (z @ z.T / temperature).masked_fill(~others, float("-inf"))
@@ -192,8 +236,14 @@ def total_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, tempe
     fl = lambda z: focal_loss(z, labels, m, gamma)
     con = supervised_contrastive_loss_batch(out["m_speech"], out["m_text"], labels, real, temperature)
     kl = symmetric_kl(out["multimodal_logits"], out["speech_logits"], out["text_logits"], m)
-    return (fl(out["speech_logits"]) + fl(out["text_logits"]) + fl(out["multimodal_logits"])
-            + lambda_con * con + fl(out["logits"]) + alpha_kl * kl)
+    return (
+        fl(out["speech_logits"])
+        + fl(out["text_logits"])
+        + fl(out["multimodal_logits"])
+        + lambda_con * con
+        + fl(out["logits"])
+        + alpha_kl * kl
+    )
 
 
 def authors_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, temperature=1.0):
@@ -216,8 +266,14 @@ def authors_loss(out, labels, mask, gamma=3.0, lambda_con=2.0, alpha_kl=0.1, tem
     con = -((log_prob * positive).sum(-1) / positive.sum(-1).clamp(min=1)).mean()
     logs = [out[k].log_softmax(-1) for k in ("speech_logits", "text_logits", "multimodal_logits")]
     kl = sum(((logs[i].exp() - logs[j].exp()) * (logs[i] - logs[j])).sum() for i, j in ((0, 1), (0, 2), (1, 2)))
-    return (fl(out["logits"]) + fl(out["speech_logits"]) + fl(out["text_logits"]) + fl(out["multimodal_logits"])
-            + lambda_con * con + alpha_kl * kl / 3 / b)
+    return (
+        fl(out["logits"])
+        + fl(out["speech_logits"])
+        + fl(out["text_logits"])
+        + fl(out["multimodal_logits"])
+        + lambda_con * con
+        + alpha_kl * kl / 3 / b
+    )
 
 
 LOSSES = {"masked": total_loss, "authors": authors_loss}

@@ -45,8 +45,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import DIMS, RESULTS_DIR, authors_batches, emit, machine_info, make_corpus, pad_batch  # noqa: E402
-from common import padded_utterances, parse_result, peak_rss_mib, write_result  # noqa: E402
+from common import (  # noqa: E402  # noqa: E402
+    DIMS,
+    RESULTS_DIR,
+    authors_batches,
+    emit,
+    machine_info,
+    make_corpus,
+    pad_batch,
+    padded_utterances,
+    parse_result,
+    peak_rss_mib,
+    write_result,
+)
 
 VARIANTS = ("a", "b", "c", "s", "f")
 PROTOCOL_EPOCHS, PROTOCOL_SEEDS = 100, 3
@@ -64,7 +75,6 @@ PROTOCOL_VAL_UTTERANCES = 7433 - 4791 - PROTOCOL_TEST_UTTERANCES
 def run_torch(args) -> dict:
     """Eager PyTorch reference: init, two warm-up batches, then `epochs` timed epochs."""
     import torch
-
     from torch_reference import AUTHORS_HEADS, MisterE, train_step
 
     if args.threads:
@@ -94,13 +104,24 @@ def run_torch(args) -> dict:
         epoch_cpu_s.append(time.process_time() - c0)
         padded.append(padded_utterances(batches, corpus.lengths))
     real = int(corpus.lengths.sum())
-    return {"variant": args.tag, "framework": "torch", "threads": torch.get_num_threads(), "seeds": 1,
-            "attention_heads": heads,
-            "init_s": init_s, "compile_s": 0.0, "num_shapes": None, "epoch_s": epoch_s,
-            "epoch_cpu_s": epoch_cpu_s, "real_utterances": real, "padded_utterances": float(np.mean(padded)),
-            "padding_efficiency": real / float(np.mean(padded)),
-            "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": losses[-1] if losses else None, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "variant": args.tag,
+        "framework": "torch",
+        "threads": torch.get_num_threads(),
+        "seeds": 1,
+        "attention_heads": heads,
+        "init_s": init_s,
+        "compile_s": 0.0,
+        "num_shapes": None,
+        "epoch_s": epoch_s,
+        "epoch_cpu_s": epoch_cpu_s,
+        "real_utterances": real,
+        "padded_utterances": float(np.mean(padded)),
+        "padding_efficiency": real / float(np.mean(padded)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "final_loss": losses[-1] if losses else None,
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,10 +134,15 @@ def split_data(corpus):
 
     n = len(corpus.labels)
     conv = np.repeat(np.arange(len(corpus.lengths)), corpus.lengths)
-    return SplitData(name="train", features={"speech": corpus.speech, "text": corpus.text},
-                     labels=corpus.labels, utterance_ids=np.array([f"u{i}" for i in range(n)]),
-                     conversation_ids=np.array([f"c{i}" for i in conv]), starts=corpus.starts,
-                     lengths=corpus.lengths)
+    return SplitData(
+        name="train",
+        features={"speech": corpus.speech, "text": corpus.text},
+        labels=corpus.labels,
+        utterance_ids=np.array([f"u{i}" for i in range(n)]),
+        conversation_ids=np.array([f"c{i}" for i in conv]),
+        starts=corpus.starts,
+        lengths=corpus.lengths,
+    )
 
 
 def iemocap_config(dims, dtype: str, batching: str | None):
@@ -124,11 +150,22 @@ def iemocap_config(dims, dtype: str, batching: str | None):
     from mister_jax.configs import get_config
 
     config = get_config("iemocap")
-    model = dataclasses.replace(config.model, speech_dim=dims.speech_dim, text_dim=dims.text_dim,
-                                num_classes=dims.num_classes, can_hidden=dims.can_hidden, gru_layers=dims.gru_layers,
-                                fusion_dim=dims.fusion_dim, fusion_layers=dims.fusion_layers,
-                                attention_dim=dims.attention_dim, attention_heads=dims.attention_heads, dtype=dtype)
-    train = dataclasses.replace(config.train, batch_size=dims.batch_size, **({"batching": batching} if batching else {}))
+    model = dataclasses.replace(
+        config.model,
+        speech_dim=dims.speech_dim,
+        text_dim=dims.text_dim,
+        num_classes=dims.num_classes,
+        can_hidden=dims.can_hidden,
+        gru_layers=dims.gru_layers,
+        fusion_dim=dims.fusion_dim,
+        fusion_layers=dims.fusion_layers,
+        attention_dim=dims.attention_dim,
+        attention_heads=dims.attention_heads,
+        dtype=dtype,
+    )
+    train = dataclasses.replace(
+        config.train, batch_size=dims.batch_size, **({"batching": batching} if batching else {})
+    )
     return dataclasses.replace(config, model=model, train=train)
 
 
@@ -162,10 +199,19 @@ def run_jax(args) -> dict:
     seeds.initialise()
     init_s = time.perf_counter() - t0
 
-    record = {"variant": args.tag, "framework": "jax", "mode": args.mode, "batching": train_cfg.batching,
-              "seeds": args.seeds, "init_s": init_s, "compile_s": compile_s, "num_shapes": len(shapes),
-              "shapes": [[train_cfg.batch_size, t] for t in shapes], "pad_lengths": list(planner.train_pads),
-              "params": count_params(param_shapes(config.model))}
+    record = {
+        "variant": args.tag,
+        "framework": "jax",
+        "mode": args.mode,
+        "batching": train_cfg.batching,
+        "seeds": args.seeds,
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "num_shapes": len(shapes),
+        "shapes": [[train_cfg.batch_size, t] for t in shapes],
+        "pad_lengths": list(planner.train_pads),
+        "params": count_params(param_shapes(config.model)),
+    }
     if args.compile_only:
         record.update(epoch_s=[], peak_rss_mib=peak_rss_mib())
         return record
@@ -195,10 +241,16 @@ def run_jax(args) -> dict:
         t0 = time.perf_counter()
         evaluator.predict("val", seeds.params())
         record.update(eval_utterances_per_s=real / (time.perf_counter() - t0))
-    record.update(epoch_s=epoch_s, epoch_cpu_s=epoch_cpu_s, real_utterances=real, padded_utterances=padded,
-                  padding_efficiency=padding_efficiency(data.lengths, first),
-                  final_loss=float(np.mean(losses[:, -1])) if losses.size else None,
-                  loss_finite=bool(np.all(np.isfinite(losses))), peak_rss_mib=peak_rss_mib())
+    record.update(
+        epoch_s=epoch_s,
+        epoch_cpu_s=epoch_cpu_s,
+        real_utterances=real,
+        padded_utterances=padded,
+        padding_efficiency=padding_efficiency(data.lengths, first),
+        final_loss=float(np.mean(losses[:, -1])) if losses.size else None,
+        loss_finite=bool(np.all(np.isfinite(losses))),
+        peak_rss_mib=peak_rss_mib(),
+    )
     return record
 
 
@@ -207,8 +259,16 @@ def run_jax(args) -> dict:
 
 
 def worker_command(args, tag: str, **extra) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tag, "--dims", args.dims,
-           "--epochs", str(args.epochs)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        tag,
+        "--dims",
+        args.dims,
+        "--epochs",
+        str(args.epochs),
+    ]
     for name, value in extra.items():
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
@@ -220,8 +280,9 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
-                           + proc.stderr[-3000:])
+        raise RuntimeError(
+            f"benchmark worker {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n" + proc.stderr[-3000:]
+        )
     record = parse_result(proc.stdout)
     record["process_wall_s"] = time.perf_counter() - t0
     return record
@@ -243,8 +304,9 @@ def run_all(args) -> dict:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; "
-                         f"use a subset of {','.join(VARIANTS)}.")
+        raise SystemExit(
+            f"benchmarks/train_epoch.py: --variants {','.join(unknown)} unknown; use a subset of {','.join(VARIANTS)}."
+        )
     timeout = 3600.0
     rounds = []
     for _ in range(args.rounds):
@@ -254,21 +316,27 @@ def run_all(args) -> dict:
             if "a" in wanted:
                 runs["a"] = run_worker(worker_command(args, "a", threads=args.threads), timeout)
             if ("b" in wanted or "c" in wanted) and not args.skip_cold:
-                runs["b-cold"] = run_worker(worker_command(args, "b-cold", mode="sequential", seeds=1,
-                                                           cache_dir=cache, compile_only=True), timeout)
+                runs["b-cold"] = run_worker(
+                    worker_command(args, "b-cold", mode="sequential", seeds=1, cache_dir=cache, compile_only=True),
+                    timeout,
+                )
             if "b" in wanted:
                 runs["b"] = run_worker(worker_command(args, "b", mode="sequential", seeds=1, cache_dir=cache), timeout)
             if "c" in wanted:
-                runs["c-vmap"] = run_worker(worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache),
-                                            timeout)
-                runs["c-int"] = run_worker(worker_command(args, "c-int", mode="sequential", seeds=3,
-                                                          cache_dir=cache), timeout)
+                runs["c-vmap"] = run_worker(
+                    worker_command(args, "c-vmap", mode="vmap", seeds=3, cache_dir=cache), timeout
+                )
+                runs["c-int"] = run_worker(
+                    worker_command(args, "c-int", mode="sequential", seeds=3, cache_dir=cache), timeout
+                )
             if "s" in wanted:
-                runs["s"] = run_worker(worker_command(args, "s", mode="sequential", seeds=1, cache_dir=cache,
-                                                      batching="shuffled"), timeout)
+                runs["s"] = run_worker(
+                    worker_command(args, "s", mode="sequential", seeds=1, cache_dir=cache, batching="shuffled"), timeout
+                )
             if "f" in wanted:
-                runs["f"] = run_worker(worker_command(args, "f", mode="sequential", seeds=1, cache_dir=cache,
-                                                      dtype="bfloat16"), timeout)
+                runs["f"] = run_worker(
+                    worker_command(args, "f", mode="sequential", seeds=1, cache_dir=cache, dtype="bfloat16"), timeout
+                )
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         rounds.append({k: summarize(v) for k, v in runs.items()})
@@ -283,17 +351,40 @@ def _median(rounds, tag, key):
 def derive(args, rounds) -> dict:
     """The headline figures: medians over rounds, ratios, targets and the 100-epoch × 3-seed estimate."""
     tags = sorted({t for r in rounds for t in r})
-    med = {t: {k: _median(rounds, t, k) for k in ("seconds_per_epoch", "real_utterances_per_s", "compile_s",
-                                                   "init_s", "peak_rss_mib", "padding_efficiency", "cores_busy", "num_shapes", "eval_utterances_per_s",
-                                                   "padded_utterances")} for t in tags}
-    out = {"dims": args.dims, "epochs_timed": args.epochs, "rounds": rounds, "median": med,
-           "machine": machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    med = {
+        t: {
+            k: _median(rounds, t, k)
+            for k in (
+                "seconds_per_epoch",
+                "real_utterances_per_s",
+                "compile_s",
+                "init_s",
+                "peak_rss_mib",
+                "padding_efficiency",
+                "cores_busy",
+                "num_shapes",
+                "eval_utterances_per_s",
+                "padded_utterances",
+            )
+        }
+        for t in tags
+    }
+    out = {
+        "dims": args.dims,
+        "epochs_timed": args.epochs,
+        "rounds": rounds,
+        "median": med,
+        "machine": machine_info(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
     a, b = med.get("a", {}), med.get("b", {})
     ratios = {}
     if a.get("real_utterances_per_s") and b.get("real_utterances_per_s"):
         ratios["b_over_a_real_utt_per_s"] = b["real_utterances_per_s"] / a["real_utterances_per_s"]
     if b.get("real_utterances_per_s") and med.get("s", {}).get("real_utterances_per_s"):
-        ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
+        ratios["b_sorted_over_s_shuffled_real_utt_per_s"] = (
+            b["real_utterances_per_s"] / med["s"]["real_utterances_per_s"]
+        )
     if b.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
         ratios["f_bfloat16_over_b_real_utt_per_s"] = med["f"]["real_utterances_per_s"] / b["real_utterances_per_s"]
     if a.get("real_utterances_per_s") and med.get("f", {}).get("real_utterances_per_s"):
@@ -311,17 +402,22 @@ def derive(args, rounds) -> dict:
     if three:
         best = min(three, key=three.get)
         compile_s = (med.get("b-cold", {}).get("compile_s") or 0.0) + (
-            med.get(best, {}).get("compile_s") or 0.0 if best == "c-vmap" else 0.0)
+            med.get(best, {}).get("compile_s") or 0.0 if best == "c-vmap" else 0.0
+        )
         eval_rate = b.get("eval_utterances_per_s")
         val_s = PROTOCOL_SEEDS * PROTOCOL_VAL_UTTERANCES / eval_rate if eval_rate else 0.0
         test_s = PROTOCOL_SEEDS * PROTOCOL_TEST_UTTERANCES / eval_rate if eval_rate else 0.0
-        estimate.update(jax_best_mode=best, jax_val_s_per_epoch=val_s, jax_test_s_once=test_s,
-                        jax_hours=(PROTOCOL_EPOCHS * (three[best] + val_s) + test_s + compile_s) / 3600,
-                        jax_hours_test_every_epoch=(PROTOCOL_EPOCHS * (three[best] + val_s + test_s) + compile_s) / 3600,
-                        basis=f"100 epochs x (3-seed training epoch of the best mode + evaluating "
-                              f"{PROTOCOL_VAL_UTTERANCES} val utterances per seed at (b)'s evaluation rate) + "
-                              f"{PROTOCOL_TEST_UTTERANCES} test utterances per seed once + cold compile; "
-                              f"the PyTorch figure is training only")
+        estimate.update(
+            jax_best_mode=best,
+            jax_val_s_per_epoch=val_s,
+            jax_test_s_once=test_s,
+            jax_hours=(PROTOCOL_EPOCHS * (three[best] + val_s) + test_s + compile_s) / 3600,
+            jax_hours_test_every_epoch=(PROTOCOL_EPOCHS * (three[best] + val_s + test_s) + compile_s) / 3600,
+            basis=f"100 epochs x (3-seed training epoch of the best mode + evaluating "
+            f"{PROTOCOL_VAL_UTTERANCES} val utterances per seed at (b)'s evaluation rate) + "
+            f"{PROTOCOL_TEST_UTTERANCES} test utterances per seed once + cold compile; "
+            f"the PyTorch figure is training only",
+        )
     out["protocol_estimate"] = estimate
     targets = {}
     if "b_over_a_real_utt_per_s" in ratios:
@@ -344,26 +440,46 @@ def derive(args, rounds) -> dict:
 
 def print_lines(result: dict) -> None:
     """One line per figure."""
-    print(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
-          f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}")
-    names = {"a": "(a) PyTorch, pad to batch max", "b-cold": "(b) JAX 1 seed, cold cache",
-             "b": "(b) JAX 1 seed", "s": "(s) JAX 1 seed, shuffled batches",
-             "c-vmap": "(c) JAX 3 seeds vmapped",
-             "c-int": "(c) JAX 3 seeds stepped in turn", "f": "(f) JAX 1 seed, bfloat16 matmuls"}
-    units = {"seconds_per_epoch": "s/epoch", "real_utterances_per_s": "real utt/s", "compile_s": "s compile",
-             "init_s": "s init", "num_shapes": "compiled shapes", "padding_efficiency": "padding efficiency",
-             "padded_utterances": "padded utterances/epoch/seed", "peak_rss_mib": "MiB peak RSS",
-             "eval_utterances_per_s": "real utt/s evaluating", "cores_busy": "cores busy training"}
+    print(
+        f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu_model']}, "
+        f"jax {result['machine']['jax']}, torch {result['machine']['torch']}; dims {result['dims']}"
+    )
+    names = {
+        "a": "(a) PyTorch, pad to batch max",
+        "b-cold": "(b) JAX 1 seed, cold cache",
+        "b": "(b) JAX 1 seed",
+        "s": "(s) JAX 1 seed, shuffled batches",
+        "c-vmap": "(c) JAX 3 seeds vmapped",
+        "c-int": "(c) JAX 3 seeds stepped in turn",
+        "f": "(f) JAX 1 seed, bfloat16 matmuls",
+    }
+    units = {
+        "seconds_per_epoch": "s/epoch",
+        "real_utterances_per_s": "real utt/s",
+        "compile_s": "s compile",
+        "init_s": "s init",
+        "num_shapes": "compiled shapes",
+        "padding_efficiency": "padding efficiency",
+        "padded_utterances": "padded utterances/epoch/seed",
+        "peak_rss_mib": "MiB peak RSS",
+        "eval_utterances_per_s": "real utt/s evaluating",
+        "cores_busy": "cores busy training",
+    }
     for tag, figures in result["median"].items():
         for key, unit in units.items():
             value = figures.get(key)
             if value is not None:
-                print(f"{names.get(tag, tag)}: {value:.3f} {unit}" if isinstance(value, float)
-                      else f"{names.get(tag, tag)}: {value} {unit}")
+                print(
+                    f"{names.get(tag, tag)}: {value:.3f} {unit}"
+                    if isinstance(value, float)
+                    else f"{names.get(tag, tag)}: {value} {unit}"
+                )
     for key, value in result["ratios"].items():
         print(f"ratio {key}: {value:.3f}")
     for key, value in result["protocol_estimate"].items():
-        print(f"protocol estimate {key}: {value:.2f}" if isinstance(value, float) else f"protocol estimate {key}: {value}")
+        print(
+            f"protocol estimate {key}: {value:.2f}" if isinstance(value, float) else f"protocol estimate {key}: {value}"
+        )
     for key, value in result["targets_met"].items():
         print(f"target {key}: {'met' if value else 'NOT met'}")
 
@@ -372,14 +488,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", choices=sorted(DIMS), default="paper", help="paper (default) or tiny (smoke test)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up (default 1)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved; "
-                        "the summary takes medians (default 1)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="PyTorch intra-op threads for (a) (default: PyTorch's own choice, one per core)")
-    parser.add_argument("--skip-cold", action="store_true",
-                        help="no separate cold-compile run (b then compiles on the fresh cache itself)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)} (default all)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat all variants this many times, interleaved; the summary takes medians (default 1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="PyTorch intra-op threads for (a) (default: PyTorch's own choice, one per core)",
+    )
+    parser.add_argument(
+        "--skip-cold",
+        action="store_true",
+        help="no separate cold-compile run (b then compiles on the fresh cache itself)",
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "train_epoch.json"), help="results JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="sequential", help=argparse.SUPPRESS)

@@ -29,8 +29,10 @@ def summary(store: FeatureStore) -> str:
         record = store.encoders.get(modality)
         if record is not None:
             fold = f"fold {record['fold']}, " if record.get("fold") is not None else ""
-            lines.append(f"    encoder: {fold}fine-tuned on {', '.join(record['trained_on']) or 'no session'}, "
-                         f"selected on {', '.join(record['selected_on']) or 'no session'}")
+            lines.append(
+                f"    encoder: {fold}fine-tuned on {', '.join(record['trained_on']) or 'no session'}, "
+                f"selected on {', '.join(record['selected_on']) or 'no session'}"
+            )
     return "\n".join(lines)
 
 

@@ -114,8 +114,12 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
         raise StoreError([_not_readable(path)]) from None
     except NotADirectoryError:
         file = next((p for p in reversed(path.parents) if p.is_file()), Path(dataset_dir))
-        raise StoreError([f"{file}: is a file, not a store folder — pass the dataset folder <root>/<dataset>, "
-                          f"the one that holds {MANIFEST}"]) from None
+        raise StoreError(
+            [
+                f"{file}: is a file, not a store folder — pass the dataset folder <root>/<dataset>, "
+                f"the one that holds {MANIFEST}"
+            ]
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError([f"{path}: not valid JSON ({e}) — rewrite the manifest per DESIGN §2"]) from None
     if not isinstance(manifest, dict):
@@ -139,10 +143,12 @@ def init_store(
     if path.exists():
         manifest = read_manifest(dataset_dir)
         if list(manifest.get("label_names", [])) != list(label_names):
-            raise StoreError([
-                f"{path}: label_names {manifest.get('label_names')} differ from {list(label_names)} — "
-                "write into a fresh --out, or delete the old store"
-            ])
+            raise StoreError(
+                [
+                    f"{path}: label_names {manifest.get('label_names')} differ from {list(label_names)} — "
+                    "write into a fresh --out, or delete the old store"
+                ]
+            )
         merged = list(manifest.get("splits", []))
         merged += [s for s in splits if s not in merged]
         manifest["splits"] = merged
@@ -172,10 +178,12 @@ def write_index(
     conversation_ids = np.asarray(conversation_ids, dtype=str)
     labels = np.asarray(labels, dtype=np.int32)
     if not utterance_ids.shape == conversation_ids.shape == labels.shape or utterance_ids.ndim != 1:
-        raise StoreError([
-            f"{path}: utterance_id {utterance_ids.shape}, conversation_id {conversation_ids.shape} and "
-            f"label {labels.shape} must be 1-D of one length — pass one entry per utterance"
-        ])
+        raise StoreError(
+            [
+                f"{path}: utterance_id {utterance_ids.shape}, conversation_id {conversation_ids.shape} and "
+                f"label {labels.shape} must be 1-D of one length — pass one entry per utterance"
+            ]
+        )
     problems = _conversation_problems(path, conversation_ids)
     if problems:
         raise StoreError(problems)
@@ -187,10 +195,12 @@ def write_index(
             and np.array_equal(old["label"], labels)
         )
         if not same:
-            raise StoreError([
-                f"{path}: exists and lists other utterances or labels — modalities of one store must "
-                "share one index; write into a fresh --out or delete this split"
-            ])
+            raise StoreError(
+                [
+                    f"{path}: exists and lists other utterances or labels — modalities of one store must "
+                    "share one index; write into a fresh --out or delete this split"
+                ]
+            )
         return
     with _atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
@@ -223,16 +233,20 @@ def write_modality(
         raise StoreError([f"{index_path}: missing — call write_index for split '{split}' before its features"])
     n = len(_load_index(index_path)["label"])
     if features.shape[0] != n:
-        raise StoreError([f"{path}: {features.shape[0]} rows but {index_path} lists {n} utterances — one row per utterance"])
+        raise StoreError(
+            [f"{path}: {features.shape[0]} rows but {index_path} lists {n} utterances — one row per utterance"]
+        )
     if not np.isfinite(features).all():
         raise StoreError([f"{path}: features contain NaN or Inf — fix the encoder output before writing"])
     manifest = read_manifest(dataset_dir)
     declared = manifest.setdefault("modalities", {}).get(modality)
     if declared and (declared["dim"] != features.shape[1] or declared["dtype"] != features.dtype.name):
-        raise StoreError([
-            f"{path}: [{features.shape[1]}] {features.dtype.name} disagrees with the manifest's "
-            f"[{declared['dim']}] {declared['dtype']} for other splits — write every split with one encoder"
-        ])
+        raise StoreError(
+            [
+                f"{path}: [{features.shape[1]}] {features.dtype.name} disagrees with the manifest's "
+                f"[{declared['dim']}] {declared['dtype']} for other splits — write every split with one encoder"
+            ]
+        )
     if encoder_sessions is not None:
         problems = _encoder_problems(dataset_dir / MANIFEST, modality, encoder_sessions)
         if problems:
@@ -244,9 +258,11 @@ def write_modality(
         encoders = {}
     encoders.pop(modality, None)
     if encoder_sessions is not None:
-        encoders[modality] = {"fold": encoder_sessions.get("fold"),
-                              "trained_on": list(encoder_sessions["trained_on"]),
-                              "selected_on": list(encoder_sessions["selected_on"])}
+        encoders[modality] = {
+            "fold": encoder_sessions.get("fold"),
+            "trained_on": list(encoder_sessions["trained_on"]),
+            "selected_on": list(encoder_sessions["selected_on"]),
+        }
     if encoders:
         manifest["encoders"] = encoders
     manifest["modalities"][modality] = {
@@ -308,11 +324,13 @@ class Split:
         try:
             return self._features[modality]
         except KeyError:
-            raise StoreError([
-                f"{self.directory / (modality + '.npy')}: modality '{modality}' is not in this store "
-                f"(it has {sorted(self._features)}) — extract it with python -m encoders_torch.extract "
-                f"--modality {modality}, or choose a variant that does not need it"
-            ]) from None
+            raise StoreError(
+                [
+                    f"{self.directory / (modality + '.npy')}: modality '{modality}' is not in this store "
+                    f"(it has {sorted(self._features)}) — extract it with python -m encoders_torch.extract "
+                    f"--modality {modality}, or choose a variant that does not need it"
+                ]
+            ) from None
 
     def conversations(self) -> list[Conversation]:
         """Conversations in file order, each a contiguous row range."""
@@ -356,10 +374,12 @@ class FeatureStore:
         try:
             return self._splits[name]
         except KeyError:
-            raise StoreError([
-                f"{self.directory / MANIFEST}: no split '{name}' (it has {list(self._splits)}) — "
-                f"extract the '{name}' split, or see the trainer's --no-val flag"
-            ]) from None
+            raise StoreError(
+                [
+                    f"{self.directory / MANIFEST}: no split '{name}' (it has {list(self._splits)}) — "
+                    f"extract the '{name}' split, or see the trainer's --no-val flag"
+                ]
+            ) from None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "FeatureStore":
@@ -390,8 +410,10 @@ class FeatureStore:
                 continue
             problems += _index_problems(split_dir / INDEX, index, n_labels)
             if name in LABELLED_SPLITS and len(index["label"]) and np.all(index["label"] < 0):
-                problems.append(f"{split_dir / INDEX}: no labelled utterance (every label is -1), but the {name} "
-                                f"split needs labels — write the class indices with bridges.write_index")
+                problems.append(
+                    f"{split_dir / INDEX}: no labelled utterance (every label is -1), but the {name} "
+                    f"split needs labels — write the class indices with bridges.write_index"
+                )
             features = {}
             for modality, spec in manifest["modalities"].items():
                 array, issue = _open_modality(split_dir / f"{modality}.npy", spec, len(index["label"]))
@@ -411,7 +433,7 @@ class FeatureStore:
             for modality in self.manifest["modalities"]:
                 array = split.features(modality)
                 for start in range(0, len(array), _FINITE_CHECK_ROWS):
-                    chunk = np.asarray(array[start:start + _FINITE_CHECK_ROWS])
+                    chunk = np.asarray(array[start : start + _FINITE_CHECK_ROWS])
                     if not np.isfinite(chunk).all():
                         row = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
                         problems.append(
@@ -436,8 +458,10 @@ def _manifest_problems(path: Path, manifest: dict) -> list[str]:
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         problems.append(f"{path}: label_names must be a non-empty list of strings — {fix}")
     elif len(labels) < 2:
-        problems.append(f"{path}: label_names lists {len(labels)} class ({labels[0]!r}); emotion recognition needs "
-                        f"at least two — list every class of the corpus in label_names")
+        problems.append(
+            f"{path}: label_names lists {len(labels)} class ({labels[0]!r}); emotion recognition needs "
+            f"at least two — list every class of the corpus in label_names"
+        )
     splits = manifest.get("splits")
     if not isinstance(splits, list) or not splits:
         problems.append(f"{path}: splits must be a non-empty list such as {list(SPLITS)} — {fix}")
@@ -449,15 +473,19 @@ def _manifest_problems(path: Path, manifest: dict) -> list[str]:
             if not isinstance(spec, dict) or not isinstance(spec.get("dim"), int) or spec.get("dim", 0) <= 0:
                 problems.append(f"{path}: modality '{name}' needs a positive integer 'dim' — {fix}")
             elif spec.get("dtype") not in DTYPES:
-                problems.append(f"{path}: modality '{name}' has dtype {spec.get('dtype')!r}, expected one of {DTYPES} — {fix}")
+                problems.append(
+                    f"{path}: modality '{name}' has dtype {spec.get('dtype')!r}, expected one of {DTYPES} — {fix}"
+                )
     encoders = manifest.get("encoders", {})
     if not isinstance(encoders, dict):
         problems.append(f"{path}: encoders must be an object mapping a modality to its encoder's sessions — {fix}")
     else:
         for name, record in encoders.items():
             if isinstance(modalities, dict) and name not in modalities:
-                problems.append(f"{path}: encoders lists modality '{name}', which the manifest does not declare — "
-                                f"drop that entry, or re-extract the modality")
+                problems.append(
+                    f"{path}: encoders lists modality '{name}', which the manifest does not declare — "
+                    f"drop that entry, or re-extract the modality"
+                )
             else:
                 problems += _encoder_problems(path, name, record)
     return problems
@@ -484,7 +512,9 @@ def _index_problems(path: Path, index: dict[str, np.ndarray], n_labels: int) -> 
     if len({s for s in n.values()}) != 1 or index["label"].ndim != 1:
         return [f"{path}: arrays disagree in shape {n} — one entry per utterance in each"]
     if not np.issubdtype(index["label"].dtype, np.integer):
-        return [f"{path}: label has dtype {index['label'].dtype}, expected int32 — store class indices, -1 if unlabelled"]
+        return [
+            f"{path}: label has dtype {index['label'].dtype}, expected int32 — store class indices, -1 if unlabelled"
+        ]
     labels = index["label"]
     bad = (labels < -1) | (labels >= n_labels)
     problems = []
@@ -511,7 +541,13 @@ def _open_modality(path: Path, spec: dict, n_rows: int) -> tuple[np.ndarray | No
     if array.shape[0] != n_rows:
         return None, f"{path}: {array.shape[0]} rows but the index lists {n_rows} utterances — re-extract this split"
     if array.shape[1] != spec["dim"]:
-        return None, f"{path}: dim {array.shape[1]} but the manifest says {spec['dim']} — re-extract, or fix the manifest"
+        return (
+            None,
+            f"{path}: dim {array.shape[1]} but the manifest says {spec['dim']} — re-extract, or fix the manifest",
+        )
     if array.dtype.name != spec["dtype"]:
-        return None, f"{path}: dtype {array.dtype.name} but the manifest says {spec['dtype']} — re-extract, or fix the manifest"
+        return (
+            None,
+            f"{path}: dtype {array.dtype.name} but the manifest says {spec['dtype']} — re-extract, or fix the manifest",
+        )
     return array, None

@@ -57,7 +57,9 @@ def _read_wav(path: Path) -> np.ndarray:
         raise AudioError(f"{path}: not a PCM wav ({e}) — convert it to 16-bit PCM, or install ffmpeg") from None
     if width == 3:
         bytes3 = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        samples = (bytes3[:, 0].astype(np.int32) | bytes3[:, 1].astype(np.int32) << 8 | bytes3[:, 2].astype(np.int32) << 16)
+        samples = (
+            bytes3[:, 0].astype(np.int32) | bytes3[:, 1].astype(np.int32) << 8 | bytes3[:, 2].astype(np.int32) << 16
+        )
         samples = np.where(samples >= 1 << 23, samples - (1 << 24), samples).astype(np.float32) / (1 << 23)
     elif width in _PCM_DTYPES:
         samples = np.frombuffer(raw, _PCM_DTYPES[width]).astype(np.float32)
@@ -79,9 +81,25 @@ def _read_ffmpeg(path: Path) -> np.ndarray:
             "(apt-get install ffmpeg) or convert the clips to .wav beside them"
         )
     done = subprocess.run(
-        [ffmpeg, "-nostdin", "-loglevel", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"],
+        [
+            ffmpeg,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-",
+        ],
         capture_output=True,
     )
     if done.returncode != 0:
-        raise AudioError(f"{path}: ffmpeg failed ({done.stderr.decode(errors='replace').strip()[:200]}) — check the file")
+        raise AudioError(
+            f"{path}: ffmpeg failed ({done.stderr.decode(errors='replace').strip()[:200]}) — check the file"
+        )
     return np.frombuffer(done.stdout, np.int16).astype(np.float32) / 32768.0

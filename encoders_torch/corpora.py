@@ -58,7 +58,11 @@ _IEMOCAP_SUMMARY = re.compile(r"^\[(\d+(?:\.\d+)?) - (\d+(?:\.\d+)?)\]\t(\S+)\t(
 _IEMOCAP_TRANSCRIPT = re.compile(r"^(\S+) \[[\d.]+-[\d.]+\]:\s?(.*)$")
 _MELD_FILES = {"train": "train_sent_emo.csv", "val": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 _MELD_AUDIO_DIRS = {"train": "train_splits", "val": "dev_splits_complete", "test": "output_repeated_splits_test"}
-_EMORYNLP_FILES = {"train": "emorynlp_train_final.csv", "val": "emorynlp_dev_final.csv", "test": "emorynlp_test_final.csv"}
+_EMORYNLP_FILES = {
+    "train": "emorynlp_train_final.csv",
+    "val": "emorynlp_dev_final.csv",
+    "test": "emorynlp_test_final.csv",
+}
 _MOSI_PAPER_SPLIT = (49, 13, 31)
 
 
@@ -212,13 +216,15 @@ def read_iemocap(root: str | Path, require: Sequence[str] = ("text",), on_missin
             for _, utt_id, code in sorted(timed):
                 conv_id = utt_id.rsplit("_", 1)[0]
                 session = int(utt_id[3:5])
-                items.append(_Draft(
-                    id=utt_id,
-                    speaker=utt_id.rsplit("_", 1)[1][0],
-                    transcript=transcripts.get(utt_id),
-                    audio=session_dir / "sentences" / "wav" / conv_id / f"{utt_id}.wav",
-                    label=_IEMOCAP_CODES.get(code, code),
-                ))
+                items.append(
+                    _Draft(
+                        id=utt_id,
+                        speaker=utt_id.rsplit("_", 1)[1][0],
+                        transcript=transcripts.get(utt_id),
+                        audio=session_dir / "sentences" / "wav" / conv_id / f"{utt_id}.wav",
+                        label=_IEMOCAP_CODES.get(code, code),
+                    )
+                )
             split = _IEMOCAP_SPLIT_OF_SESSION[session]
             drafts[split].append((dialog, items))
     return _finish("iemocap", drafts, require, on_missing, str(root), lambda code: code in _IEMOCAP_OTHER_CODES)
@@ -249,13 +255,18 @@ def read_meld(root: str | Path, require: Sequence[str] = ("text",), on_missing: 
         for row in _read_csv(root / filename):
             d, u = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
             utt_id = f"dia{d}_utt{u}"
-            dialogues.setdefault(d, []).append((u, _Draft(
-                id=utt_id,
-                speaker=row["Speaker"],
-                transcript=row["Utterance"],
-                audio=_meld_audio(audio_dir, utt_id),
-                label=row["Emotion"].strip().lower(),
-            )))
+            dialogues.setdefault(d, []).append(
+                (
+                    u,
+                    _Draft(
+                        id=utt_id,
+                        speaker=row["Speaker"],
+                        transcript=row["Utterance"],
+                        audio=_meld_audio(audio_dir, utt_id),
+                        label=row["Emotion"].strip().lower(),
+                    ),
+                )
+            )
         drafts[split] = [
             (f"dia{d}", [draft for _, draft in sorted(items, key=lambda x: x[0])])
             for d, items in sorted(dialogues.items())
@@ -320,7 +331,9 @@ def _find_one(root: Path, filename: str) -> Path:
     return found[0]
 
 
-def _mosi_splits(videos: list[str], split: str, folds: str | Path | None, root: Path, labels_path: Path) -> dict[str, str]:
+def _mosi_splits(
+    videos: list[str], split: str, folds: str | Path | None, root: Path, labels_path: Path
+) -> dict[str, str]:
     if split == "paper":
         if len(videos) != sum(_MOSI_PAPER_SPLIT):
             raise CorpusError(
@@ -337,7 +350,9 @@ def _mosi_splits(videos: list[str], split: str, folds: str | Path | None, root: 
         raise CorpusError(f"{path}: keys {sorted(listed)} — it must hold lists 'train', 'val', 'test' of video ids")
     unknown = [v for s in SPLITS for v in listed[s] if v not in videos]
     if unknown:
-        raise CorpusError(f"{path}: {len(unknown)} video ids (e.g. {unknown[0]}) are not in {labels_path.name} — check the folds file")
+        raise CorpusError(
+            f"{path}: {len(unknown)} video ids (e.g. {unknown[0]}) are not in {labels_path.name} — check the folds file"
+        )
     return {v: s for s in SPLITS for v in listed[s]}
 
 
@@ -367,13 +382,18 @@ def read_emorynlp(root: str | Path, require: Sequence[str] = ("text",), on_missi
         for row in _read_csv(root / filename):
             key = (int(row["Season"]), int(row["Episode"]), int(row["Scene_ID"]))
             u = int(row["Utterance_ID"])
-            scenes.setdefault(key, []).append((u, _Draft(
-                id=f"s{key[0]}_e{key[1]}_c{key[2]}_u{u}",
-                speaker=_speaker_list(row["Speaker"]),
-                transcript=row["Utterance"],
-                audio=None,
-                label=row["Emotion"].strip().lower(),
-            )))
+            scenes.setdefault(key, []).append(
+                (
+                    u,
+                    _Draft(
+                        id=f"s{key[0]}_e{key[1]}_c{key[2]}_u{u}",
+                        speaker=_speaker_list(row["Speaker"]),
+                        transcript=row["Utterance"],
+                        audio=None,
+                        label=row["Emotion"].strip().lower(),
+                    ),
+                )
+            )
         drafts[split] = [
             (f"s{s}_e{e}_c{c}", [d for _, d in sorted(items, key=lambda x: x[0])])
             for (s, e, c), items in sorted(scenes.items())

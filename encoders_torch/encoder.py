@@ -64,7 +64,9 @@ def attach_lora(
     """
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise EncoderError(f"--adapter {adapter}: no adapter_config.json — pass a folder written by a fine-tuning run")
+            raise EncoderError(
+                f"--adapter {adapter}: no adapter_config.json — pass a folder written by a fine-tuning run"
+            )
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     targets = list(settings.target_modules) if settings.target_modules else default_targets(model, scope)
     if scope:

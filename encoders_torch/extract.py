@@ -54,8 +54,25 @@ import transformers
 import bridges
 from encoders_torch.audio import AudioError
 from encoders_torch.corpora import DATASETS, SPLITS, Conversation, Corpus, CorpusError, Utterance, read_corpus
-from encoders_torch.encoder import EmotionModel, EncoderError, LoraSettings, UtteranceEncoder, file_digest, resolve_device
-from encoders_torch.finetune import ADAPTER, TRAINING, TrainConfig, fit, is_trained, save_trained, weighted_f1, autocast, to_device
+from encoders_torch.encoder import (
+    EmotionModel,
+    EncoderError,
+    LoraSettings,
+    UtteranceEncoder,
+    file_digest,
+    resolve_device,
+)
+from encoders_torch.finetune import (
+    ADAPTER,
+    TRAINING,
+    TrainConfig,
+    autocast,
+    fit,
+    is_trained,
+    save_trained,
+    to_device,
+    weighted_f1,
+)
 from encoders_torch.heads import HEAD_CONFIG, HEAD_WEIGHTS, ClassifierHead, HeadConfig
 
 
@@ -112,12 +129,16 @@ def encoder_sessions(args: argparse.Namespace, info: dict, trained_dir: Path) ->
     test = iemocap_fold(args.fold)["test"][0]
     fix = "drop --adapter (or pass --retrain) to fine-tune on the fold's train sessions"
     if sessions is None:
-        raise EncoderError(f"{trained_dir}: its {TRAINING} does not record the sessions it was fine-tuned on, so "
-                           f"fold {args.fold}'s test session {test} cannot be shown unseen — {fix}")
+        raise EncoderError(
+            f"{trained_dir}: its {TRAINING} does not record the sessions it was fine-tuned on, so "
+            f"fold {args.fold}'s test session {test} cannot be shown unseen — {fix}"
+        )
     if test in sessions["trained_on"] + sessions["selected_on"]:
-        raise EncoderError(f"{trained_dir}: fine-tuned on {', '.join(sessions['trained_on'])} and selected on "
-                           f"{', '.join(sessions['selected_on'])}, which includes fold {args.fold}'s test session "
-                           f"{test} — {fix}")
+        raise EncoderError(
+            f"{trained_dir}: fine-tuned on {', '.join(sessions['trained_on'])} and selected on "
+            f"{', '.join(sessions['selected_on'])}, which includes fold {args.fold}'s test session "
+            f"{test} — {fix}"
+        )
     return {"fold": args.fold, **sessions}
 
 
@@ -131,11 +152,20 @@ def build_encoder(args: argparse.Namespace, adapter: Path | None, dtype: torch.d
     if args.modality == "text":
         from encoders_torch.text_encoder import TextEncoder
 
-        return TextEncoder(args.model, lora, adapter, max_length=args.max_length, template=args.template,
-                           gguf_file=args.gguf_file, dtype=dtype)
+        return TextEncoder(
+            args.model,
+            lora,
+            adapter,
+            max_length=args.max_length,
+            template=args.template,
+            gguf_file=args.gguf_file,
+            dtype=dtype,
+        )
     from encoders_torch.speech_encoder import build_speech_encoder
 
-    return build_speech_encoder(args.model, lora, adapter, max_seconds=args.max_seconds, prompt=args.prompt, dtype=dtype)
+    return build_speech_encoder(
+        args.model, lora, adapter, max_seconds=args.max_seconds, prompt=args.prompt, dtype=dtype
+    )
 
 
 @torch.no_grad()
@@ -161,8 +191,13 @@ def embed_split(
     chunk_size = max(batch_size, chunk_size - chunk_size % batch_size)
     order = np.argsort([model.encoder.length(u) for u in utterances], kind="stable")
     meta_path = work_dir / "meta.json"
-    meta = {"fingerprint": fingerprint, "n": len(utterances), "batch_size": batch_size, "chunk_size": chunk_size,
-            "order": hashlib.sha256(order.astype(np.int64).tobytes()).hexdigest()[:16]}
+    meta = {
+        "fingerprint": fingerprint,
+        "n": len(utterances),
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "order": hashlib.sha256(order.astype(np.int64).tobytes()).hexdigest()[:16],
+    }
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -173,14 +208,16 @@ def embed_split(
     n_chunks = -(-len(order) // chunk_size)
     done = 0
     for k in range(n_chunks):
-        rows = order[k * chunk_size:(k + 1) * chunk_size]
+        rows = order[k * chunk_size : (k + 1) * chunk_size]
         path = work_dir / f"chunk_{k:05d}.npz"
         if not path.exists():
             parts = []
             for start in range(0, len(rows), batch_size):
-                idx = rows[start:start + batch_size]
+                idx = rows[start : start + batch_size]
                 with autocast(device, dtype):
-                    out_logits, out_embedding = model(to_device(model.encoder.collate([utterances[i] for i in idx]), device))
+                    out_logits, out_embedding = model(
+                        to_device(model.encoder.collate([utterances[i] for i in idx]), device)
+                    )
                 parts.append((out_embedding.float().cpu().numpy(), out_logits.float().cpu().numpy()))
             tmp = path.with_name(f".{path.name}.tmp.npz")
             np.savez(tmp, embedding=np.concatenate([p[0] for p in parts]), logits=np.concatenate([p[1] for p in parts]))
@@ -198,7 +235,8 @@ def _check_decoder(splits: dict[str, list[Utterance]], data_root: str) -> None:
     other = [u.audio for us in splits.values() for u in us if u.audio.suffix.lower() != ".wav"]
     if other and shutil.which("ffmpeg") is None:
         raise AudioError(
-            f"--data-root {data_root}: {len(other)} audio files are {sorted({p.suffix for p in other})} (e.g. {other[0].name}) "
+            f"--data-root {data_root}: {len(other)} audio files are {sorted({p.suffix for p in other})} "
+            f"(e.g. {other[0].name}) "
             "and reading them needs ffmpeg, which is not installed — install it (apt-get install ffmpeg) "
             "or convert the clips to 16 kHz .wav beside them"
         )
@@ -209,39 +247,64 @@ def checkpoint_dir(trained_dir: Path) -> Path:
     return trained_dir.with_name(f".{trained_dir.name}.checkpoint")
 
 
-def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, list[Utterance]], trained_dir: Path,
-                   device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> tuple[EmotionModel, dict]:
+def _trained_model(
+    args: argparse.Namespace,
+    corpus: Corpus,
+    splits: dict[str, list[Utterance]],
+    trained_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None],
+) -> tuple[EmotionModel, dict]:
     """Loads the trained folder when it exists, else fine-tunes and saves it there."""
     if is_trained(trained_dir) and not args.retrain:
         info = json.loads((trained_dir / TRAINING).read_text())
         if info["label_names"] != list(corpus.label_names):
-            raise EncoderError(f"--adapter {trained_dir}: trained for labels {info['label_names']}, "
-                               f"not {list(corpus.label_names)} — pass an adapter trained on {corpus.name}")
+            raise EncoderError(
+                f"--adapter {trained_dir}: trained for labels {info['label_names']}, "
+                f"not {list(corpus.label_names)} — pass an adapter trained on {corpus.name}"
+            )
         log(f"using the trained adapter and head in {trained_dir}")
         if not args.adapter:
             shutil.rmtree(checkpoint_dir(trained_dir), ignore_errors=True)
         encoder = build_encoder(args, trained_dir / ADAPTER, dtype)
         return EmotionModel(encoder, ClassifierHead.load(trained_dir)), info
     if args.adapter:
-        raise EncoderError(f"--adapter {trained_dir}: no {TRAINING} and {ADAPTER}/ — pass a folder written by this command")
+        raise EncoderError(
+            f"--adapter {trained_dir}: no {TRAINING} and {ADAPTER}/ — pass a folder written by this command"
+        )
     if args.epochs < 1 or args.patience < 0:
-        raise EncoderError(f"--epochs {args.epochs} --patience {args.patience}: epochs must be 1 or more, patience 0 (off) or more")
+        raise EncoderError(
+            f"--epochs {args.epochs} --patience {args.patience}: epochs must be 1 or more, patience 0 (off) or more"
+        )
     torch.manual_seed(args.seed)
     encoder = build_encoder(args, None, dtype)
-    head = ClassifierHead(HeadConfig(
-        input_dim=encoder.hidden_size,
-        num_classes=len(corpus.label_names),
-        pooling=encoder.pooling,
-        embedding_dim=args.embedding_dim,
-        dropout=args.head_dropout,
-    ))
+    head = ClassifierHead(
+        HeadConfig(
+            input_dim=encoder.hidden_size,
+            num_classes=len(corpus.label_names),
+            pooling=encoder.pooling,
+            embedding_dim=args.embedding_dim,
+            dropout=args.head_dropout,
+        )
+    )
     model = EmotionModel(encoder, head)
-    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                         head_lr=args.head_lr, gamma=args.gamma, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                         log_every=args.log_every)
+    config = TrainConfig(
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        gamma=args.gamma,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
-    log(f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
-        f"{len(splits['train'])} train / {len(splits['val'])} val utterances, device {device}")
+    log(
+        f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
+        f"{len(splits['train'])} train / {len(splits['val'])} val utterances, device {device}"
+    )
     checkpoint = checkpoint_dir(trained_dir)
     history = fit(model, splits["train"], splits["val"], config, device, dtype, log, checkpoint)
     info = {
@@ -252,8 +315,11 @@ def _trained_model(args: argparse.Namespace, corpus: Corpus, splits: dict[str, l
         "history": history,
         "encoder": encoder.source(),
         "head": dataclasses.asdict(head.config),
-        **({"sessions": {"trained_on": _sessions(splits["train"]), "selected_on": _sessions(splits["val"])}}
-           if corpus.name == "iemocap" else {}),
+        **(
+            {"sessions": {"trained_on": _sessions(splits["train"]), "selected_on": _sessions(splits["val"])}}
+            if corpus.name == "iemocap"
+            else {}
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_trained(trained_dir, model, info)
@@ -266,8 +332,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Fine-tunes or loads, embeds every split, writes the store; returns per-split weighted F1 of the head."""
     started = time.time()
     if args.fold is not None and args.dataset != "iemocap":
-        raise EncoderError(f"--fold {args.fold} with --dataset {args.dataset}: leave-one-session-out folds exist for "
-                           f"IEMOCAP only — drop --fold to extract {args.dataset}'s own splits")
+        raise EncoderError(
+            f"--fold {args.fold} with --dataset {args.dataset}: leave-one-session-out folds exist for "
+            f"IEMOCAP only — drop --fold to extract {args.dataset}'s own splits"
+        )
     if args.fold is not None:
         iemocap_fold(args.fold)  # a fold that does not exist stops here
     require = ("text",) if args.modality == "text" else ("audio",)
@@ -291,8 +359,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     trained_dir = Path(args.adapter) if args.adapter else dataset_dir / "adapters" / args.modality
     model, info = _trained_model(args, corpus, splits, trained_dir, device, dtype, log)
     sessions = encoder_sessions(args, info, trained_dir)
-    trained_digest = file_digest([trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG,
-                                  *sorted((trained_dir / ADAPTER).glob("*.safetensors"))])
+    trained_digest = file_digest(
+        [trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG, *sorted((trained_dir / ADAPTER).glob("*.safetensors"))]
+    )
     dataset_dir = bridges.init_store(args.out, name, corpus.label_names, SPLITS)
     scores = {}
     work_root = dataset_dir / ".work" / args.modality
@@ -300,8 +369,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     for split in SPLITS:
         utterances = splits[split]
         fingerprint = trained_digest + hashlib.sha256("\n".join(u.id for u in utterances).encode()).hexdigest()[:16]
-        embeddings, logits = embed_split(model, utterances, work_root / split, fingerprint, args.batch_size,
-                                         args.chunk_size, device, dtype, log)
+        embeddings, logits = embed_split(
+            model, utterances, work_root / split, fingerprint, args.batch_size, args.chunk_size, device, dtype, log
+        )
         scores[split] = weighted_f1([u.label for u in utterances], logits)
         features[split] = embeddings
     source = {
@@ -320,34 +390,56 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     }
     for split in SPLITS:
         utterances = splits[split]
-        bridges.write_index(dataset_dir, split, [u.id for u in utterances],
-                            [c.id for c in conversations[split] for _ in c.utterances], [u.label for u in utterances])
-        bridges.write_modality(dataset_dir, split, args.modality, features[split].astype(args.dtype), source,
-                               sessions)
+        bridges.write_index(
+            dataset_dir,
+            split,
+            [u.id for u in utterances],
+            [c.id for c in conversations[split] for _ in c.utterances],
+            [u.label for u in utterances],
+        )
+        bridges.write_modality(dataset_dir, split, args.modality, features[split].astype(args.dtype), source, sessions)
     shutil.rmtree(work_root, ignore_errors=True)
     with contextlib.suppress(OSError):
         work_root.parent.rmdir()  # `.work` goes too once no other modality is mid-extraction
-    log(f"wrote {args.modality} [{model.head.config.embedding_dim}] to {dataset_dir}; head weighted F1 "
-        + ", ".join(f"{s} {v:.4f}" for s, v in scores.items()) + f" ({time.time() - started:.0f} s)")
+    log(
+        f"wrote {args.modality} [{model.head.config.embedding_dim}] to {dataset_dir}; head weighted F1 "
+        + ", ".join(f"{s} {v:.4f}" for s, v in scores.items())
+        + f" ({time.time() - started:.0f} s)"
+    )
     return {"scores": scores, "store": str(dataset_dir), "trained": str(trained_dir), "seconds": time.time() - started}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m encoders_torch.extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m encoders_torch.extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--data-root", required=True, help="the corpus release folder (see encoders_torch.corpora)")
     p.add_argument("--modality", required=True, choices=("text", "speech"))
     p.add_argument("--model", required=True, help="local transformers model folder")
     p.add_argument("--out", required=True, help="store root; the store is OUT/DATASET")
-    p.add_argument("--adapter", help="trained folder (adapter/, head.safetensors, training.json) to use instead of fine-tuning")
-    p.add_argument("--retrain", action="store_true", help="fine-tune again even if OUT/DATASET/adapters/MODALITY exists")
-    p.add_argument("--epochs", type=int, default=50,
-                   help="fine-tuning epochs (the paper: 50, Sec. 4.2); kept and exported are the adapter and head "
-                        "of the epoch whose pooled classifier head scores the best weighted F1 on the corpus's val "
-                        "split (the first of equal ones)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop fine-tuning once N epochs in a row bring no better val weighted F1 (default 0: off)")
+    p.add_argument(
+        "--adapter", help="trained folder (adapter/, head.safetensors, training.json) to use instead of fine-tuning"
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="fine-tune again even if OUT/DATASET/adapters/MODALITY exists"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=50,
+        help="fine-tuning epochs (the paper: 50, Sec. 4.2); kept and exported are the adapter and head "
+        "of the epoch whose pooled classifier head scores the best weighted F1 on the corpus's val "
+        "split (the first of equal ones)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="stop fine-tuning once N epochs in a row bring no better val weighted F1 (default 0: off)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -369,12 +461,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default=None, help="comma-separated Linear module names (default: attention q/v)")
     p.add_argument("--embedding-dim", type=int, default=2048)
     p.add_argument("--head-dropout", type=float, default=0.1)
-    p.add_argument("--on-missing", default="fail", choices=("fail", "skip"),
-                   help="utterances lacking transcript/audio or with unknown labels: stop, or drop them")
+    p.add_argument(
+        "--on-missing",
+        default="fail",
+        choices=("fail", "skip"),
+        help="utterances lacking transcript/audio or with unknown labels: stop, or drop them",
+    )
     p.add_argument("--mosi-split", default="paper", choices=("paper", "sdk"))
-    p.add_argument("--fold", type=int, default=None,
-                   help="IEMOCAP leave-one-session-out fold K (1-5): fine-tune on its train sessions, select on its "
-                        "val session, export every utterance to OUT/iemocap-foldK (mister_jax.folds)")
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="IEMOCAP leave-one-session-out fold K (1-5): fine-tune on its train sessions, select on its "
+        "val session, export every utterance to OUT/iemocap-foldK (mister_jax.folds)",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="dtype of the stored features")
     p.add_argument("--chunk-size", type=int, default=256, help="utterances per resumable chunk file")
     return p

@@ -73,14 +73,14 @@ def length_batches(
     lengths = np.asarray(lengths, dtype=np.float64)
     if rng is None:
         order = np.argsort(lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     order = rng.permutation(len(lengths))
     window = batch_size * _SORT_WINDOW
     batches = []
     for start in range(0, len(order), window):
-        part = order[start:start + window]
+        part = order[start : start + window]
         part = part[np.argsort(lengths[part], kind="stable")]
-        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -167,7 +167,8 @@ def make_optimizer(model: EmotionModel, config: TrainConfig) -> torch.optim.Opti
 
 
 def _fingerprint(model: EmotionModel, train: Sequence[Utterance], val: Sequence[Utterance], config: TrainConfig) -> str:
-    """What a checkpoint is tied to: settings (but those in `_RESUMABLE`), encoder, head, trainable shapes, utterances."""
+    """What a checkpoint is tied to: settings (but those in `_RESUMABLE`), encoder, head, trainable shapes,
+    utterances."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
     identity = {
         "train": settings,
@@ -180,12 +181,20 @@ def _fingerprint(model: EmotionModel, train: Sequence[Utterance], val: Sequence[
 
 
 def _epoch_dirs(checkpoint: Path) -> dict[int, Path]:
-    return {int(p.name[len(_EPOCH):]): p for p in checkpoint.glob(f"{_EPOCH}[0-9]*") if p.is_dir()}
+    return {int(p.name[len(_EPOCH) :]): p for p in checkpoint.glob(f"{_EPOCH}[0-9]*") if p.is_dir()}
 
 
-def _save_epoch(checkpoint: Path, fingerprint: str, history: dict, trainable: dict[str, torch.nn.Parameter],
-                optimizer: torch.optim.Optimizer, rng: np.random.Generator, device: torch.device) -> None:
-    """Writes the state after the last epoch of `history`, then removes the folders of other epochs than it and the best."""
+def _save_epoch(
+    checkpoint: Path,
+    fingerprint: str,
+    history: dict,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> None:
+    """Writes the state after the last epoch of `history`, then removes the folders of other epochs than it
+    and the best."""
     epoch = len(history["val_weighted_f1"]) - 1
     final = checkpoint / f"{_EPOCH}{epoch:04d}"
     tmp = checkpoint / f".{final.name}.tmp"
@@ -209,9 +218,15 @@ def _save_epoch(checkpoint: Path, fingerprint: str, history: dict, trainable: di
             (checkpoint / f"{_EPOCH}{history['best_epoch']:04d}" / _TRAINING_STATE).unlink()
 
 
-def _restore(checkpoint: Path, fingerprint: str, trainable: dict[str, torch.nn.Parameter],
-             optimizer: torch.optim.Optimizer, rng: np.random.Generator, device: torch.device,
-             log: Callable[[str], None]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+def _restore(
+    checkpoint: Path,
+    fingerprint: str,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[dict, dict[str, torch.Tensor]] | None:
     """Loads the last complete epoch into the model, optimizer and generators: (history, best weights), or None."""
     epochs = _epoch_dirs(checkpoint)
     if not epochs:
@@ -225,8 +240,10 @@ def _restore(checkpoint: Path, fingerprint: str, trainable: dict[str, torch.nn.P
     history = state["history"]
     best_dir = epochs.get(history["best_epoch"])
     if best_dir is None or not (best_dir / _WEIGHTS).is_file():
-        raise EncoderError(f"fine-tuning checkpoint {checkpoint}: the best epoch's weights ({_EPOCH}"
-                           f"{history['best_epoch']:04d}/{_WEIGHTS}) are missing — delete the folder to start over")
+        raise EncoderError(
+            f"fine-tuning checkpoint {checkpoint}: the best epoch's weights ({_EPOCH}"
+            f"{history['best_epoch']:04d}/{_WEIGHTS}) are missing — delete the folder to start over"
+        )
     with torch.no_grad():
         for n, value in load_file(last / _WEIGHTS).items():
             trainable[n].copy_(value)
@@ -236,8 +253,10 @@ def _restore(checkpoint: Path, fingerprint: str, trainable: dict[str, torch.nn.P
     if device.type == "cuda" and "cuda" in saved["rng"]:
         torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
     rng.bit_generator.state = state["numpy_rng"]
-    log(f"resuming fine-tuning from {checkpoint}: {len(history['val_weighted_f1'])} epochs done, best epoch "
-        f"{history['best_epoch'] + 1} (val weighted F1 {history['best_val_weighted_f1']:.4f})")
+    log(
+        f"resuming fine-tuning from {checkpoint}: {len(history['val_weighted_f1'])} epochs done, best epoch "
+        f"{history['best_epoch'] + 1} (val weighted F1 {history['best_val_weighted_f1']:.4f})"
+    )
     return history, load_file(best_dir / _WEIGHTS)
 
 
@@ -268,7 +287,13 @@ def fit(
     model.to(device)
     optimizer = make_optimizer(model, config)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    history = {"train_loss": [], "val_weighted_f1": [], "epoch_seconds": [], "best_epoch": -1, "best_val_weighted_f1": -1.0}
+    history = {
+        "train_loss": [],
+        "val_weighted_f1": [],
+        "epoch_seconds": [],
+        "best_epoch": -1,
+        "best_val_weighted_f1": -1.0,
+    }
     best_state = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(model, train, val, config) if checkpoint is not None else ""
@@ -286,17 +311,23 @@ def fit(
         history["train_loss"].append(loss)
         history["val_weighted_f1"].append(score)
         history["epoch_seconds"].append(round(time.time() - start, 1))
-        log(f"epoch {epoch + 1}/{config.epochs}: train focal loss {loss:.4f}, val weighted F1 {score:.4f} "
-            f"({time.time() - start:.0f} s)")
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: train focal loss {loss:.4f}, val weighted F1 {score:.4f} "
+            f"({time.time() - start:.0f} s)"
+        )
         if score > history["best_val_weighted_f1"]:
             history["best_epoch"], history["best_val_weighted_f1"] = epoch, score
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
         if checkpoint is not None:
             _save_epoch(checkpoint, fingerprint, history, trainable, optimizer, rng, device)
-    history["stopped_early"] = len(history["val_weighted_f1"]) < config.epochs and _patience_spent(history, config.patience)
+    history["stopped_early"] = len(history["val_weighted_f1"]) < config.epochs and _patience_spent(
+        history, config.patience
+    )
     if history["stopped_early"]:
-        log(f"stopped early: no better val weighted F1 in the {config.patience} epochs after epoch "
-            f"{history['best_epoch'] + 1} ({history['best_val_weighted_f1']:.4f})")
+        log(
+            f"stopped early: no better val weighted F1 in the {config.patience} epochs after epoch "
+            f"{history['best_epoch'] + 1} ({history['best_val_weighted_f1']:.4f})"
+        )
     if best_state is not None:
         with torch.no_grad():
             for n, p in trainable.items():

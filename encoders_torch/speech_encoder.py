@@ -54,8 +54,11 @@ class Qwen2AudioSpeechEncoder(UtteranceEncoder):
             self.features = WhisperFeatureExtractor.from_pretrained(str(model_path))
         else:
             self.features = WhisperFeatureExtractor(
-                feature_size=audio_config.num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=_HOP,
-                chunk_length=int(window_seconds), n_fft=400,
+                feature_size=audio_config.num_mel_bins,
+                sampling_rate=SAMPLE_RATE,
+                hop_length=_HOP,
+                chunk_length=int(window_seconds),
+                n_fft=400,
             )
         if self.features.nb_max_frames != audio_config.max_source_positions * 2:
             raise EncoderError(
@@ -68,8 +71,9 @@ class Qwen2AudioSpeechEncoder(UtteranceEncoder):
         self.prefix_ids = self._ids("<|audio_bos|>")
         self.suffix_ids = self._ids("<|audio_eos|>") + self._ids(self.prompt)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.peft_model = attach_lora(model, lora, adapter, scope="language_model",
-                                      modules_to_save=["multi_modal_projector"])
+        self.peft_model = attach_lora(
+            model, lora, adapter, scope="language_model", modules_to_save=["multi_modal_projector"]
+        )
         self.model = model
         self.hidden_size = int(model.config.text_config.hidden_size)
         self._source = {
@@ -77,8 +81,13 @@ class Qwen2AudioSpeechEncoder(UtteranceEncoder):
             "model_type": model.config.model_type,
             "max_seconds": self.max_seconds,
             "prompt": self.prompt,
-            "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "scope": "language_model",
-                     "trained_in_full": ["multi_modal_projector"]},
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "scope": "language_model",
+                "trained_in_full": ["multi_modal_projector"],
+            },
             "transformers": transformers.__version__,
         }
 
@@ -93,8 +102,9 @@ class Qwen2AudioSpeechEncoder(UtteranceEncoder):
 
     def collate(self, utterances: Sequence[Utterance]) -> dict[str, torch.Tensor]:
         waves = [load_audio(u.audio, self.max_seconds) for u in utterances]
-        features = self.features(waves, sampling_rate=SAMPLE_RATE, return_attention_mask=True,
-                                 padding="max_length", return_tensors="pt")
+        features = self.features(
+            waves, sampling_rate=SAMPLE_RATE, return_attention_mask=True, padding="max_length", return_tensors="pt"
+        )
         mel_mask = features["attention_mask"]
         _, n_audio = self.model.model.audio_tower._get_feat_extract_output_lengths(mel_mask.sum(-1))
         rows = [self.prefix_ids + [self.audio_token_id] * int(n) + self.suffix_ids for n in n_audio]
@@ -104,8 +114,12 @@ class Qwen2AudioSpeechEncoder(UtteranceEncoder):
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "input_features": features["input_features"], "feature_attention_mask": mel_mask}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "input_features": features["input_features"],
+            "feature_attention_mask": mel_mask,
+        }
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.model(
@@ -140,7 +154,8 @@ def build_speech_encoder(
         raise EncoderError(f"--model {model_path}: no usable config.json ({str(e).splitlines()[0]})") from None
     if model_type not in SPEECH_ENCODERS:
         raise EncoderError(
-            f"--model {model_path}: model_type {model_type!r} has no speech encoder (known: {sorted(SPEECH_ENCODERS)}) — "
+            f"--model {model_path}: model_type {model_type!r} has no speech encoder "
+            f"(known: {sorted(SPEECH_ENCODERS)}) — "
             "use a Qwen2-Audio checkpoint, or add an UtteranceEncoder to speech_encoder.SPEECH_ENCODERS"
         )
     return SPEECH_ENCODERS[model_type](model_path, lora, adapter, max_seconds=max_seconds, prompt=prompt, dtype=dtype)

@@ -43,7 +43,9 @@ class TextEncoder(UtteranceEncoder):
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), **extra)
             base = AutoModel.from_pretrained(str(model_path), dtype=dtype, **extra)
         except (OSError, ValueError) as e:
-            raise EncoderError(f"--model {model_path}: cannot load ({str(e).splitlines()[0]}) — pass a transformers model folder") from None
+            raise EncoderError(
+                f"--model {model_path}: cannot load ({str(e).splitlines()[0]}) — pass a transformers model folder"
+            ) from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
@@ -59,8 +61,12 @@ class TextEncoder(UtteranceEncoder):
             "gguf_file": gguf_file,
             "max_length": max_length,
             "template": template,
-            "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "target_modules": targets if isinstance(targets, str) else sorted(targets)},
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            },
             "transformers": transformers.__version__,
         }
 

@@ -18,5 +18,7 @@ def apply_modality_dropout(speech: jax.Array, text: jax.Array, rate: float, key:
     speech_side = jax.random.bernoulli(which_key, 0.5, (batch,))  # [B] True: speech is the one dropped
     keep_speech = ~(dropped & speech_side)[:, None, None]
     keep_text = ~(dropped & ~speech_side)[:, None, None]
-    return (jnp.where(keep_speech, speech, jnp.zeros((), speech.dtype)),
-            jnp.where(keep_text, text, jnp.zeros((), text.dtype)))
+    return (
+        jnp.where(keep_speech, speech, jnp.zeros((), speech.dtype)),
+        jnp.where(keep_text, text, jnp.zeros((), text.dtype)),
+    )

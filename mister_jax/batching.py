@@ -66,22 +66,29 @@ def sorted_batch_maxima(lengths: Sequence[int], batch_size: int) -> np.ndarray:
     return np.sort(np.asarray(lengths, dtype=np.int64))[::-1][::batch_size]
 
 
-def pooled_batches(lengths: np.ndarray, batch_size: int, pool_batches: int,
-                   rng: np.random.Generator) -> list[np.ndarray]:
+def pooled_batches(
+    lengths: np.ndarray, batch_size: int, pool_batches: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Conversation indices of random batches: shuffled, cut into pools of ``pool_batches · B``, each
     pool sorted by length (longest first) and cut into batches of ``B`` (the last may be shorter)."""
     order = rng.permutation(len(lengths))
     pool = pool_batches * batch_size
     batches = []
     for start in range(0, len(order), pool):
-        members = order[start:start + pool]
+        members = order[start : start + pool]
         members = members[np.argsort(-lengths[members], kind="stable")]
-        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     return batches
 
 
-def choose_pad_lengths(split_lengths: Sequence[np.ndarray], batch_size: int, num_buckets: int, multiple: int,
-                       batching: str = "sorted", pool_batches: int = 8) -> tuple[int, ...]:
+def choose_pad_lengths(
+    split_lengths: Sequence[np.ndarray],
+    batch_size: int,
+    num_buckets: int,
+    multiple: int,
+    batching: str = "sorted",
+    pool_batches: int = 8,
+) -> tuple[int, ...]:
     """The pad lengths shared by the batches of several splits (train, val, test).
 
     The least padding of: ``sorted``, the splits' sorted batch maxima; ``shuffled``, every
@@ -94,8 +101,11 @@ def choose_pad_lengths(split_lengths: Sequence[np.ndarray], batch_size: int, num
     elif batching in ("random", "bucketed"):
         pool = 1 if batching == "random" else pool_batches
         split_lengths = [np.asarray(lengths, np.int64) for lengths in split_lengths]
-        split_lengths = [[lengths[b].max() for b in pooled_batches(lengths, batch_size, pool, np.random.default_rng([draw]))]
-                         for lengths in split_lengths for draw in range(_PAD_DRAWS)]
+        split_lengths = [
+            [lengths[b].max() for b in pooled_batches(lengths, batch_size, pool, np.random.default_rng([draw]))]
+            for lengths in split_lengths
+            for draw in range(_PAD_DRAWS)
+        ]
     return bucket_lengths(np.concatenate([np.asarray(x, dtype=np.int64) for x in split_lengths]), num_buckets, multiple)
 
 
@@ -103,24 +113,26 @@ def _chunk(conversations: np.ndarray, length: int, batch_size: int) -> list[Plan
     chunks = []
     for i in range(0, len(conversations), batch_size):
         conv = np.full(batch_size, -1, dtype=np.int64)
-        conv[: len(conversations[i:i + batch_size])] = conversations[i:i + batch_size]
+        conv[: len(conversations[i : i + batch_size])] = conversations[i : i + batch_size]
         chunks.append(PlannedBatch(int(length), conv))
     return chunks
 
 
-def _sorted_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int,
-                    tie_break: np.ndarray) -> list[PlannedBatch]:
+def _sorted_batches(
+    lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, tie_break: np.ndarray
+) -> list[PlannedBatch]:
     order = np.lexsort((tie_break, -lengths))
     chunks = []
     for i in range(0, len(order), batch_size):
-        members = order[i:i + batch_size]
+        members = order[i : i + batch_size]
         pad = pad_lengths[int(assign_buckets(lengths[members[:1]], pad_lengths)[0])]
         chunks.extend(_chunk(members, pad, batch_size))
     return chunks
 
 
-def _shuffled_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int,
-                      content_rng: np.random.Generator | None) -> list[PlannedBatch]:
+def _shuffled_batches(
+    lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, content_rng: np.random.Generator | None
+) -> list[PlannedBatch]:
     bucket = assign_buckets(lengths, pad_lengths)
     chunks = []
     for b, pad in enumerate(pad_lengths):
@@ -131,8 +143,16 @@ def _shuffled_batches(lengths: np.ndarray, pad_lengths: Sequence[int], batch_siz
     return chunks
 
 
-def epoch_plan(lengths: np.ndarray, pad_lengths: Sequence[int], batch_size: int, *,
-               seed: int | None, epoch: int, batching: str = "sorted", pool_batches: int = 8) -> list[PlannedBatch]:
+def epoch_plan(
+    lengths: np.ndarray,
+    pad_lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int | None,
+    epoch: int,
+    batching: str = "sorted",
+    pool_batches: int = 8,
+) -> list[PlannedBatch]:
     """The batches of one epoch (see the module docstring); pure function of ``(seed, epoch)``.
 
     ``seed=None`` (evaluation, prediction) keeps the batches in their natural order and breaks ties by
@@ -213,18 +233,31 @@ class BatchPlanner:
         """Pad lengths for the training split's ``train_lengths [M]`` and the evaluated splits'
         ``eval_lengths`` under ``train_cfg`` (a `mister_jax.config.TrainConfig`)."""
         cfg = train_cfg
-        train_pads = choose_pad_lengths([train_lengths], cfg.batch_size, cfg.num_buckets, cfg.bucket_multiple,
-                                        cfg.batching, cfg.pool_batches)
-        eval_pads = choose_pad_lengths(list(eval_lengths), cfg.batch_size, cfg.num_buckets, cfg.bucket_multiple,
-                                       "sorted")
+        train_pads = choose_pad_lengths(
+            [train_lengths], cfg.batch_size, cfg.num_buckets, cfg.bucket_multiple, cfg.batching, cfg.pool_batches
+        )
+        eval_pads = choose_pad_lengths(
+            list(eval_lengths), cfg.batch_size, cfg.num_buckets, cfg.bucket_multiple, "sorted"
+        )
         return cls(cfg.batch_size, cfg.batching, cfg.pool_batches, train_pads, eval_pads)
 
-    def train_epoch(self, lengths: np.ndarray, seeds: Sequence[int], epoch: int,
-                    aligned: bool) -> list[list[PlannedBatch]]:
+    def train_epoch(
+        self, lengths: np.ndarray, seeds: Sequence[int], epoch: int, aligned: bool
+    ) -> list[list[PlannedBatch]]:
         """Per seed, the training batches of ``epoch``; with ``aligned`` step ``i`` has one shape for
         every seed (`align_steps`), as a step over stacked seeds needs."""
-        plans = [epoch_plan(lengths, self.train_pads, self.batch_size, seed=s, epoch=epoch,
-                            batching=self.batching, pool_batches=self.pool_batches) for s in seeds]
+        plans = [
+            epoch_plan(
+                lengths,
+                self.train_pads,
+                self.batch_size,
+                seed=s,
+                epoch=epoch,
+                batching=self.batching,
+                pool_batches=self.pool_batches,
+            )
+            for s in seeds
+        ]
         return align_steps(plans) if aligned else plans
 
     def evaluation(self, lengths: np.ndarray) -> list[PlannedBatch]:

@@ -81,16 +81,28 @@ class ModelConfig:
         _check_choice("gate", self.gate, GATES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("init", self.init, INITS)
-        for name in ("speech_dim", "text_dim", "can_hidden", "gru_layers", "fusion_dim", "fusion_layers",
-                     "attention_dim", "attention_heads", "gate_hidden", "gate_temperature"):
+        for name in (
+            "speech_dim",
+            "text_dim",
+            "can_hidden",
+            "gru_layers",
+            "fusion_dim",
+            "fusion_layers",
+            "attention_dim",
+            "attention_heads",
+            "gate_hidden",
+            "gate_temperature",
+        ):
             _check_positive(name, getattr(self, name))
         if self.num_classes < 2:
             raise ValueError(
-                f"mister_jax/config.py: num_classes={self.num_classes} must be >= 2; pass the label count.")
+                f"mister_jax/config.py: num_classes={self.num_classes} must be >= 2; pass the label count."
+            )
         if self.attention_dim % self.attention_heads:
             raise ValueError(
                 f"mister_jax/config.py: attention_dim={self.attention_dim} is not divisible by "
-                f"attention_heads={self.attention_heads}; pick sizes where it is.")
+                f"attention_heads={self.attention_heads}; pick sizes where it is."
+            )
         for name in ("can_dropout", "fusion_dropout", "attention_dropout", "modality_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"mister_jax/config.py: {name}={getattr(self, name)} must lie in [0, 1).")

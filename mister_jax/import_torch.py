@@ -21,7 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from mister_jax import atomic
 from mister_jax.checkpoint import RunCheckpoints
 from mister_jax.configs import get_config
@@ -42,7 +41,9 @@ def parse_args(argv):
     parser.add_argument("--features", default="features", help="store root; the store is ROOT/NAME")
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--attention-heads", type=int, default=3, help="heads of every attention (theirs: 3)")
-    parser.add_argument("--gate-temperature", type=float, default=2.0, help="softmax temperature of the gate (theirs: 2)")
+    parser.add_argument(
+        "--gate-temperature", type=float, default=2.0, help="softmax temperature of the gate (theirs: 2)"
+    )
     return parser.parse_args(argv)
 
 
@@ -81,10 +82,15 @@ def _main(args) -> None:
     except CheckpointFormatError as err:
         raise UsageError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
     store = open_store(args.dataset, args.features)
-    mismatch = [f"{store.directory / 'manifest.json'}: {name} {have} but the checkpoint's model has {need}"
-                for name, have, need in (("speech dim", store.modalities.get("speech", {}).get("dim"), cfg.speech_dim),
-                                         ("text dim", store.modalities.get("text", {}).get("dim"), cfg.text_dim),
-                                         ("label count", len(store.label_names), cfg.num_classes)) if have != need]
+    mismatch = [
+        f"{store.directory / 'manifest.json'}: {name} {have} but the checkpoint's model has {need}"
+        for name, have, need in (
+            ("speech dim", store.modalities.get("speech", {}).get("dim"), cfg.speech_dim),
+            ("text dim", store.modalities.get("text", {}).get("dim"), cfg.text_dim),
+            ("label count", len(store.label_names), cfg.num_classes),
+        )
+        if have != need
+    ]
     if mismatch:
         raise UsageError("\n".join(mismatch) + "\n(use the store whose features the checkpoint was trained on)")
     config = get_config(args.dataset, store.label_names, "authors-code")
@@ -92,19 +98,33 @@ def _main(args) -> None:
     _refuse_a_trained_run(out)
     out.mkdir(parents=True, exist_ok=True)
     train = dataclasses.replace(config.train, seeds=1)
-    atomic.write_json(out / "run_config.json", {
-        "dataset": args.dataset, "store": str(store.directory.resolve()), "label_names": list(store.label_names),
-        "val_source": "imported", "model": dataclasses.asdict(cfg), "loss": dataclasses.asdict(config.loss),
-        "train": dataclasses.asdict(train),
-        "imported_from": {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                          "format": "the authors' AttentionMoE state_dict (iiscleap/MiSTER-E)"}})
+    atomic.write_json(
+        out / "run_config.json",
+        {
+            "dataset": args.dataset,
+            "store": str(store.directory.resolve()),
+            "label_names": list(store.label_names),
+            "val_source": "imported",
+            "model": dataclasses.asdict(cfg),
+            "loss": dataclasses.asdict(config.loss),
+            "train": dataclasses.asdict(train),
+            "imported_from": {
+                "path": str(path.resolve()),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "format": "the authors' AttentionMoE state_dict (iiscleap/MiSTER-E)",
+            },
+        },
+    )
     ckpt = RunCheckpoints(out / "checkpoints")
     ckpt.save_best(0, 0, params)
     ckpt.close()
     ignored = sorted(k for k in sd if k.startswith(UNUSED_PREFIXES))
-    print(f"imported {path} into {out} ({len(sd)} tensors; unused keys of their AttentionMoE ignored: "
-          f"{', '.join(ignored) or 'none'}); predict with "
-          f"python -m mister_jax.predict --run {out} --dataset {args.dataset} --out predictions.jsonl", file=sys.stderr)
+    print(
+        f"imported {path} into {out} ({len(sd)} tensors; unused keys of their AttentionMoE ignored: "
+        f"{', '.join(ignored) or 'none'}); predict with "
+        f"python -m mister_jax.predict --run {out} --dataset {args.dataset} --out predictions.jsonl",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

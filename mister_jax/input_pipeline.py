@@ -80,9 +80,11 @@ def load_split(store, split: str, modalities: Sequence[str]) -> SplitData:
 def select_conversations(data: SplitData, conversations: np.ndarray, name: str) -> SplitData:
     """The sub-split made of the given conversation indices, kept in store order."""
     conversations = np.sort(np.asarray(conversations, dtype=np.int64))
-    rows = np.concatenate(
-        [np.arange(data.starts[c], data.starts[c] + data.lengths[c]) for c in conversations]
-    ) if conversations.size else np.zeros(0, dtype=np.int64)
+    rows = (
+        np.concatenate([np.arange(data.starts[c], data.starts[c] + data.lengths[c]) for c in conversations])
+        if conversations.size
+        else np.zeros(0, dtype=np.int64)
+    )
     lengths = data.lengths[conversations]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return SplitData(
@@ -104,8 +106,7 @@ def carve_validation(train: SplitData, fraction: float, seed: int = 0) -> tuple[
     m = train.num_conversations
     n_val = min(max(1, int(round(fraction * m))), m - 1)
     order = np.random.default_rng(seed).permutation(m)
-    return (select_conversations(train, order[n_val:], "train"),
-            select_conversations(train, order[:n_val], "val"))
+    return (select_conversations(train, order[n_val:], "train"), select_conversations(train, order[:n_val], "val"))
 
 
 def batch_rows(data: SplitData, planned: PlannedBatch) -> np.ndarray:
@@ -150,19 +151,23 @@ def open_store(dataset: str, features: str):
     """Opens ``features/dataset`` (building the demo store when asked for and absent)."""
     path = Path(features) / dataset
     if os.path.isfile(features):
-        raise UsageError(f"--features {features}: is a file, not a folder — pass the store root, the folder that "
-                         f"holds {dataset}/")
+        raise UsageError(
+            f"--features {features}: is a file, not a folder — pass the store root, the folder that holds {dataset}/"
+        )
     try:
         if dataset == "demo" and not (path / "manifest.json").exists():
             try:
                 build_demo_store(features)
             except OSError as err:
-                raise UsageError(f"--features {features}: cannot build the demo store there ({err.strerror}) — "
-                                 f"pass a writable --features ROOT") from None
+                raise UsageError(
+                    f"--features {features}: cannot build the demo store there ({err.strerror}) — "
+                    f"pass a writable --features ROOT"
+                ) from None
         if not path.is_dir():
             raise UsageError(
                 f"{path}: no feature store — make one with `python -m encoders_torch.extract --dataset {dataset} "
-                f"--out {features} ...`, write it by hand per DESIGN §2, or try --dataset demo")
+                f"--out {features} ...`, write it by hand per DESIGN §2, or try --dataset demo"
+            )
     except PermissionError:
         pass  # a folder on the way cannot be entered: FeatureStore.open names it
     return open_store_at(path)
@@ -192,7 +197,8 @@ def fit_to_store(config: Config, store: FeatureStore) -> Config:
         raise UsageError(
             f"{store.directory / 'manifest.json'}: variant '{config.model.variant}' needs modality "
             f"'{missing[0]}', which this store lacks — extract it with `python -m encoders_torch.extract "
-            f"--modality {missing[0]}`, or pass --variant text-only")
+            f"--modality {missing[0]}`, or pass --variant text-only"
+        )
     dims = {f"{m}_dim": store.modalities[m]["dim"] for m in MODALITIES if m in store.modalities}
     try:
         model = dataclasses.replace(config.model, num_classes=len(store.label_names), **dims)
@@ -208,19 +214,25 @@ def load_splits(store, variant: str, train_cfg, no_val: str = "carve", log=print
     ``"store"`` or ``"carved"``."""
     modalities = required_modalities(variant)
     if "train" not in store.splits or "test" not in store.splits:
-        raise UsageError(f"{store.directory / 'manifest.json'}: the store needs 'train' and 'test' splits "
-                         f"(it has {list(store.splits)}) — extract them")
+        raise UsageError(
+            f"{store.directory / 'manifest.json'}: the store needs 'train' and 'test' splits "
+            f"(it has {list(store.splits)}) — extract them"
+        )
     if not (store.split("test").labels >= 0).any():
-        raise UsageError(f"{store.directory / 'test' / 'index.npz'}: no labelled utterance (every label is -1), but "
-                         f"training scores each seed on test — write its labels with bridges.write_index "
-                         f"(python -m mister_jax.predict needs none)")
+        raise UsageError(
+            f"{store.directory / 'test' / 'index.npz'}: no labelled utterance (every label is -1), but "
+            f"training scores each seed on test — write its labels with bridges.write_index "
+            f"(python -m mister_jax.predict needs none)"
+        )
     train = load_split(store, "train", modalities)
     test = load_split(store, "test", modalities)
     if "val" in store.splits:
         return train, load_split(store, "val", modalities), test, "store"
     if no_val == "refuse":
-        raise UsageError(f"{store.directory / 'manifest.json'}: the store has no 'val' split — extract one, "
-                         f"or pass --no-val carve to carve it from train")
+        raise UsageError(
+            f"{store.directory / 'manifest.json'}: the store has no 'val' split — extract one, "
+            f"or pass --no-val carve to carve it from train"
+        )
     cfg = train_cfg
     train, val = carve_validation(train, cfg.val_fraction, cfg.val_carve_seed)
     for name, part in (("train", train), ("val", val)):
@@ -229,7 +241,11 @@ def load_splits(store, variant: str, train_cfg, no_val: str = "carve", log=print
                 f"{store.directory / 'train' / 'index.npz'}: after carving val from train ({val.num_conversations} "
                 f"of {train.num_conversations + val.num_conversations} conversations, val_carve_seed "
                 f"{cfg.val_carve_seed}), {name} has no labelled utterance — label more training conversations, "
-                f"extract a 'val' split, or pass another --set val_carve_seed=N")
-    log(f"the store has no 'val' split: carved {val.num_conversations} of {train.num_conversations + val.num_conversations} "
-        f"training conversations (fraction {cfg.val_fraction}, seed {cfg.val_carve_seed})")
+                f"extract a 'val' split, or pass another --set val_carve_seed=N"
+            )
+    log(
+        f"the store has no 'val' split: carved {val.num_conversations} of "
+        f"{train.num_conversations + val.num_conversations} "
+        f"training conversations (fraction {cfg.val_fraction}, seed {cfg.val_carve_seed})"
+    )
     return train, val, test, "carved"

@@ -27,13 +27,13 @@ Array = jax.Array
 def kernel_init(init: str, fan_in: int) -> nn.initializers.Initializer:
     """Initializer of a weight whose outputs each sum `fan_in` inputs."""
     if init == "torch":
-        return uniform_init(fan_in ** -0.5)
-    return nn.initializers.truncated_normal(fan_in ** -0.5 / _TRUNCATED_NORMAL_STD, lower=-2.0, upper=2.0)
+        return uniform_init(fan_in**-0.5)
+    return nn.initializers.truncated_normal(fan_in**-0.5 / _TRUNCATED_NORMAL_STD, lower=-2.0, upper=2.0)
 
 
 def bias_init(init: str, fan_in: int) -> nn.initializers.Initializer:
     """Initializer of the bias of a layer with inputs of width `fan_in`."""
-    return uniform_init(fan_in ** -0.5) if init == "torch" else nn.initializers.zeros_init()
+    return uniform_init(fan_in**-0.5) if init == "torch" else nn.initializers.zeros_init()
 
 
 def uniform_init(bound: float) -> nn.initializers.Initializer:

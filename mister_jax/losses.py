@@ -83,8 +83,9 @@ def _stack_modalities(m_speech: Array, m_text: Array, labels: Array, mask: Array
     return z, jnp.concatenate([labels, labels]), jnp.concatenate([mask, mask]).astype(bool)
 
 
-def supervised_contrastive_loss(m_speech: Array, m_text: Array, labels: Array, mask: Array,
-                                temperature: float) -> Array:
+def supervised_contrastive_loss(
+    m_speech: Array, m_text: Array, labels: Array, mask: Array, temperature: float
+) -> Array:
     """Supervised contrastive loss of one conversation (Khosla et al. 2020; MiSTER-E Eq. 13–14).
 
     Z = L2-normalised [M^s; M^t] (2T rows). For each anchor a, the positives P(a) are the other real
@@ -105,8 +106,9 @@ def supervised_contrastive_loss(m_speech: Array, m_text: Array, labels: Array, m
     return jnp.sum(terms) / jnp.maximum(jnp.sum(anchors), 1)
 
 
-def supervised_contrastive_loss_conversations(m_speech: Array, m_text: Array, labels: Array, mask: Array,
-                                              temperature: float) -> Array:
+def supervised_contrastive_loss_conversations(
+    m_speech: Array, m_text: Array, labels: Array, mask: Array, temperature: float
+) -> Array:
     """Eq. 14 within each conversation of a batch, averaged over all anchors of the batch.
 
     Args: m_speech, m_text [B, T, F]; labels int [B, T]; mask bool [B, T]; temperature τ.
@@ -116,13 +118,15 @@ def supervised_contrastive_loss_conversations(m_speech: Array, m_text: Array, la
       `supervised_contrastive_loss`; 0.0 when the batch has none).
     """
     per_conversation = jax.vmap(
-        lambda s, t, y, m: _contrastive_anchor_terms(*_stack_modalities(s, t, y, m), temperature))
+        lambda s, t, y, m: _contrastive_anchor_terms(*_stack_modalities(s, t, y, m), temperature)
+    )
     terms, anchors = per_conversation(m_speech, m_text, labels, mask)
     return jnp.sum(terms) / jnp.maximum(jnp.sum(anchors), 1)
 
 
-def supervised_contrastive_loss_batch(m_speech: Array, m_text: Array, labels: Array, mask: Array,
-                                      temperature: float) -> Array:
+def supervised_contrastive_loss_batch(
+    m_speech: Array, m_text: Array, labels: Array, mask: Array, temperature: float
+) -> Array:
     """Eq. 14 with all conversations of the batch pooled into one Z (the authors' code).
 
     Args: m_speech, m_text [B, T, F]; labels int [B, T]; mask bool [B, T]; temperature τ.
@@ -146,15 +150,15 @@ def kl_consistency(logits_multimodal: Array, logits_speech: Array, logits_text: 
     Returns:
       Scalar.
     """
-    log_m, log_s, log_t = (jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
-                           for x in (logits_multimodal, logits_speech, logits_text))
+    log_m, log_s, log_t = (
+        jax.nn.log_softmax(x.astype(jnp.float32), axis=-1) for x in (logits_multimodal, logits_speech, logits_text)
+    )
     p_m = jnp.exp(log_m)
     kl = jnp.sum(p_m * (2.0 * log_m - log_s - log_t), axis=-1)
     return _masked_mean(kl, mask)
 
 
-def symmetric_kl_consistency(logits_multimodal: Array, logits_speech: Array, logits_text: Array,
-                             mask: Array) -> Array:
+def symmetric_kl_consistency(logits_multimodal: Array, logits_speech: Array, logits_text: Array, mask: Array) -> Array:
     """Symmetric KL consistency over the three pairs of experts, the authors' public code's form of Eq. 17:
     (1/3) Σ_{(p, q)} [KL(p ‖ q) + KL(q ‖ p)] over (s, t), (s, m), (t, m), mean over `mask`.
 
@@ -168,8 +172,7 @@ def symmetric_kl_consistency(logits_multimodal: Array, logits_speech: Array, log
     Returns:
       Scalar.
     """
-    logs = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
-            for x in (logits_speech, logits_text, logits_multimodal)]
+    logs = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1) for x in (logits_speech, logits_text, logits_multimodal)]
     pairs = [(0, 1), (0, 2), (1, 2)]
     # KL(p ‖ q) + KL(q ‖ p) = Σ_c (p_c - q_c)(log p_c - log q_c)
     kl = sum(jnp.sum((jnp.exp(logs[i]) - jnp.exp(logs[j])) * (logs[i] - logs[j]), axis=-1) for i, j in pairs)
@@ -203,15 +206,20 @@ def total_loss(outputs, labels: Array, mask: Array, loss_cfg: LossConfig, varian
     needed = {"mister-e": _EXPERT_FIELDS, "feat-moe": _EXPERT_FIELDS, "monolithic": ("m_speech", "m_text")}
     missing = [name for name in needed.get(variant, ()) if getattr(outputs, name) is None]
     if missing:
-        raise ValueError(f"mister_jax/losses.py: variant {variant!r} needs outputs.{', '.join(missing)}, which "
-                         "the model did not produce; pass the variant the model was built with "
-                         "(ModelConfig.variant).")
+        raise ValueError(
+            f"mister_jax/losses.py: variant {variant!r} needs outputs.{', '.join(missing)}, which "
+            "the model did not produce; pass the variant the model was built with "
+            "(ModelConfig.variant)."
+        )
     mask = mask.astype(bool) & (labels >= 0)
     focal = lambda logits: focal_loss(logits, labels, mask, loss_cfg.gamma)
     terms = {"focal_moe": focal(outputs.logits)}
     if variant in ("mister-e", "feat-moe", "monolithic"):
-        contrastive = (supervised_contrastive_loss_batch if loss_cfg.contrastive_scope == "batch"
-                       else supervised_contrastive_loss_conversations)
+        contrastive = (
+            supervised_contrastive_loss_batch
+            if loss_cfg.contrastive_scope == "batch"
+            else supervised_contrastive_loss_conversations
+        )
         terms["contrastive"] = contrastive(outputs.m_speech, outputs.m_text, labels, mask, loss_cfg.temperature)
     if variant in ("mister-e", "feat-moe"):
         terms["focal_speech"] = focal(outputs.speech_logits)
@@ -228,7 +236,9 @@ def total_loss(outputs, labels: Array, mask: Array, loss_cfg: LossConfig, varian
     elif variant in ("no-loss-moe", "text-only"):
         loss = terms["focal_moe"]
     else:
-        raise ValueError(f"mister_jax/losses.py: unknown variant {variant!r}; use one of mister-e, feat-moe, "
-                         "no-loss-moe, monolithic, text-only.")
+        raise ValueError(
+            f"mister_jax/losses.py: unknown variant {variant!r}; use one of mister-e, feat-moe, "
+            "no-loss-moe, monolithic, text-only."
+        )
     terms["total"] = loss
     return loss, terms

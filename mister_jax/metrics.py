@@ -43,13 +43,19 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_B
     and the expected calibration error ECE = Σ_b (n_b / N) |accuracy_b − confidence_b|."""
     confidence = probs.max(axis=-1)
     correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
-    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)  # bin b holds [b/bins, (b+1)/bins); the last also 1
+    which = np.minimum(
+        (confidence * bins).astype(np.int64), bins - 1
+    )  # bin b holds [b/bins, (b+1)/bins); the last also 1
     count = np.bincount(which, minlength=bins).astype(np.float64)
     mean_confidence = np.divide(np.bincount(which, confidence, bins), count, out=np.zeros(bins), where=count > 0)
     accuracy = np.divide(np.bincount(which, correct, bins), count, out=np.zeros(bins), where=count > 0)
     ece = float(np.sum(count * np.abs(accuracy - mean_confidence)) / max(count.sum(), 1.0))
-    return {"ece": ece, "count": count.astype(int).tolist(), "confidence": mean_confidence.tolist(),
-            "accuracy": accuracy.tolist()}
+    return {
+        "ece": ece,
+        "count": count.astype(int).tolist(),
+        "confidence": mean_confidence.tolist(),
+        "accuracy": accuracy.tolist(),
+    }
 
 
 def gate_statistics(gate: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict:
@@ -66,8 +72,13 @@ def gate_statistics(gate: np.ndarray, labels: np.ndarray, label_names: Sequence[
     return stats
 
 
-def summarize(labels: np.ndarray, probs: Mapping[str, np.ndarray], gate: np.ndarray | None,
-              label_names: Sequence[str], detailed: bool) -> dict:
+def summarize(
+    labels: np.ndarray,
+    probs: Mapping[str, np.ndarray],
+    gate: np.ndarray | None,
+    label_names: Sequence[str],
+    detailed: bool,
+) -> dict:
     """Scores of one model on one split.
 
     Args:
@@ -86,8 +97,7 @@ def summarize(labels: np.ndarray, probs: Mapping[str, np.ndarray], gate: np.ndar
     if detailed:
         out["per_class_f1"] = per_class_f1(labels, preds["moe"], label_names)
         out["confusion_matrix"] = confusion(labels, preds["moe"], c).tolist()
-        out["per_expert_per_class_f1"] = {e: per_class_f1(labels, preds[e], label_names)
-                                          for e in EXPERTS if e in preds}
+        out["per_expert_per_class_f1"] = {e: per_class_f1(labels, preds[e], label_names) for e in EXPERTS if e in preds}
         out["calibration"] = {e: reliability(probs[e], labels) for e in EXPERTS if e in probs}
         if gate is not None:
             out["gate"] = gate_statistics(gate, labels, label_names)

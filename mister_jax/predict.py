@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,8 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     parser.add_argument("--seed", type=int, help="which seed's best parameters (default: best validation F1)")
     parser.add_argument("--out", required=True, help="output .jsonl file")
-    parser.add_argument("--jax-cache", default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
-                        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)")
+    parser.add_argument(
+        "--jax-cache",
+        default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
+        help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)",
+    )
     return parser.parse_args(argv)
 
 
@@ -59,8 +62,9 @@ def load_run(run: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"--run {run}: no run_config.json — train first with "
-                         f"`python -m mister_jax.train --out {run}`") from None
+        raise UsageError(
+            f"--run {run}: no run_config.json — train first with `python -m mister_jax.train --out {run}`"
+        ) from None
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"{path}: unreadable ({err}) — retrain the run") from None
 
@@ -107,16 +111,22 @@ def open_run_and_store(run: Path, dataset: str, features: str, split: str):
     config = load_run(run)
     store = open_store(dataset, features)
     if list(store.label_names) != list(config["label_names"]):
-        raise UsageError(f"{store.directory / 'manifest.json'}: labels {store.label_names} differ from the run's "
-                         f"{config['label_names']} — predict with the store the run was trained on")
+        raise UsageError(
+            f"{store.directory / 'manifest.json'}: labels {store.label_names} differ from the run's "
+            f"{config['label_names']} — predict with the store the run was trained on"
+        )
     model_cfg = ModelConfig(**config["model"])
     for m in required_modalities(model_cfg.variant):
         if m not in store.modalities:
-            raise UsageError(f"{store.directory / 'manifest.json'}: the run needs modality '{m}', which this "
-                             f"store lacks — extract it with `python -m encoders_torch.extract --modality {m}`")
+            raise UsageError(
+                f"{store.directory / 'manifest.json'}: the run needs modality '{m}', which this "
+                f"store lacks — extract it with `python -m encoders_torch.extract --modality {m}`"
+            )
         if store.modalities[m]["dim"] != getattr(model_cfg, f"{m}_dim"):
-            raise UsageError(f"{store.directory / 'manifest.json'}: {m} dim {store.modalities[m]['dim']} differs "
-                             f"from the run's {getattr(model_cfg, f'{m}_dim')} — use the store the run was trained on")
+            raise UsageError(
+                f"{store.directory / 'manifest.json'}: {m} dim {store.modalities[m]['dim']} differs "
+                f"from the run's {getattr(model_cfg, f'{m}_dim')} — use the store the run was trained on"
+            )
     if split not in store.splits:
         raise UsageError(f"--split {split}: the store has splits {list(store.splits)}")
     return config, model_cfg, store
@@ -148,13 +158,19 @@ def _main(args: argparse.Namespace) -> int:
     lines = [None] * data.num_utterances
     for row, probs in predict_split(params, model_cfg, data, TrainConfig(**config["train"]), args.batch_size):
         label, prediction = int(data.labels[row]), int(np.argmax(probs["moe"]))
-        lines[row] = json.dumps({
-            "conversation_id": str(data.conversation_ids[row]), "utterance_id": str(data.utterance_ids[row]),
-            "label": names[label] if label >= 0 else None, "prediction": names[prediction],
-            "label_id": label, "prediction_id": prediction,
-            "probs": probs["moe"].tolist(),
-            "experts": {e: probs[e].tolist() for e in GATE_EXPERTS if e in probs},
-            "gate": probs["gate"].tolist() if "gate" in probs else None})
+        lines[row] = json.dumps(
+            {
+                "conversation_id": str(data.conversation_ids[row]),
+                "utterance_id": str(data.utterance_ids[row]),
+                "label": names[label] if label >= 0 else None,
+                "prediction": names[prediction],
+                "label_id": label,
+                "prediction_id": prediction,
+                "probs": probs["moe"].tolist(),
+                "experts": {e: probs[e].tolist() for e in GATE_EXPERTS if e in probs},
+                "gate": probs["gate"].tolist() if "gate" in probs else None,
+            }
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out, "\n".join(lines) + "\n")

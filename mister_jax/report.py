@@ -44,8 +44,7 @@ def _pct(stats: dict) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _plot_confusion(path: Path, matrix: np.ndarray, label_names: list[str]) -> None:
@@ -55,8 +54,15 @@ def _plot_confusion(path: Path, matrix: np.ndarray, label_names: list[str]) -> N
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(label_names)):
         for j in range(len(label_names)):
-            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{rates[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(label_names)), label_names, rotation=45, ha="right")
     ax.set_yticks(range(len(label_names)), label_names)
     ax.set_xlabel("predicted")
@@ -136,32 +142,59 @@ def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
     out_dir = Path(out_dir)
     labels = results["label_names"]
     test, val = results["test"], results["val"]
-    lines = [f"# {results['dataset']} — {results['variant']}", "",
-             f"{len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}), "
-             f"{results['epochs']} epochs; model picked per seed at the epoch of best validation weighted F1 "
-             f"(epochs {', '.join(map(str, results['best_epoch']))}). Scores in %.", "",
-             "## Weighted F1", ""]
-    rows = [[e, _pct(val["experts"][e]["weighted_f1"]), _pct(test["experts"][e]["weighted_f1"]),
-             ", ".join(f"{100 * v:.1f}" for v in test["experts"][e]["weighted_f1"]["per_seed"])]
-            for e in EXPERTS if e in test["experts"]]
+    lines = [
+        f"# {results['dataset']} — {results['variant']}",
+        "",
+        f"{len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}), "
+        f"{results['epochs']} epochs; model picked per seed at the epoch of best validation weighted F1 "
+        f"(epochs {', '.join(map(str, results['best_epoch']))}). Scores in %.",
+        "",
+        "## Weighted F1",
+        "",
+    ]
+    rows = [
+        [
+            e,
+            _pct(val["experts"][e]["weighted_f1"]),
+            _pct(test["experts"][e]["weighted_f1"]),
+            ", ".join(f"{100 * v:.1f}" for v in test["experts"][e]["weighted_f1"]["per_seed"]),
+        ]
+        for e in EXPERTS
+        if e in test["experts"]
+    ]
     lines += _table(["expert", "val", "test", "test per seed"], rows)
     if "weighted_f1_interval" in test:
         ci = test["weighted_f1_interval"]
         per_seed = "; ".join(f"{100 * c['low']:.1f}–{100 * c['high']:.1f}" for c in ci["per_seed"])
-        lines += ["", f"MoE test weighted F1, {100 * ci['level']:.0f} % bootstrap interval over test conversations "
-                      f"({ci['draws']} draws): mean over seeds {100 * ci['pooled']['low']:.1f}–"
-                      f"{100 * ci['pooled']['high']:.1f}; per seed {per_seed}."]
+        lines += [
+            "",
+            f"MoE test weighted F1, {100 * ci['level']:.0f} % bootstrap interval over test conversations "
+            f"({ci['draws']} draws): mean over seeds {100 * ci['pooled']['low']:.1f}–"
+            f"{100 * ci['pooled']['high']:.1f}; per seed {per_seed}.",
+        ]
     lines += ["", "![per expert](experts.png)", "", "## Per class (test, MoE)", ""]
-    lines += _table(["class", "F1 (mean over seeds)"] + [f"β {e}" for e in GATE_EXPERTS if "gate" in test],
-                    [[n, f"{100 * test['per_class_f1'][n]:.1f}"] +
-                     ([f"{test['gate']['per_class'][n][e]:.2f}" for e in GATE_EXPERTS]
-                      if "gate" in test and n in test["gate"]["per_class"] else [])
-                     for n in labels])
+    lines += _table(
+        ["class", "F1 (mean over seeds)"] + [f"β {e}" for e in GATE_EXPERTS if "gate" in test],
+        [
+            [n, f"{100 * test['per_class_f1'][n]:.1f}"]
+            + (
+                [f"{test['gate']['per_class'][n][e]:.2f}" for e in GATE_EXPERTS]
+                if "gate" in test and n in test["gate"]["per_class"]
+                else []
+            )
+            for n in labels
+        ],
+    )
     if "calibration" in test:
         calibration = test["calibration"]
-        lines += ["", "## Calibration (test)", "",
-                  f"Expected calibration error over {len(calibration['moe']['count'])} confidence bins (Guo et al., "
-                  "2017), mean ± std over seeds; the diagram pools the seeds.", ""]
+        lines += [
+            "",
+            "## Calibration (test)",
+            "",
+            f"Expected calibration error over {len(calibration['moe']['count'])} confidence bins (Guo et al., "
+            "2017), mean ± std over seeds; the diagram pools the seeds.",
+            "",
+        ]
         lines += _table(["expert", "ECE"], [[e, _pct(calibration[e]["ece"])] for e in EXPERTS if e in calibration])
         lines += ["", "![reliability](reliability.png)"]
         _plot_reliability(out_dir / "reliability.png", calibration)
@@ -173,9 +206,14 @@ def write_report(out_dir: Path, results: dict, history: list[dict]) -> Path:
     _plot_experts(out_dir / "experts.png", test["experts"])
     if "gate" in test:
         mean = test["gate"]["mean"]
-        lines += ["## Gate weights β (test)", "",
-                  "mean over utterances: " + ", ".join(f"{e} {mean[e]:.3f}" for e in GATE_EXPERTS), "",
-                  "![gate](gate.png)", ""]
+        lines += [
+            "## Gate weights β (test)",
+            "",
+            "mean over utterances: " + ", ".join(f"{e} {mean[e]:.3f}" for e in GATE_EXPERTS),
+            "",
+            "![gate](gate.png)",
+            "",
+        ]
         _plot_gate(out_dir / "gate.png", test["gate"]["per_class"], labels)
     if history:
         lines += ["## Learning curves", "", "![curves](curves.png)", ""]

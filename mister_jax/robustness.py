@@ -77,16 +77,18 @@ def perturb(data: SplitData, name: str, sigma: float = 0.0) -> SplitData:
     return dataclasses.replace(data, features={**data.features, modality: changed})
 
 
-def robustness(run: Path, dataset: str, features: str, split: str, perturbations: list[tuple[str, float]],
-               batch_size: int = 8) -> dict:
+def robustness(
+    run: Path, dataset: str, features: str, split: str, perturbations: list[tuple[str, float]], batch_size: int = 8
+) -> dict:
     """Every seed's best parameters on ``split`` under each perturbation (`mister_jax.robustness`): MoE
     and per-expert weighted F1 (mean ± std over seeds) and the mean gate weights β."""
     config, model_cfg, store = open_run_and_store(run, dataset, features, split)
     data = load_split(store, split, required_modalities(model_cfg.variant))
     labelled = data.labels >= 0
     if not labelled.any():
-        raise UsageError(f"{store.directory / split / 'index.npz'}: no labelled utterance to score — pick a "
-                         f"labelled --split")
+        raise UsageError(
+            f"{store.directory / split / 'index.npz'}: no labelled utterance to score — pick a labelled --split"
+        )
     train_cfg, names = TrainConfig(**config["train"]), list(store.label_names)
     params = [restore_best_params(run, model_cfg, seed) for seed in range(train_cfg.seeds)]
     table = {}
@@ -102,14 +104,27 @@ def robustness(run: Path, dataset: str, features: str, split: str, perturbations
                 for key, v in out.items():
                     probs.setdefault(key, np.zeros((data.num_utterances, v.shape[-1]), np.float32))[row] = v
             gate = probs.pop("gate", None)
-            per_seed.append(summarize(data.labels[labelled], {e: v[labelled] for e, v in probs.items()},
-                                      None if gate is None else gate[labelled], names, detailed=gate is not None))
+            per_seed.append(
+                summarize(
+                    data.labels[labelled],
+                    {e: v[labelled] for e, v in probs.items()},
+                    None if gate is None else gate[labelled],
+                    names,
+                    detailed=gate is not None,
+                )
+            )
         entry = {"experts": {e: mean_std([s["weighted_f1"][e] for s in per_seed]) for e in per_seed[0]["weighted_f1"]}}
         if "gate" in per_seed[0]:
             entry["gate_mean"] = {e: float(np.mean([s["gate"]["mean"][e] for s in per_seed])) for e in GATE_EXPERTS}
         table[perturbation_name(name, sigma)] = entry
-    return {"run": str(run), "split": split, "utterances": int(labelled.sum()), "seeds": train_cfg.seeds,
-            "missing_modality_input": "zeros", "perturbations": table}
+    return {
+        "run": str(run),
+        "split": split,
+        "utterances": int(labelled.sum()),
+        "seeds": train_cfg.seeds,
+        "missing_modality_input": "zeros",
+        "perturbations": table,
+    }
 
 
 def write_robustness(run: Path, result: dict) -> None:
@@ -117,11 +132,15 @@ def write_robustness(run: Path, result: dict) -> None:
     rows = result["perturbations"]
     experts = [e for e in EXPERTS if e in next(iter(rows.values()))["experts"]]
     gated = all("gate_mean" in r for r in rows.values())
-    lines = [f"# Robustness to a missing or degraded modality ({result['split']}, {result['utterances']} "
-             f"utterances, {result['seeds']} seeds)", "",
-             "Weighted F1 in % (mean ± std over seeds); a dropped modality is fed as zeros.", "",
-             "| perturbation | " + " | ".join(experts) + (" | β speech | β text | β multimodal |" if gated else " |"),
-             "|---|" + "---|" * (len(experts) + (3 if gated else 0))]
+    lines = [
+        f"# Robustness to a missing or degraded modality ({result['split']}, {result['utterances']} "
+        f"utterances, {result['seeds']} seeds)",
+        "",
+        "Weighted F1 in % (mean ± std over seeds); a dropped modality is fed as zeros.",
+        "",
+        "| perturbation | " + " | ".join(experts) + (" | β speech | β text | β multimodal |" if gated else " |"),
+        "|---|" + "---|" * (len(experts) + (3 if gated else 0)),
+    ]
     for name, r in rows.items():
         cells = [f"{100 * r['experts'][e]['mean']:.1f} ± {100 * r['experts'][e]['std']:.1f}" for e in experts]
         cells += [f"{r['gate_mean'][e]:.3f}" for e in GATE_EXPERTS] if gated else []
@@ -131,8 +150,13 @@ def write_robustness(run: Path, result: dict) -> None:
     ax = fig.subplots()
     width = 0.8 / len(experts)
     for i, e in enumerate(experts):
-        ax.bar(np.arange(len(rows)) + i * width, [100 * r["experts"][e]["mean"] for r in rows.values()], width,
-               yerr=[100 * r["experts"][e]["std"] for r in rows.values()], label=e)
+        ax.bar(
+            np.arange(len(rows)) + i * width,
+            [100 * r["experts"][e]["mean"] for r in rows.values()],
+            width,
+            yerr=[100 * r["experts"][e]["std"] for r in rows.values()],
+            label=e,
+        )
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, list(rows), rotation=20)
     ax.set_ylabel("weighted F1 (%)")
     ax.legend(fontsize=7)
@@ -140,4 +164,3 @@ def write_robustness(run: Path, result: dict) -> None:
     save_figure(fig, run / "robustness.png")
     atomic.write_json(run / "robustness.json", result)
     atomic.write_text(run / "robustness.md", "\n".join(lines))
-

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from mister_jax.config import LossConfig, ModelConfig, TrainConfig
 from mister_jax.input_pipeline import Batch, stack_batches
 from mister_jax.runtime.compile_cache import TrainStepCompiler
-from mister_jax.steps import abstract_train_state, create_train_state, make_optimizer, predict_step, seed_keys, train_step
+from mister_jax.steps import (
+    abstract_train_state,
+    create_train_state,
+    make_optimizer,
+    predict_step,
+    seed_keys,
+    train_step,
+)
 
 SEED_MODES = ("auto", "vmap", "sequential")
 
@@ -49,18 +56,31 @@ class SeedStates:
       cache_dir: the disk cache of traced training programs (`TrainStepCompiler`); None: none.
     """
 
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                 seeds: Sequence[int], mode: str, cache_dir=None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        train_cfg: TrainConfig,
+        seeds: Sequence[int],
+        mode: str,
+        cache_dir=None,
+    ):
         self.model_cfg, self.train_cfg, self.seeds, self.mode = model_cfg, train_cfg, list(seeds), mode
         self.vmap = mode == "vmap"
-        step = functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, tx=make_optimizer(train_cfg),
-                                 skip_nonfinite=train_cfg.on_nonfinite == "skip-step")
+        step = functools.partial(
+            train_step,
+            model_cfg=model_cfg,
+            loss_cfg=loss_cfg,
+            tx=make_optimizer(train_cfg),
+            skip_nonfinite=train_cfg.on_nonfinite == "skip-step",
+        )
         predict = functools.partial(predict_step, model_cfg=model_cfg)
         if self.vmap:
             step, predict = jax.vmap(step), jax.vmap(predict, in_axes=(0, None))
         self._predict = jax.jit(predict)
-        self._train = TrainStepCompiler(jax.jit(step, donate_argnums=0),
-                                        repr((model_cfg, loss_cfg, train_cfg, self.vmap)), cache_dir)
+        self._train = TrainStepCompiler(
+            jax.jit(step, donate_argnums=0), repr((model_cfg, loss_cfg, train_cfg, self.vmap)), cache_dir
+        )
         keys = [seed_keys(s)[1] for s in self.seeds]
         self._keys = jnp.stack(keys) if self.vmap else keys
         self.state = None
@@ -150,4 +170,3 @@ class SeedStates:
             mirror.put(k, self.state.params, stacked=True)
         else:
             mirror.put(k, self.state[k].params)
-

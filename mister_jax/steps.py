@@ -7,7 +7,8 @@ resumed from a checkpoint replays exactly the keys of an uninterrupted one. `mis
 these steps for several seeds at once.
 
     state = create_train_state(model_cfg, train_cfg, seed=0)
-    state, metrics = train_step(state, batch, seed_keys(0)[1], model_cfg=..., loss_cfg=..., tx=make_optimizer(train_cfg))
+    tx = make_optimizer(train_cfg)
+    state, metrics = train_step(state, batch, seed_keys(0)[1], model_cfg=model_cfg, loss_cfg=loss_cfg, tx=tx)
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mister_jax.augmentation import apply_modality_dropout
 from mister_jax.config import LossConfig, ModelConfig, TrainConfig
 from mister_jax.input_pipeline import Batch
 from mister_jax.losses import total_loss
 from mister_jax.metrics import GATE_EXPERTS
 from mister_jax.model import MisterE
-from mister_jax.params import init_params, param_shapes
-from mister_jax.augmentation import apply_modality_dropout
 from mister_jax.ops.clipping import clip_by_global_norm
+from mister_jax.params import init_params, param_shapes
 
 MODALITY_DROPOUT_STREAM = 2  # fold_in index of the modality-dropout draws; the layers' dropout uses the key itself
 EXPERT_FIELDS = {e: f"{e}_logits" for e in GATE_EXPERTS}  # expert name -> its ModelOutputs field
@@ -69,15 +70,20 @@ def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, num_see
     """The shapes of ``create_train_state`` (``jax.ShapeDtypeStruct`` leaves) without computing it; with
     ``num_seeds`` every leaf gets a leading seed axis ``[K, ...]``."""
     params = param_shapes(model_cfg)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                       init_optimizer_state.eval_shape(params, train_cfg))
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, init_optimizer_state.eval_shape(params, train_cfg))
     if num_seeds is None:
         return state
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_seeds,) + x.shape, x.dtype), state)
 
 
-def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelConfig,
-            loss_cfg: LossConfig, deterministic: bool = False) -> tuple[jax.Array, dict]:
+def loss_fn(
+    params: Any,
+    batch: Batch,
+    dropout_key: jax.Array,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    deterministic: bool = False,
+) -> tuple[jax.Array, dict]:
     """Eq. 18 on one padded batch; utterances with label ``-1`` or ``mask=False`` are not scored.
 
     Args:
@@ -89,18 +95,27 @@ def loss_fn(params: Any, batch: Batch, dropout_key: jax.Array, model_cfg: ModelC
     """
     speech, text = batch.speech, batch.text
     if model_cfg.modality_dropout > 0 and not deterministic and speech is not None:
-        speech, text = apply_modality_dropout(speech, text, model_cfg.modality_dropout,
-                                              jax.random.fold_in(dropout_key, MODALITY_DROPOUT_STREAM))
-    outputs = MisterE(model_cfg).apply({"params": params}, speech, text, batch.mask,
-                                       deterministic=deterministic, rngs={"dropout": dropout_key})
+        speech, text = apply_modality_dropout(
+            speech, text, model_cfg.modality_dropout, jax.random.fold_in(dropout_key, MODALITY_DROPOUT_STREAM)
+        )
+    outputs = MisterE(model_cfg).apply(
+        {"params": params}, speech, text, batch.mask, deterministic=deterministic, rngs={"dropout": dropout_key}
+    )
     labelled = batch.mask & (batch.labels >= 0)
     with jax.named_scope("losses"):
         return total_loss(outputs, jnp.maximum(batch.labels, 0), labelled, loss_cfg, model_cfg.variant)
 
 
-def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model_cfg: ModelConfig,
-               loss_cfg: LossConfig, tx: optax.GradientTransformation,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    dropout_key: jax.Array,
+    *,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    tx: optax.GradientTransformation,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, dict]:
     """One Adam step of one seed; dropout key ``fold_in(dropout_key, state.step)``.
 
     Returns the new state and scalar metrics: ``loss``, the loss terms, ``grad_norm`` (before
@@ -109,8 +124,7 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
     Adam's moments as they were (the step counter still advances).
     """
     key = jax.random.fold_in(dropout_key, state.step)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, model_cfg, loss_cfg)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, model_cfg, loss_cfg)
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -120,8 +134,13 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
             keep = lambda new, old: jnp.where(finite, new, old)
             params = jax.tree_util.tree_map(keep, params, state.params)
             opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
-    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "nonfinite": ~finite,
-               "utterances": jnp.sum(batch.mask & (batch.labels >= 0))}
+    metrics = {
+        "loss": loss,
+        **terms,
+        "grad_norm": grad_norm,
+        "nonfinite": ~finite,
+        "utterances": jnp.sum(batch.mask & (batch.labels >= 0)),
+    }
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -131,8 +150,7 @@ def predict_step(params: Any, batch: Batch, *, model_cfg: ModelConfig) -> dict:
     ``moe`` is the final prediction (the only one for variants without experts); experts and the gate
     appear only when the variant has them.
     """
-    outputs = MisterE(model_cfg).apply({"params": params}, batch.speech, batch.text, batch.mask,
-                                       deterministic=True)
+    outputs = MisterE(model_cfg).apply({"params": params}, batch.speech, batch.text, batch.mask, deterministic=True)
     out = {"moe": jax.nn.softmax(outputs.logits, axis=-1)}
     for name, field in EXPERT_FIELDS.items():
         logits = getattr(outputs, field)

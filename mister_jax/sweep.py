@@ -60,8 +60,11 @@ def _complete(run: Path, config) -> bool:
         done = json.loads((run / "results.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    want = {"model": dataclasses.asdict(config.model), "loss": dataclasses.asdict(config.loss),
-            "train": dataclasses.asdict(config.train)}
+    want = {
+        "model": dataclasses.asdict(config.model),
+        "loss": dataclasses.asdict(config.loss),
+        "train": dataclasses.asdict(config.train),
+    }
     return done.get("config") == want
 
 
@@ -75,23 +78,36 @@ def write_sweep_report(out: Path, grid: list[tuple[str, list[str]]], rows: list[
     """``sweep.md`` (one row per combination) and ``sweep_<key>.png`` per swept field."""
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
     keys = [k for k, _ in grid]
-    lines = ["# Sweep", "", f"{len(rows)} runs; weighted F1 in % (mean ± std over seeds); test interval: 95 % "
-             "bootstrap over test conversations, of the seeds' mean.", "",
-             "| " + " | ".join(keys) + " | val | test | test interval | run |",
-             "|" + "---|" * (len(keys) + 4)]
+    lines = [
+        "# Sweep",
+        "",
+        f"{len(rows)} runs; weighted F1 in % (mean ± std over seeds); test interval: 95 % "
+        "bootstrap over test conversations, of the seeds' mean.",
+        "",
+        "| " + " | ".join(keys) + " | val | test | test interval | run |",
+        "|" + "---|" * (len(keys) + 4),
+    ]
     for combination, row in rows:
         ci = row["test_interval"]
         interval = f"{100 * ci['low']:.2f}–{100 * ci['high']:.2f}" if ci else "—"
-        lines.append("| " + " | ".join(combination[k] for k in keys) + f" | {pct(row['val'])} | {pct(row['test'])} | "
-                     f"{interval} | `{run_name(combination)}` |")
+        lines.append(
+            "| " + " | ".join(combination[k] for k in keys) + f" | {pct(row['val'])} | {pct(row['test'])} | "
+            f"{interval} | `{run_name(combination)}` |"
+        )
     for key, values in grid:
         fig = Figure(figsize=(4.5, 3.2))
         ax = fig.subplots()
         for split in ("val", "test"):
             means = [np.mean([r[split]["mean"] for c, r in rows if c[key] == v]) for v in values]
             stds = [np.mean([r[split]["std"] for c, r in rows if c[key] == v]) for v in values]
-            ax.errorbar(range(len(values)), 100 * np.asarray(means), yerr=100 * np.asarray(stds), marker="o",
-                        capsize=3, label=split)
+            ax.errorbar(
+                range(len(values)),
+                100 * np.asarray(means),
+                yerr=100 * np.asarray(stds),
+                marker="o",
+                capsize=3,
+                label=split,
+            )
         ax.set_xticks(range(len(values)), values)
         ax.set_xlabel(key)
         ax.set_ylabel("weighted F1 (%)")
@@ -105,8 +121,13 @@ def write_sweep_report(out: Path, grid: list[tuple[str, list[str]]], rows: list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = training_parser("python -m mister_jax.sweep", __doc__)
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a swept field and its values; several --grid: every combination")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a swept field and its values; several --grid: every combination",
+    )
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
@@ -127,8 +148,17 @@ def main(argv: list[str] | None = None) -> int:
                 results = json.loads((run / "results.json").read_text(encoding="utf-8"))
             else:
                 log(f"{run}: training")
-                results = train_and_evaluate(config, store, run, dataset=args.dataset, seed_mode=args.seed_mode,
-                                             no_val=args.no_val, cache_dir=cache, progress=not args.quiet, log=log)
+                results = train_and_evaluate(
+                    config,
+                    store,
+                    run,
+                    dataset=args.dataset,
+                    seed_mode=args.seed_mode,
+                    no_val=args.no_val,
+                    cache_dir=cache,
+                    progress=not args.quiet,
+                    log=log,
+                )
             rows.append((combination, _row(results)))
         write_sweep_report(out, grid, rows)
     except UsageError as err:

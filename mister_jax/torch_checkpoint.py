@@ -22,9 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "u2",
-                   "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
-                   "ByteStorage": "u1", "BoolStorage": "?"}
+_STORAGE_DTYPES = {
+    "FloatStorage": "f4",
+    "DoubleStorage": "f8",
+    "HalfStorage": "f2",
+    "BFloat16Storage": "u2",
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+    "ShortStorage": "i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
 
 
 class CheckpointFormatError(ValueError):
@@ -35,13 +44,21 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     """A tensor as a copy of its elements in ``storage`` (torch's `_rebuild_tensor_v2` arguments:
     storage offset, size and stride in elements), refused if they reach outside the storage."""
     size, stride = tuple(size), tuple(stride)
-    if (len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride)
-            or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))):
-        raise CheckpointFormatError(f"holds a tensor of size {list(size)}, stride {list(stride)} at offset {offset} "
-                                    f"outside its storage of {len(storage)} elements")
+    if (
+        len(size) != len(stride)
+        or offset < 0
+        or any(n < 0 for n in size)
+        or any(s < 0 for s in stride)
+        or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))
+    ):
+        raise CheckpointFormatError(
+            f"holds a tensor of size {list(size)}, stride {list(stride)} at offset {offset} "
+            f"outside its storage of {len(storage)} elements"
+        )
     itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * itemsize for s in stride)).copy()
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
+    ).copy()
 
 
 def _rebuild_parameter(data, *_):
@@ -66,8 +83,9 @@ class _StateDictUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:
             return name
-        raise CheckpointFormatError(f"refers to {module}.{name}, which a state_dict does not need; "
-                                    "only tensors and OrderedDict are read")
+        raise CheckpointFormatError(
+            f"refers to {module}.{name}, which a state_dict does not need; only tensors and OrderedDict are read"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES):
@@ -79,8 +97,10 @@ class _StateDictUnpickler(pickle.Unpickler):
         except KeyError:
             raise CheckpointFormatError(f"lacks the storage {self._prefix}/data/{key}") from None
         if len(data) != numel * dtype.itemsize:
-            raise CheckpointFormatError(f"storage {key} has {len(data)} bytes where {numel} elements of "
-                                        f"{storage_type} need {numel * dtype.itemsize}")
+            raise CheckpointFormatError(
+                f"storage {key} has {len(data)} bytes where {numel} elements of "
+                f"{storage_type} need {numel * dtype.itemsize}"
+            )
         array = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
         if storage_type == "BFloat16Storage":  # bfloat16 is the upper half of a float32
             array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -98,7 +118,7 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise CheckpointFormatError("is not a torch.save zip archive (no single data.pkl)")
-            prefix = pickles[0][:-len("/data.pkl")]
+            prefix = pickles[0][: -len("/data.pkl")]
             byteorder = "little"
             if f"{prefix}/byteorder" in archive.namelist():
                 byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
@@ -118,5 +138,5 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise CheckpointFormatError("does not hold a state_dict (a mapping of names to tensors)")
     if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)

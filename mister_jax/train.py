@@ -30,6 +30,8 @@ from mister_jax.report import ReportError, write_report
 from mister_jax.trainer import Trainer
 
 IGNORED_ON_RESUME = ("epochs", "checkpoint_every", "checkpoint_minutes", "on_nonfinite")
+
+
 def _check_same_run(workdir: Path, run_config: dict) -> None:
     """Refuses to resume a work directory that was trained with a different configuration."""
     path = workdir / "run_config.json"
@@ -40,8 +42,11 @@ def _check_same_run(workdir: Path, run_config: dict) -> None:
     except (OSError, json.JSONDecodeError):
         raise UsageError(f"{path}: unreadable — delete it, or pass --restart") from None
 
-    defaults = {"model": dataclasses.asdict(ModelConfig()), "loss": dataclasses.asdict(LossConfig()),
-                "train": dataclasses.asdict(TrainConfig())}
+    defaults = {
+        "model": dataclasses.asdict(ModelConfig()),
+        "loss": dataclasses.asdict(LossConfig()),
+        "train": dataclasses.asdict(TrainConfig()),
+    }
 
     def strip(c):  # a field added since the run was written counts at its default
         c = {**c, **{s: {**defaults[s], **c[s]} for s in defaults if isinstance(c.get(s), dict)}}
@@ -49,16 +54,36 @@ def _check_same_run(workdir: Path, run_config: dict) -> None:
 
     a, b = strip(old), strip(run_config)
     if a != b:
-        diff = sorted({f"{s}.{k}" for s in b if isinstance(b[s], dict) and isinstance(a.get(s), dict)
-                       for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)}
-                      | {s for s in b if not isinstance(b[s], dict) and a.get(s) != b[s]})
-        raise UsageError(f"{workdir}: holds a run with a different configuration ({', '.join(diff)}) — pass "
-                         f"--restart to discard it, or choose another --out")
+        diff = sorted(
+            {
+                f"{s}.{k}"
+                for s in b
+                if isinstance(b[s], dict) and isinstance(a.get(s), dict)
+                for k in set(a[s]) | set(b[s])
+                if a[s].get(k) != b[s].get(k)
+            }
+            | {s for s in b if not isinstance(b[s], dict) and a.get(s) != b[s]}
+        )
+        raise UsageError(
+            f"{workdir}: holds a run with a different configuration ({', '.join(diff)}) — pass "
+            f"--restart to discard it, or choose another --out"
+        )
 
 
-def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = None, seed_mode: str = "auto",
-                       no_val: str = "carve", restart: bool = False, cache_dir: Path | None = None,
-                       progress: bool = False, log=None, splits: tuple | None = None) -> dict:
+def train_and_evaluate(
+    config: Config,
+    store,
+    workdir,
+    *,
+    dataset: str | None = None,
+    seed_mode: str = "auto",
+    no_val: str = "carve",
+    restart: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    log=None,
+    splits: tuple | None = None,
+) -> dict:
     """Trains ``config.train.seeds`` seeds on ``store`` and writes the run to ``workdir``; returns
     ``results.json``'s content.
 
@@ -88,9 +113,15 @@ def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = dataset or store.directory.name
-    run_config = {"dataset": dataset, "store": str(store.directory.resolve()), "label_names": store.label_names,
-                  "val_source": val_source, "model": dataclasses.asdict(config.model),
-                  "loss": dataclasses.asdict(config.loss), "train": dataclasses.asdict(config.train)}
+    run_config = {
+        "dataset": dataset,
+        "store": str(store.directory.resolve()),
+        "label_names": store.label_names,
+        "val_source": val_source,
+        "model": dataclasses.asdict(config.model),
+        "loss": dataclasses.asdict(config.loss),
+        "train": dataclasses.asdict(config.train),
+    }
     if restart:
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         (workdir / "run_config.json").unlink(missing_ok=True)
@@ -109,14 +140,25 @@ def train_and_evaluate(config: Config, store, workdir, *, dataset: str | None = 
             ckpt.close()
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    results = results_json(dataset, config, store.label_names, trainer.history, trainer.best, trainer.shape_info,
-                           val_source, count_params(trainer.best_params.seed(0)), trainer.test_interval)
+    results = results_json(
+        dataset,
+        config,
+        store.label_names,
+        trainer.history,
+        trainer.best,
+        trainer.shape_info,
+        val_source,
+        count_params(trainer.best_params.seed(0)),
+        trainer.test_interval,
+    )
     atomic.write_json(workdir / "results.json", results)
     try:
         write_report(workdir, results, trainer.history)
     except ReportError as err:
-        raise UsageError(f"{err}; results.json and metrics.jsonl are complete — free the space and rerun the same "
-                         f"command to write the report") from None
+        raise UsageError(
+            f"{err}; results.json and metrics.jsonl are complete — free the space and rerun the same "
+            f"command to write the report"
+        ) from None
     return results
 
 

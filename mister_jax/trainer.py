@@ -29,9 +29,11 @@ LOSS_TERMS = ("focal_speech", "focal_text", "focal_multimodal", "contrastive", "
 def checkpoint_due(cfg, epochs_done: int, seconds_since_save: float) -> bool:
     """Whether the state is saved after ``epochs_done`` epochs (`TrainConfig.checkpoint_every`,
     ``checkpoint_minutes``; the last epoch always is)."""
-    return (epochs_done == cfg.epochs
-            or (cfg.checkpoint_every > 0 and epochs_done % cfg.checkpoint_every == 0)
-            or (cfg.checkpoint_minutes > 0 and seconds_since_save >= 60 * cfg.checkpoint_minutes))
+    return (
+        epochs_done == cfg.epochs
+        or (cfg.checkpoint_every > 0 and epochs_done % cfg.checkpoint_every == 0)
+        or (cfg.checkpoint_minutes > 0 and seconds_since_save >= 60 * cfg.checkpoint_minutes)
+    )
 
 
 def train_epoch(seeds: SeedStates, planner: BatchPlanner, train, epoch: int) -> tuple[list[list[dict]], float]:
@@ -52,25 +54,42 @@ class Trainer:
     a resumed run continues with exactly the same selection.
     """
 
-    def __init__(self, config: Config, label_names, train, val, test, workdir: Path, seed_mode: str, log,
-                 cache_dir: Path | None = None):
+    def __init__(
+        self,
+        config: Config,
+        label_names,
+        train,
+        val,
+        test,
+        workdir: Path,
+        seed_mode: str,
+        log,
+        cache_dir: Path | None = None,
+    ):
         self.config, self.label_names, self.workdir, self.log = config, list(label_names), workdir, log
         self.train = train
         cfg = config.train
         self.planner = BatchPlanner.create(cfg, train.lengths, [val.lengths, test.lengths])
-        self.seeds = SeedStates(config.model, config.loss, cfg, range(cfg.seeds), resolve_seed_mode(seed_mode),
-                                cache_dir)
+        self.seeds = SeedStates(
+            config.model, config.loss, cfg, range(cfg.seeds), resolve_seed_mode(seed_mode), cache_dir
+        )
         plan = self.planner.train_epoch(train.lengths, self.seeds.seeds, 0, self.seeds.aligned)[0]
         shapes = self.planner.train_shapes(plan)
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
-        self.shape_info = {"batching": cfg.batching, "train_shapes": [[cfg.batch_size, t] for t in shapes],
-                           "pad_lengths": list(self.planner.train_pads),
-                           "padding_efficiency": padding_efficiency(train.lengths, plan),
-                           "real_utterances": real, "padded_utterances": padded}
-        log(f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
+        self.shape_info = {
+            "batching": cfg.batching,
+            "train_shapes": [[cfg.batch_size, t] for t in shapes],
+            "pad_lengths": list(self.planner.train_pads),
+            "padding_efficiency": padding_efficiency(train.lengths, plan),
+            "real_utterances": real,
+            "padded_utterances": padded,
+        }
+        log(
+            f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
             f"{cfg.batching} batches, padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / "
             f"{padded} padded utterances); seeds {self.seeds.seeds} "
-            f"{'vmapped in one step' if self.seeds.vmap else 'stepped in turn'}")
+            f"{'vmapped in one step' if self.seeds.vmap else 'stepped in turn'}"
+        )
         # Every training shape is compiled before the states exist (lower peak memory).
         t0 = time.perf_counter()
         for t in shapes:
@@ -97,9 +116,11 @@ class Trainer:
         epoch, meta = ckpt.restore_state(self._mirrors())
         epochs = self.config.train.epochs
         if epoch > epochs:
-            raise UsageError(f"{self.workdir}: already trained for {epoch} epochs, more than --epochs {epochs} — "
-                             f"pass --restart to train {epochs} epochs from scratch, or choose another --out (a "
-                             f"larger --epochs continues this run)")
+            raise UsageError(
+                f"{self.workdir}: already trained for {epoch} epochs, more than --epochs {epochs} — "
+                f"pass --restart to train {epochs} epochs from scratch, or choose another --out (a "
+                f"larger --epochs continues this run)"
+            )
         self.seeds.load(self.saved.tree)
         self.history, self.best = meta["history"], meta["best"]
         self.log(f"resumed {self.workdir} after epoch {epoch}")
@@ -115,18 +136,34 @@ class Trainer:
         metrics_path = self.workdir / "metrics.jsonl"
         with open(metrics_path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(h) + "\n" for h in self.history)
-        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=self.config.model.variant, unit="epoch",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.epochs,
+            initial=start_epoch,
+            desc=self.config.model.variant,
+            unit="epoch",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         last_save = time.monotonic()
         for epoch in range(start_epoch, cfg.epochs):
             step_metrics, seconds = self.train_epoch(epoch)
             skipped = self.check_finite(epoch, step_metrics, ckpt)
             utterances = sum(int(m["utterances"]) for per_seed in step_metrics for m in per_seed)
-            record = {"epoch": epoch + 1,
-                      "train_loss": [float(np.mean([m["loss"] for m in sm])) for sm in step_metrics],
-                      "train_terms": [{t: float(np.mean([m[t] for m in sm])) for t in sm[0]
-                                       if t not in ("loss", "utterances", "nonfinite")} for sm in step_metrics],
-                      "seconds": seconds, "utterances_per_second": utterances / seconds}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": [float(np.mean([m["loss"] for m in sm])) for sm in step_metrics],
+                "train_terms": [
+                    {
+                        t: float(np.mean([m[t] for m in sm]))
+                        for t in sm[0]
+                        if t not in ("loss", "utterances", "nonfinite")
+                    }
+                    for sm in step_metrics
+                ],
+                "seconds": seconds,
+                "utterances_per_second": utterances / seconds,
+            }
             if cfg.on_nonfinite == "skip-step":
                 record["skipped_nonfinite_steps"] = skipped
             t0 = time.perf_counter()
@@ -150,14 +187,18 @@ class Trainer:
             if checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save):
                 self.seeds.copy_states_to(self.saved)
                 record["checkpoint_seconds"] += time.perf_counter() - t0
-                ckpt.save_state(epoch + 1, self._mirrors(),
-                                json.loads(json.dumps({"history": self.history, "best": self.best})))
+                ckpt.save_state(
+                    epoch + 1, self._mirrors(), json.loads(json.dumps({"history": self.history, "best": self.best}))
+                )
                 last_save = time.monotonic()
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(record['train_loss']):.3f}", val_f1=f"{np.mean(record['val']['moe']):.3f}",
-                            utt_s=f"{record['utterances_per_second']:.0f}")
+            bar.set_postfix(
+                loss=f"{np.mean(record['train_loss']):.3f}",
+                val_f1=f"{np.mean(record['val']['moe']):.3f}",
+                utt_s=f"{record['utterances_per_second']:.0f}",
+            )
         bar.close()
 
     def check_finite(self, epoch: int, step_metrics: list[list[dict]], ckpt: RunCheckpoints) -> list[int]:
@@ -169,8 +210,10 @@ class Trainer:
         k = next(k for k, n in enumerate(skipped) if n)
         step = next(i for i, m in enumerate(step_metrics[k]) if m["nonfinite"])
         m = step_metrics[k][step]
-        term = next((f"loss term {t} = {float(m[t])}" for t in LOSS_TERMS if t in m and not np.isfinite(m[t])),
-                    f"gradient norm = {float(m['grad_norm'])}")
+        term = next(
+            (f"loss term {t} = {float(m[t])}" for t in LOSS_TERMS if t in m and not np.isfinite(m[t])),
+            f"gradient norm = {float(m['grad_norm'])}",
+        )
         ckpt.wait()
         last = ckpt.latest_epoch()
         kept = f"the checkpoint of epoch {last} is kept" if last else "no checkpoint was written yet"
@@ -178,7 +221,8 @@ class Trainer:
             f"epoch {epoch + 1}, step {step + 1} of {len(step_metrics[k])}, seed {self.seeds.seeds[k]}: {term} — "
             f"training stopped, {kept} and no results.json was written; check the features for NaN/inf "
             f"(python -m bridges.check), lower the learning rate (--set learning_rate=...), or pass "
-            f"--on-nonfinite skip-step to skip such steps")
+            f"--on-nonfinite skip-step to skip such steps"
+        )
 
     def finish(self, ckpt: RunCheckpoints) -> None:
         """Writes each seed's best parameters to ``checkpoints/best/seed_<s>`` (read by predict) and
@@ -193,6 +237,11 @@ class Trainer:
         self.test_interval = self.evaluator.intervals("test", probs)
         test = self.evaluator.splits["test"]
         labelled = test.labels >= 0
-        write_test_predictions(self.workdir / PREDICTIONS, test.utterance_ids[labelled],
-                               test.conversation_ids[labelled], test.labels[labelled],
-                               [np.argmax(p["moe"][labelled], axis=-1) for p in probs], self.label_names)
+        write_test_predictions(
+            self.workdir / PREDICTIONS,
+            test.utterance_ids[labelled],
+            test.conversation_ids[labelled],
+            test.labels[labelled],
+            [np.argmax(p["moe"][labelled], axis=-1) for p in probs],
+            self.label_names,
+        )

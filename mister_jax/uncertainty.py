@@ -34,8 +34,9 @@ def weighted_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
     return np.divide((f1 * support).sum(axis=-1), total, out=np.zeros_like(total), where=total > 0)
 
 
-def conversation_confusions(labels: np.ndarray, predictions: np.ndarray, conversations: np.ndarray,
-                            num_classes: int) -> np.ndarray:
+def conversation_confusions(
+    labels: np.ndarray, predictions: np.ndarray, conversations: np.ndarray, num_classes: int
+) -> np.ndarray:
     """Per-conversation confusion matrices ``[..., M, C·C]`` for predictions ``[..., N]``, conversations in
     order of first appearance."""
     _, first, group = np.unique(np.asarray(conversations), return_index=True, return_inverse=True)
@@ -61,8 +62,15 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_weighted_f1(labels: np.ndarray, per_seed: np.ndarray, conversations: np.ndarray, num_classes: int,
-                          draws: int = DRAWS, level: float = LEVEL, seed: int = 0) -> dict:
+def bootstrap_weighted_f1(
+    labels: np.ndarray,
+    per_seed: np.ndarray,
+    conversations: np.ndarray,
+    num_classes: int,
+    draws: int = DRAWS,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict:
     """Percentile bootstrap intervals of weighted F1, per seed and of the mean over seeds.
 
     Every seed is scored on the same draws, so the pooled interval is that of the seeds' mean F1 when the
@@ -84,9 +92,16 @@ def bootstrap_weighted_f1(labels: np.ndarray, per_seed: np.ndarray, conversation
     return {"level": level, "draws": draws, "unit": "conversation", "per_seed": per, "pooled": pooled}
 
 
-def paired_bootstrap(labels: np.ndarray, per_seed_a: np.ndarray, per_seed_b: np.ndarray,
-                     conversations: np.ndarray, num_classes: int, draws: int = DRAWS, level: float = LEVEL,
-                     seed: int = 0) -> dict:
+def paired_bootstrap(
+    labels: np.ndarray,
+    per_seed_a: np.ndarray,
+    per_seed_b: np.ndarray,
+    conversations: np.ndarray,
+    num_classes: int,
+    draws: int = DRAWS,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict:
     """Difference of mean weighted F1 over seeds, A − B, on the same test utterances, with its paired
     bootstrap interval and a two-sided p-value.
 
@@ -105,14 +120,22 @@ def paired_bootstrap(labels: np.ndarray, per_seed_a: np.ndarray, per_seed_b: np.
     scores = np.stack([weighted_f1_from_confusion((counts @ c).reshape(shape)) for c in confusions])  # [2K, R]
     k = per_seed_a.shape[0]
     difference = scores[:k].mean(axis=0) - scores[k:].mean(axis=0)  # [R]
-    observed = float(np.mean([weighted_f1_from_confusion(c.sum(axis=0).reshape(num_classes, num_classes))
-                              for c in confusions[:k]])
-                     - np.mean([weighted_f1_from_confusion(c.sum(axis=0).reshape(num_classes, num_classes))
-                                for c in confusions[k:]]))
+    observed = float(
+        np.mean([weighted_f1_from_confusion(c.sum(axis=0).reshape(num_classes, num_classes)) for c in confusions[:k]])
+        - np.mean([weighted_f1_from_confusion(c.sum(axis=0).reshape(num_classes, num_classes)) for c in confusions[k:]])
+    )
     below, above = (np.sum(difference <= 0) + 1) / (draws + 1), (np.sum(difference >= 0) + 1) / (draws + 1)
     low, high = _interval(difference, level)
-    return {"difference": observed, "low": low, "high": high, "p_value": float(min(1.0, 2 * min(below, above))),
-            "level": level, "draws": draws, "unit": "conversation", "seeds_paired": k}
+    return {
+        "difference": observed,
+        "low": low,
+        "high": high,
+        "p_value": float(min(1.0, 2 * min(below, above))),
+        "level": level,
+        "draws": draws,
+        "unit": "conversation",
+        "seeds_paired": k,
+    }
 
 
 def first_difference(ids_a: Sequence[str], ids_b: Sequence[str]) -> str | None:

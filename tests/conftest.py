@@ -20,18 +20,32 @@ from bridges.demo import DemoConfig, build_demo_store
 # XLA:CPU compiles the tests' small programs several times faster with the classic fusion emitters and
 # without LLVM's expensive passes, for the same results (a tiny run with a cold cache: 41 s -> 17 s). Set
 # before JAX starts, so that this process and every command a test starts compile so.
-FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true")
+FAST_COMPILE_FLAGS = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
 _given = os.environ.get("XLA_FLAGS", "").split()  # a flag given in the environment keeps its value
-os.environ["XLA_FLAGS"] = " ".join(_given + [f for f in FAST_COMPILE_FLAGS
-                                             if f.split("=")[0] not in {g.split("=")[0] for g in _given}])
+os.environ["XLA_FLAGS"] = " ".join(
+    _given + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _given}]
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = os.environ.get("MISTER_JAX_CACHE", str(Path.home() / ".cache" / "mister" / "jax"))
-TINY = ["can_hidden=8", "fusion_dim=8", "attention_dim=8", "attention_heads=2", "gru_layers=1",
-        "fusion_layers=1", "num_buckets=1", "batch_size=4", "learning_rate=0.01"]
-TINY_DEMO = DemoConfig(conversations=(("train", 8), ("val", 4), ("test", 4)), min_length=3, max_length=6,
-                       text_dim=6, speech_dim=5)
+TINY = [
+    "can_hidden=8",
+    "fusion_dim=8",
+    "attention_dim=8",
+    "attention_heads=2",
+    "gru_layers=1",
+    "fusion_layers=1",
+    "num_buckets=1",
+    "batch_size=4",
+    "learning_rate=0.01",
+]
+TINY_DEMO = DemoConfig(
+    conversations=(("train", 8), ("val", 4), ("test", 4)), min_length=3, max_length=6, text_dim=6, speech_dim=5
+)
 
 
 def tiny_store(root: Path, config: DemoConfig = TINY_DEMO) -> Path:
@@ -44,13 +58,30 @@ def set_flags(overrides) -> list[str]:
     return [a for item in overrides for a in ("--set", item)]
 
 
-def train_args(features: Path, out: Path, epochs: int, *extra: str, seeds: int = 2, dataset: str = "demo",
-               settings=TINY) -> list[str]:
+def train_args(
+    features: Path, out: Path, epochs: int, *extra: str, seeds: int = 2, dataset: str = "demo", settings=TINY
+) -> list[str]:
     """The arguments of ``python -m mister_jax.train`` for the tiny model on the store root ``features``;
     the state is checkpointed after every epoch."""
-    return ["--dataset", dataset, "--features", str(features), "--out", str(out), "--epochs", str(epochs),
-            "--seeds", str(seeds), "--checkpoint-every", "1", "--quiet", "--jax-cache", CACHE, *extra,
-            *set_flags(settings)]
+    return [
+        "--dataset",
+        dataset,
+        "--features",
+        str(features),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--seeds",
+        str(seeds),
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+        "--jax-cache",
+        CACHE,
+        *extra,
+        *set_flags(settings),
+    ]
 
 
 def tiny_config(epochs: int, *overrides: str, seeds: int = 2):
@@ -59,8 +90,9 @@ def tiny_config(epochs: int, *overrides: str, seeds: int = 2):
     from mister_jax.configs import get_config
     from mister_jax.configs.overrides import apply_overrides
 
-    return apply_overrides(get_config("demo"), [*TINY, f"epochs={epochs}", f"seeds={seeds}", "checkpoint_every=1",
-                                                *overrides])
+    return apply_overrides(
+        get_config("demo"), [*TINY, f"epochs={epochs}", f"seeds={seeds}", "checkpoint_every=1", *overrides]
+    )
 
 
 def cli(args: list[str], module: str = "mister_jax.train") -> list[str]:

@@ -23,8 +23,9 @@ from conftest import CACHE, REPO, TINY, set_flags
 from bridges import init_store, write_index, write_modality
 
 
-def _store(root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None,
-           unlabelled=()) -> Path:
+def _store(
+    root: Path, labels=("neutral", "happy"), splits=("train", "val", "test"), train_labels=None, unlabelled=()
+) -> Path:
     """4 conversations of 3 utterances per split; the splits in ``unlabelled`` get every label -1."""
     directory = init_store(root, "mine", list(labels), list(splits))
     rng = np.random.default_rng(0)
@@ -66,11 +67,18 @@ def _without_caps(*calls) -> list[subprocess.CompletedProcess]:
     """``python -m module args`` for each ``(module, args)``, in one new process that cannot override file
     permissions (root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, as an ordinary user is)."""
     command = [sys.executable, "-c", _RUNNER, json.dumps([[m, list(a)] for m, a in calls])]
-    proc = subprocess.run(["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(command)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    return [subprocess.CompletedProcess([m, *a], code, out, err)
-            for (m, a), (code, out, err) in zip(calls, json.loads(proc.stdout.splitlines()[-1]))]
+    return [
+        subprocess.CompletedProcess([m, *a], code, out, err)
+        for (m, a), (code, out, err) in zip(calls, json.loads(proc.stdout.splitlines()[-1]))
+    ]
 
 
 def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -89,9 +97,24 @@ def _in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _train(features: Path, out: Path, *extra):
-    return _in_process("mister_jax.train", ["--dataset", "mine", "--features", str(features), "--out", str(out),
-                                            "--seeds", "1", "--quiet", "--jax-cache", CACHE, *extra,
-                                            *set_flags(TINY)])
+    return _in_process(
+        "mister_jax.train",
+        [
+            "--dataset",
+            "mine",
+            "--features",
+            str(features),
+            "--out",
+            str(out),
+            "--seeds",
+            "1",
+            "--quiet",
+            "--jax-cache",
+            CACHE,
+            *extra,
+            *set_flags(TINY),
+        ],
+    )
 
 
 def _one_error_line(proc, code, *needles):
@@ -120,8 +143,10 @@ def test_a_store_with_one_label_name_is_refused_naming_the_manifest(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-needs_capsh = pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() != 0,
-                                 reason="needs capsh (Debian libcap2-bin) and root to drop CAP_DAC_OVERRIDE")
+needs_capsh = pytest.mark.skipif(
+    shutil.which("capsh") is None or os.geteuid() != 0,
+    reason="needs capsh (Debian libcap2-bin) and root to drop CAP_DAC_OVERRIDE",
+)
 
 
 UNREADABLE = ["", "manifest.json", "train", "train/text.npy", "val/index.npz"]
@@ -136,11 +161,26 @@ def unreadable(tmp_path_factory, finished):
     stores = {target: _store(root / f"f{i}") for i, target in enumerate(UNREADABLE)}
     calls = []
     for i, (target, directory) in enumerate(stores.items()):
-        calls += [("bridges.check", [str(directory)]),
-                  ("mister_jax.train", ["--dataset", "mine", "--features", str(root / f"f{i}"),
-                                        "--out", str(root / f"run{i}"), "--quiet"]),
-                  ("mister_jax.predict", ["--run", str(finished / "run"), "--dataset", "mine", "--features",
-                                          str(root / f"f{i}"), "--out", str(root / f"p{i}.jsonl")])]
+        calls += [
+            ("bridges.check", [str(directory)]),
+            (
+                "mister_jax.train",
+                ["--dataset", "mine", "--features", str(root / f"f{i}"), "--out", str(root / f"run{i}"), "--quiet"],
+            ),
+            (
+                "mister_jax.predict",
+                [
+                    "--run",
+                    str(finished / "run"),
+                    "--dataset",
+                    "mine",
+                    "--features",
+                    str(root / f"f{i}"),
+                    "--out",
+                    str(root / f"p{i}.jsonl"),
+                ],
+            ),
+        ]
     for target, directory in stores.items():
         (directory / target).chmod(0)
     try:
@@ -148,9 +188,14 @@ def unreadable(tmp_path_factory, finished):
     finally:
         for target, directory in stores.items():
             (directory / target).chmod(0o755)
-    return {target: {"directory": directory, "procs": procs[3 * i:3 * i + 3],
-                     "written": [root / f"run{i}", root / f"p{i}.jsonl"]}
-            for i, (target, directory) in enumerate(stores.items())}
+    return {
+        target: {
+            "directory": directory,
+            "procs": procs[3 * i : 3 * i + 3],
+            "written": [root / f"run{i}", root / f"p{i}.jsonl"],
+        }
+        for i, (target, directory) in enumerate(stores.items())
+    }
 
 
 @needs_capsh
@@ -167,10 +212,21 @@ def test_a_store_under_a_folder_that_cannot_be_entered_names_that_folder(tmp_pat
     directory = _store(tmp_path / "locked" / "f")
     (tmp_path / "locked").chmod(0)
     try:
-        check, train = _without_caps(("bridges.check", [str(directory)]),
-                                     ("mister_jax.train", ["--dataset", "mine", "--features",
-                                                           str(tmp_path / "locked" / "f"), "--out",
-                                                           str(tmp_path / "run"), "--quiet"]))
+        check, train = _without_caps(
+            ("bridges.check", [str(directory)]),
+            (
+                "mister_jax.train",
+                [
+                    "--dataset",
+                    "mine",
+                    "--features",
+                    str(tmp_path / "locked" / "f"),
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--quiet",
+                ],
+            ),
+        )
     finally:
         (tmp_path / "locked").chmod(0o755)
     for proc, code in ((check, 1), (train, 2)):
@@ -184,8 +240,9 @@ def test_an_unreadable_demo_store_is_named_not_rebuilt(tmp_path):
     _store(tmp_path / "f").rename(tmp_path / "f" / "demo")
     (tmp_path / "f" / "demo").chmod(0)
     try:
-        proc, = _without_caps(("mister_jax.train", ["--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"),
-                                                    "--quiet"]))
+        (proc,) = _without_caps(
+            ("mister_jax.train", ["--features", str(tmp_path / "f"), "--out", str(tmp_path / "run"), "--quiet"])
+        )
     finally:
         (tmp_path / "f" / "demo").chmod(0o755)
     _one_error_line(proc, 2, f"{tmp_path / 'f' / 'demo'}: not readable — check its permissions")
@@ -200,8 +257,9 @@ def test_features_that_is_a_file_is_told_so(tmp_path):
 
 def test_check_of_a_file_says_it_is_not_a_store_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    _one_error_line(_run(["-m", "bridges.check", str(tmp_path / "file")]), 1,
-                    f"{tmp_path / 'file'}: is a file, not a store folder")
+    _one_error_line(
+        _run(["-m", "bridges.check", str(tmp_path / "file")]), 1, f"{tmp_path / 'file'}: is a file, not a store folder"
+    )
 
 
 def test_a_test_split_without_labels_passes_check_and_is_refused_by_training(tmp_path):
@@ -220,8 +278,12 @@ def test_a_carved_split_without_labels_is_refused(tmp_path, labelled, split):
     order = np.random.default_rng(0).permutation(4)
     train_labels = np.where(np.repeat(np.arange(4), 3) == order[labelled], 1, -1)
     _store(tmp_path / "f", splits=("train", "test"), train_labels=train_labels)
-    _one_error_line(_train(tmp_path / "f", tmp_path / "run", "--set", "val_carve_seed=0"), 2,
-                    "after carving val", f"{split} has no labelled utterance")
+    _one_error_line(
+        _train(tmp_path / "f", tmp_path / "run", "--set", "val_carve_seed=0"),
+        2,
+        "after carving val",
+        f"{split} has no labelled utterance",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -254,8 +316,9 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_a_finished_run_is_not_rewritten_with_fewer_epochs(finished):
     before = _files(finished / "run")
-    _one_error_line(_train(finished / "f", finished / "run", "--epochs", "2"), 2, "already trained for 3 epochs",
-                    "--restart")
+    _one_error_line(
+        _train(finished / "f", finished / "run", "--epochs", "2"), 2, "already trained for 3 epochs", "--restart"
+    )
     after = _files(finished / "run")
     assert sorted(after) == sorted(before)
     assert [name for name in before if after[name] != before[name]] == []  # run_config.json keeps epochs 3 too
@@ -275,8 +338,20 @@ def test_predict_with_corrupt_best_parameters_says_to_retrain_not_restart(finish
     shutil.copytree(finished / "run", out)
     record = out / "checkpoints" / "best" / "seed_0.digest.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))
-    proc = _in_process("mister_jax.predict", ["--run", str(out), "--dataset", "mine", "--features",
-                                              str(finished / "f"), "--out", str(tmp_path / "p.jsonl"),
-                                              "--jax-cache", CACHE])
+    proc = _in_process(
+        "mister_jax.predict",
+        [
+            "--run",
+            str(out),
+            "--dataset",
+            "mine",
+            "--features",
+            str(finished / "f"),
+            "--out",
+            str(tmp_path / "p.jsonl"),
+            "--jax-cache",
+            CACHE,
+        ],
+    )
     line = _one_error_line(proc, 2, "fail their SHA-256 digest", "rerun the training command")
     assert "--restart" not in line and not (tmp_path / "p.jsonl").exists()

@@ -49,8 +49,9 @@ def test_bucket_lengths_is_the_least_padding_choice_of_at_most_k_multiples():
     pads = bucket_lengths(lengths, num_buckets=3, multiple=8)
     assert len(pads) <= 3 and all(p % 8 == 0 for p in pads) and max(pads) >= lengths.max()
     candidates = sorted({int(-(-n // 8) * 8) for n in lengths})
-    best = min(_waste(lengths, c) for k in (1, 2, 3) for c in itertools.combinations(candidates, k)
-               if max(c) == candidates[-1])
+    best = min(
+        _waste(lengths, c) for k in (1, 2, 3) for c in itertools.combinations(candidates, k) if max(c) == candidates[-1]
+    )
     assert _waste(lengths, pads) == best
 
 
@@ -90,8 +91,10 @@ def test_sorted_batches_hold_neighbours_in_length_and_pad_less_than_shuffled_one
 def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conversation_once(demo, batching):
     lengths = demo["train"]
     pads = choose_pad_lengths([lengths], 8, 3, 8, batching)
-    plan = lambda seed, epoch: [(p.length, p.conversations.tolist()) for p in
-                                epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching)]
+    plan = lambda seed, epoch: [
+        (p.length, p.conversations.tolist())
+        for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=epoch, batching=batching)
+    ]
     assert plan(1, 5) == plan(1, 5)
     assert plan(1, 5) != plan(1, 6) and plan(1, 5) != plan(2, 5)
     for seed, epoch in [(0, 0), (1, 5)]:
@@ -104,8 +107,10 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_conver
 def test_every_seed_sees_the_same_sequence_of_batch_shapes(demo, batching):
     lengths = demo["train"]
     pads = choose_pad_lengths([lengths], 8, 4, 8, batching)
-    shapes = {seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3, batching=batching)]
-              for seed in range(4)}
+    shapes = {
+        seed: [p.length for p in epoch_plan(lengths, pads, 8, seed=seed, epoch=3, batching=batching)]
+        for seed in range(4)
+    }
     assert all(s == shapes[0] for s in shapes.values())
 
 
@@ -122,7 +127,7 @@ def test_random_batches_change_members_from_epoch_to_epoch_and_seed_to_seed(demo
     sorted_pads = choose_pad_lengths([lengths], 8, 4, 8)
     sorted_pairs = [_co_batched(epoch_plan(lengths, sorted_pads, 8, seed=0, epoch=e)) for e in (0, 1)]
     kept = lambda a, b: len(a & b) / len(a)
-    assert kept(*sorted_pairs) > 0.5   # sorted batches keep most neighbours
+    assert kept(*sorted_pairs) > 0.5  # sorted batches keep most neighbours
     assert kept(_co_batched(plan(0, 0)), _co_batched(plan(0, 1))) < 0.35
     assert kept(_co_batched(plan(0, 0)), _co_batched(plan(1, 0))) < 0.35
 
@@ -131,7 +136,7 @@ def test_bucketed_batches_hold_conversations_of_one_pool_sorted_by_length():
     lengths = np.random.default_rng(1).integers(5, 60, size=64)
     pads = choose_pad_lengths([lengths], 4, 4, 2, "bucketed", pool_batches=4)
     plan = epoch_plan(lengths, pads, 4, seed=3, epoch=2, batching="bucketed", pool_batches=4)
-    order = np.random.default_rng([3, 2]).permutation(64)   # the pools: 16 consecutive shuffled conversations
+    order = np.random.default_rng([3, 2]).permutation(64)  # the pools: 16 consecutive shuffled conversations
     pool_of = {c: i // 16 for i, c in enumerate(order)}
     for p in plan:
         members = [c for c in p.conversations if c >= 0]
@@ -139,7 +144,7 @@ def test_bucketed_batches_hold_conversations_of_one_pool_sorted_by_length():
         pool = [c for c in order if pool_of[c] == pool_of[members[0]]]
         ranked = sorted(pool, key=lambda c: -lengths[c])
         rank = [ranked.index(c) for c in members]
-        assert max(rank) - min(rank) == len(members) - 1   # B neighbours in the pool's length order
+        assert max(rank) - min(rank) == len(members) - 1  # B neighbours in the pool's length order
 
 
 def test_aligned_steps_give_every_seed_one_shape_that_holds_each():
@@ -151,8 +156,9 @@ def test_aligned_steps_give_every_seed_one_shape_that_holds_each():
         assert len({p[i].length for p in aligned}) == 1
         assert all(aligned[k][i].length >= plans[k][i].length for k in range(3))
         assert aligned[0][i].length in pads
-    assert [[b.conversations.tolist() for b in p] for p in aligned] == [[b.conversations.tolist() for b in p]
-                                                                         for p in plans]
+    assert [[b.conversations.tolist() for b in p] for p in aligned] == [
+        [b.conversations.tolist() for b in p] for p in plans
+    ]
     with pytest.raises(ValueError, match="different numbers of batches"):
         align_steps([plans[0], plans[1][:-1]])
 
@@ -163,8 +169,11 @@ def test_bucketed_padding_on_iemocap_shaped_lengths_is_at_least_0_78():
 
     lengths = conversation_lengths(PAPER)
     pads = choose_pad_lengths([lengths], 8, 4, 2, "bucketed", pool_batches=8)
-    plans = [epoch_plan(lengths, pads, 8, seed=s, epoch=e, batching="bucketed", pool_batches=8)
-             for s in range(3) for e in range(30)]
+    plans = [
+        epoch_plan(lengths, pads, 8, seed=s, epoch=e, batching="bucketed", pool_batches=8)
+        for s in range(3)
+        for e in range(30)
+    ]
     assert len(pads) <= 4
     assert np.mean([padding_efficiency(lengths, p) for p in plans]) >= 0.78
 
@@ -213,8 +222,9 @@ def test_the_planner_pads_training_and_evaluation_each_on_their_own_splits(batch
     seeds = [0, 1, 2]
     plans = planner.train_epoch(train, seeds, 4, aligned=False)
     for s, plan in zip(seeds, plans):
-        assert _listed(plan) == _listed(epoch_plan(train, planner.train_pads, 4, seed=s, epoch=4, batching=batching,
-                                                   pool_batches=2))
+        assert _listed(plan) == _listed(
+            epoch_plan(train, planner.train_pads, 4, seed=s, epoch=4, batching=batching, pool_batches=2)
+        )
     aligned = planner.train_epoch(train, seeds, 4, aligned=True)
     assert [_listed(p) for p in aligned] == [_listed(p) for p in align_steps(plans)]
     evaluation = planner.evaluation(val)
@@ -222,6 +232,7 @@ def test_the_planner_pads_training_and_evaluation_each_on_their_own_splits(batch
     assert sorted(c for p in evaluation for c in p.conversations if c >= 0) == list(range(len(val)))
     shapes = planner.train_shapes(plans[0])
     # Drawn batchings compile every pad length, as a later epoch may need any; fixed ones what they use.
-    assert shapes == (sorted(planner.train_pads) if batching in ("random", "bucketed")
-                      else sorted({p.length for p in plans[0]}))
+    assert shapes == (
+        sorted(planner.train_pads) if batching in ("random", "bucketed") else sorted({p.length for p in plans[0]})
+    )
     assert planner.example(train, shapes[-1]).length == shapes[-1]

@@ -23,8 +23,14 @@ FAST_ENV = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_
 
 
 def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=FAST_ENV, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=FAST_ENV,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -43,8 +49,8 @@ def test_pad_batch_places_each_conversation_at_the_start_of_its_row():
     speech, text, labels, mask = common.pad_batch(corpus, np.array([2, 0]), width=10)
     for row, c in enumerate((2, 0)):
         n, s = corpus.lengths[c], corpus.starts[c]
-        np.testing.assert_array_equal(speech[row, :n], corpus.speech[s:s + n])
-        np.testing.assert_array_equal(labels[row, :n], corpus.labels[s:s + n])
+        np.testing.assert_array_equal(speech[row, :n], corpus.speech[s : s + n])
+        np.testing.assert_array_equal(labels[row, :n], corpus.labels[s : s + n])
         assert mask[row].sum() == n and not speech[row, n:].any() and not text[row, n:].any()
 
 
@@ -53,9 +59,10 @@ def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes
     pytest.importorskip("jax")
     import dataclasses
 
-    from mister_jax.params import count_params, param_shapes
     from torch_reference import AttentionMoE
     from train_epoch import iemocap_config
+
+    from mister_jax.params import count_params, param_shapes
 
     dims = common.TINY
     ours = count_params(param_shapes(dataclasses.replace(iemocap_config(dims, "float32", None).model, gate="mlp")))
@@ -66,9 +73,20 @@ def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes
 
 def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
     out = tmp_path / "train_epoch.json"
-    proc = _run("train_epoch.py", "--dims", "tiny", "--epochs", "1", "--variants", "a,b,c,f", "--skip-cold",
-                "--threads", "1",
-                "--out", str(out))
+    proc = _run(
+        "train_epoch.py",
+        "--dims",
+        "tiny",
+        "--epochs",
+        "1",
+        "--variants",
+        "a,b,c,f",
+        "--skip-cold",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert set(result["median"]) == {"a", "b", "c-vmap", "c-int", "f"}
     for tag in ("a", "b", "c-vmap", "c-int", "f"):
@@ -88,11 +106,13 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
     result = json.loads(out.read_text())
     assert result["overrides"] == ["dtype=bfloat16"]
     epochs = result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]
-    assert result["protocol_hours"] == pytest.approx((epochs + (result["checkpoints_written"] - 1)
-                                                      * result["checkpoint_s"]) / 3600)
+    assert result["protocol_hours"] == pytest.approx(
+        (epochs + (result["checkpoints_written"] - 1) * result["checkpoint_s"]) / 3600
+    )
     assert result["checkpoint_s"] == pytest.approx(result["epoch_with_checkpoint_s"] - result["epoch_s"])
     assert result["protocol_hours_checkpoint_every_epoch"] == pytest.approx(
-        (result["run_1_epoch_cold_s"] + 99 * result["epoch_with_checkpoint_s"]) / 3600)
+        (result["run_1_epoch_cold_s"] + 99 * result["epoch_with_checkpoint_s"]) / 3600
+    )
     assert 0 < result["epoch_training_s"] < result["epoch_s"] < result["run_1_epoch_cold_s"]
     assert result["epoch_with_checkpoint_copies_s"] > 0
     assert "protocol_hours: " in proc.stdout and "target protocol<=3h" in proc.stdout
@@ -101,8 +121,21 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
 def test_extract_smoke_times_sorted_by_tokens_by_chars_shuffled_and_single(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "extract.json"
-    _run("extract.py", "--size", "tiny", "--utterances", "12", "--batch-size", "4", "--embedding-dim", "16", "--threads", "1",
-         "--out", str(out))
+    _run(
+        "extract.py",
+        "--size",
+        "tiny",
+        "--utterances",
+        "12",
+        "--batch-size",
+        "4",
+        "--embedding-dim",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert set(result["passes"]) == {"sorted", "by-chars", "shuffled", "single"}
     assert result["passes"]["single"]["token_padding_efficiency"] == 1.0
@@ -113,6 +146,7 @@ def test_extract_smoke_times_sorted_by_tokens_by_chars_shuffled_and_single(tmp_p
 def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes():
     jax = pytest.importorskip("jax")
     import levers
+
     from mister_jax.ops.gru import BidirectionalGRU
 
     streams, layers, width, hidden = 2, 2, 6, 3
@@ -121,8 +155,11 @@ def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes()
     mask = np.arange(9)[None] < np.array([7, 5, 2])[:, None]  # T = 9 > the longest conversation
     params = levers.init_gru(jax.random.key(0), streams, layers, width, hidden)
     # The same weights in mister_jax.ops.gru's layout: streams g = 2 m + d.
-    ours = {f"{name}_{l}": np.asarray(p[key]).reshape((2 * streams,) + p[key].shape[2:])
-            for l, p in enumerate(params) for name, key in (("w_ih", "wi"), ("b_ih", "bi"), ("w_hh", "wh"), ("b_hh", "bh"))}
+    ours = {
+        f"{name}_{l}": np.asarray(p[key]).reshape((2 * streams,) + p[key].shape[2:])
+        for l, p in enumerate(params)
+        for name, key in (("w_ih", "wi"), ("b_ih", "bi"), ("w_hh", "wh"), ("b_hh", "bh"))
+    }
     expected = np.asarray(jax.jit(BidirectionalGRU(hidden, layers).apply)({"params": ours}, x, mask))
     for name in ("naive", "hoisted", "fused"):
         got = np.asarray(jax.jit(getattr(levers, name))(params, x, mask))

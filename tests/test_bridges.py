@@ -7,8 +7,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from bridges import FeatureStore, StoreError, init_store, write_index, write_modality
-from bridges import check, store as store_module
+from bridges import FeatureStore, StoreError, check, init_store, write_index, write_modality
+from bridges import store as store_module
 
 LABELS = ["angry", "happy", "sad"]
 
@@ -18,8 +18,9 @@ def _write(root: Path, n_train=7, dim_text=5, dim_speech=3, dtype=np.float32) ->
     dataset_dir = init_store(root, "toy", LABELS, ["train", "test"])
     for split, n in (("train", n_train), ("test", 4)):
         conversation_ids = ["a"] * (n - 2) + ["b"] * 2
-        write_index(dataset_dir, split, [f"{split}{i}" for i in range(n)], conversation_ids,
-                    rng.integers(-1, 3, size=n))
+        write_index(
+            dataset_dir, split, [f"{split}{i}" for i in range(n)], conversation_ids, rng.integers(-1, 3, size=n)
+        )
         write_modality(dataset_dir, split, "text", rng.normal(size=(n, dim_text)).astype(dtype), {"model": "t"})
         write_modality(dataset_dir, split, "speech", rng.normal(size=(n, dim_speech)).astype(dtype), {"model": "s"})
     return dataset_dir
@@ -125,14 +126,22 @@ def test_dim_that_disagrees_with_the_manifest_is_named(toy):
 
 
 def test_label_out_of_range_is_named(toy):
-    np.savez(toy / "train" / "index.npz", utterance_id=np.array([f"u{i}" for i in range(7)]),
-             conversation_id=np.array(["a"] * 7), label=np.array([0, 1, 2, 3, 0, 0, 0], np.int32))
+    np.savez(
+        toy / "train" / "index.npz",
+        utterance_id=np.array([f"u{i}" for i in range(7)]),
+        conversation_id=np.array(["a"] * 7),
+        label=np.array([0, 1, 2, 3, 0, 0, 0], np.int32),
+    )
     _assert_problem(toy, str(toy / "train" / "index.npz"), "label 3", "[-1, 3)")
 
 
 def test_conversation_whose_rows_are_not_contiguous_is_named(toy):
-    np.savez(toy / "train" / "index.npz", utterance_id=np.array([f"u{i}" for i in range(7)]),
-             conversation_id=np.array(["a", "a", "b", "b", "a", "c", "c"]), label=np.zeros(7, np.int32))
+    np.savez(
+        toy / "train" / "index.npz",
+        utterance_id=np.array([f"u{i}" for i in range(7)]),
+        conversation_id=np.array(["a", "a", "b", "b", "a", "c", "c"]),
+        label=np.zeros(7, np.int32),
+    )
     _assert_problem(toy, str(toy / "train" / "index.npz"), "'a'", "not contiguous")
 
 
@@ -192,8 +201,7 @@ def test_iterating_conversations_gives_ids_row_ranges_and_labels(toy):
     split = FeatureStore.open(toy).split("train")
     conversations = split.conversations()
     assert [(c.id, len(c)) for c in conversations] == [("a", 5), ("b", 2)]
-    assert np.concatenate([split.labels[c.start:c.stop] for c in conversations]).tolist() == split.labels.tolist()
-
+    assert np.concatenate([split.labels[c.start : c.stop] for c in conversations]).tolist() == split.labels.tolist()
 
 
 def test_written_files_are_readable_by_other_users(toy):

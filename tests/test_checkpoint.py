@@ -15,8 +15,9 @@ def _mirrors(fill: float) -> dict:
     train = HostMirror({"w": np.zeros((2, 3), np.float32), "step": np.int32(0), "mask": np.zeros(5, bool)}, 2)
     best = HostMirror({"w": np.zeros((2, 3), np.float32)}, 2)
     for k in range(2):
-        train.put(k, {"w": np.full((2, 3), fill + k, np.float32), "step": np.int32(7 + k),
-                      "mask": np.arange(5) % 2 == k})
+        train.put(
+            k, {"w": np.full((2, 3), fill + k, np.float32), "step": np.int32(7 + k), "mask": np.arange(5) % 2 == k}
+        )
         best.put(k, {"w": np.full((2, 3), -fill - k, np.float32)})
     return {"train": train, "best_params": best}
 
@@ -89,7 +90,9 @@ def test_a_truncated_buffer_is_unreadable_with_the_fix(tmp_path):
     ckpt.wait()
     path = tmp_path / "state" / "2" / "train.bin"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"state/2: checkpoint is unreadable .*train.bin holds 100 bytes.*--restart"):
+    with pytest.raises(
+        CheckpointError, match=r"state/2: checkpoint is unreadable .*train.bin holds 100 bytes.*--restart"
+    ):
         ckpt.restore_state(_mirrors(0.0))
 
 
@@ -118,8 +121,11 @@ def test_no_intact_step_stops_with_the_directory_and_the_fix(tmp_path):
     ckpt.close()
     for epoch in (1, 2):
         _overwrite_with_random_bytes(tmp_path / "state" / str(epoch) / "best_params.bin")
-    with pytest.raises(CheckpointError, match=r"state: no intact checkpoint \(epochs 1, 2; .*best_params.bin fails"
-                                              r".*--restart"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"state: no intact checkpoint \(epochs 1, 2; .*best_params.bin fails"
+        r".*--restart",
+    ):
         RunCheckpoints(tmp_path, log=lambda _: None).restore_state(_mirrors(0.0))
 
 
@@ -151,6 +157,9 @@ def test_params_digest_sees_values_shapes_and_names():
     params = {"w": np.zeros((2, 3), np.float32)}
     digest = checkpoint.params_digest(params)
     assert digest == checkpoint.params_digest({"w": np.zeros((2, 3), np.float32)})
-    for other in ({"w": np.zeros((3, 2), np.float32)}, {"v": np.zeros((2, 3), np.float32)},
-                  {"w": np.full((2, 3), 1e-30, np.float32)}):
+    for other in (
+        {"w": np.zeros((3, 2), np.float32)},
+        {"v": np.zeros((2, 3), np.float32)},
+        {"w": np.full((2, 3), 1e-30, np.float32)},
+    ):
         assert checkpoint.params_digest(other) != digest

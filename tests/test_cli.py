@@ -49,9 +49,14 @@ def test_bad_store_prints_the_store_problems(tmp_path, capsys):
     assert "manifest.json" in err and "not valid JSON" in err
 
 
-@pytest.mark.parametrize("flag, message", [(["--variant", "bimodal"], "--variant bimodal: unknown variant"),
-                                           (["--set", "lamda_con=0"], "--set lamda_con: unknown key; valid keys"),
-                                           (["--set", "gate=moe"], "--set: mister_jax/config.py: gate='moe'")])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--variant", "bimodal"], "--variant bimodal: unknown variant"),
+        (["--set", "lamda_con=0"], "--set lamda_con: unknown key; valid keys"),
+        (["--set", "gate=moe"], "--set: mister_jax/config.py: gate='moe'"),
+    ],
+)
 def test_unknown_variant_or_key(tiny_features, tmp_path, capsys, flag, message):
     assert message in _error(capsys, train_args(tiny_features, tmp_path / "o", 1, *flag))
     assert not (tmp_path / "o").exists()
@@ -67,8 +72,9 @@ def test_unwritable_out(tiny_features, tmp_path, capsys):
 
 def test_matmuls_default_to_bfloat16_on_an_accelerator_only(tiny_features, monkeypatch):
     store = open_store("demo", str(tiny_features))
-    config = lambda *extra: train_cli.config_from_args(train_cli.parse_args(["--dataset", "demo", *extra]),
-                                                        store.label_names)
+    config = lambda *extra: train_cli.config_from_args(
+        train_cli.parse_args(["--dataset", "demo", *extra]), store.label_names
+    )
     assert config().model.dtype == "float32"  # this machine: CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert config().model.dtype == "bfloat16"
@@ -76,8 +82,24 @@ def test_matmuls_default_to_bfloat16_on_an_accelerator_only(tiny_features, monke
 
 
 def test_the_flags_land_in_the_preset_after_the_overrides():
-    args = train_cli.parse_args(["--dataset", "meld", "--epochs", "3", "--seeds", "1", "--variant", "text-only",
-                                 "--checkpoint-every", "2", "--set", "epochs=50", "--on-nonfinite", "skip-step"])
+    args = train_cli.parse_args(
+        [
+            "--dataset",
+            "meld",
+            "--epochs",
+            "3",
+            "--seeds",
+            "1",
+            "--variant",
+            "text-only",
+            "--checkpoint-every",
+            "2",
+            "--set",
+            "epochs=50",
+            "--on-nonfinite",
+            "skip-step",
+        ]
+    )
     config = train_cli.config_from_args(args, None)
     assert (config.train.epochs, config.train.seeds, config.train.checkpoint_every) == (3, 1, 2)
     assert config.model.variant == "text-only" and config.train.on_nonfinite == "skip-step"
@@ -109,4 +131,3 @@ def test_a_finished_run_prints_its_test_score_and_where_it_wrote(tiny_features, 
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("test weighted F1 ") and f"wrote {out / 'results.json'} and {out / 'report.md'}" in last
     assert "moe" in last and (out / "report.md").exists()
-

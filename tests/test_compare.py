@@ -60,8 +60,10 @@ def test_training_writes_the_predictions_its_reported_test_f1_comes_from(tmp_pat
     saved = compare.read_test_predictions(tmp_path / "run")
     from sklearn.metrics import f1_score
 
-    per_seed = [f1_score(saved["labels"], p, labels=np.arange(len(saved["label_names"])), average="weighted",
-                         zero_division=0) for p in saved["predictions"]]
+    per_seed = [
+        f1_score(saved["labels"], p, labels=np.arange(len(saved["label_names"])), average="weighted", zero_division=0)
+        for p in saved["predictions"]
+    ]
     assert per_seed == pytest.approx(results["test"]["weighted_f1"]["per_seed"], abs=1e-12)
     ci = results["test"]["weighted_f1_interval"]
     assert ci["unit"] == "conversation" and len(ci["per_seed"]) == 2

@@ -11,20 +11,36 @@ from mister_jax.runtime import compile_cache
 from mister_jax.runtime.compile_cache import TrainStepCompiler
 from mister_jax.steps import abstract_train_state, create_train_state, make_optimizer, seed_keys, train_step
 
-MODEL = ModelConfig(speech_dim=6, text_dim=5, num_classes=3, can_hidden=4, gru_layers=1, fusion_dim=8,
-                    fusion_layers=1, attention_dim=4, attention_heads=2)
+MODEL = ModelConfig(
+    speech_dim=6,
+    text_dim=5,
+    num_classes=3,
+    can_hidden=4,
+    gru_layers=1,
+    fusion_dim=8,
+    fusion_layers=1,
+    attention_dim=4,
+    attention_heads=2,
+)
 TRAIN = TrainConfig(batch_size=2, learning_rate=1e-2)
 # XLA:CPU's cheapest compile settings: the same results, a third of the compile time.
-FAST = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-        "xla_llvm_disable_expensive_passes": True}
+FAST = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def _batch(length):
     rng = np.random.default_rng(length)
     mask = np.arange(length)[None] < np.array([length, length - 2])[:, None]
     labels = np.where(mask, rng.integers(0, 3, mask.shape), -1).astype(np.int32)
-    return Batch(rng.normal(size=(2, length, 6)).astype(np.float32), rng.normal(size=(2, length, 5)).astype(np.float32),
-                 labels, mask)
+    return Batch(
+        rng.normal(size=(2, length, 6)).astype(np.float32),
+        rng.normal(size=(2, length, 5)).astype(np.float32),
+        labels,
+        mask,
+    )
 
 
 def _counting_step(calls):
@@ -33,6 +49,7 @@ def _counting_step(calls):
     def counted(*args):
         calls.append(1)  # runs only while JAX traces the step
         return step(*args)
+
     return counted
 
 
@@ -42,8 +59,9 @@ def _tx():
 
 def test_compiled_step_equals_the_jitted_step_for_every_shape():
     key = seed_keys(0)[1]
-    reference = jax.jit(functools.partial(train_step, model_cfg=MODEL, loss_cfg=LossConfig(), tx=_tx()),
-                        compiler_options=FAST)
+    reference = jax.jit(
+        functools.partial(train_step, model_cfg=MODEL, loss_cfg=LossConfig(), tx=_tx()), compiler_options=FAST
+    )
     compiler = TrainStepCompiler(_counting_step([]), "test", cache_dir=None, compiler_options=FAST)
     ours, theirs = create_train_state(MODEL, TRAIN, 0), create_train_state(MODEL, TRAIN, 0)
     for length in (5, 7, 5):

@@ -9,13 +9,19 @@ from mister_jax.configs import PAPER_LABELS, STYLES, authors_code, get_config
 from mister_jax.configs.overrides import OverrideError, apply_overrides, valid_keys
 
 
-@pytest.mark.parametrize("name, batch, lam, alpha, tau, layers", [("iemocap", 8, 2, 0.1, 1, 3),
-                                                                  ("meld", 32, 1, 1e-3, 0.05, 2),
-                                                                  ("mosi", 8, 1, 0.1, 1, 3)])
+@pytest.mark.parametrize(
+    "name, batch, lam, alpha, tau, layers",
+    [("iemocap", 8, 2, 0.1, 1, 3), ("meld", 32, 1, 1e-3, 0.05, 2), ("mosi", 8, 1, 0.1, 1, 3)],
+)
 def test_presets_follow_the_paper_table(name, batch, lam, alpha, tau, layers):
     c = get_config(name)
-    assert (c.train.batch_size, c.loss.lambda_con, c.loss.alpha_kl, c.loss.temperature,
-            c.model.gru_layers) == (batch, lam, alpha, tau, layers)
+    assert (c.train.batch_size, c.loss.lambda_con, c.loss.alpha_kl, c.loss.temperature, c.model.gru_layers) == (
+        batch,
+        lam,
+        alpha,
+        tau,
+        layers,
+    )
     assert (c.train.learning_rate, c.train.clip_norm, c.train.epochs, c.train.seeds) == (1e-5, 1.0, 100, 3)
 
 
@@ -31,12 +37,19 @@ def test_presets_have_the_paper_classes_and_other_corpora_get_iemocaps_with_thei
 def test_authors_code_preset_is_the_paper_preset_with_their_departures():
     paper, authors = get_config("meld"), get_config("meld", style="authors-code")
     assert STYLES == ("paper", "authors-code")
-    assert (authors.model.attention_heads, authors.model.gate, authors.model.gate_temperature,
-            authors.model.can_dropout) == (3, "mlp", 2.0, 0.0)
+    assert (
+        authors.model.attention_heads,
+        authors.model.gate,
+        authors.model.gate_temperature,
+        authors.model.can_dropout,
+    ) == (3, "mlp", 2.0, 0.0)
     assert (authors.loss.contrastive_scope, authors.loss.kl_form) == ("batch", "symmetric")
     assert (authors.train.batching, paper.train.batching) == ("random", "bucketed")
-    assert (dataclasses.replace(authors.train, batching="bucketed"), authors.model.gru_layers,
-            authors.loss.lambda_con) == (paper.train, 2, 1.0)
+    assert (
+        dataclasses.replace(authors.train, batching="bucketed"),
+        authors.model.gru_layers,
+        authors.loss.lambda_con,
+    ) == (paper.train, 2, 1.0)
     assert (paper.model.attention_heads, paper.model.gate, paper.loss.kl_form) == (4, "fc", "directional")
     # Every departure is one of the module's tables, and nothing else changes.
     assert dataclasses.replace(authors.model, **{k: getattr(paper.model, k) for k in authors_code.MODEL}) == paper.model

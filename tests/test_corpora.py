@@ -95,8 +95,15 @@ def test_meld_counts_and_utterance_order_with_gaps():
     corpus = read_corpus("meld", DATA / "meld")
     assert [corpus.counts(s) for s in ("train", "val", "test")] == [(9989, 1038), (1109, 114), (2610, 280)]
     labels = collections.Counter(corpus.label_names[u.label] for u in corpus.utterances("train"))
-    assert labels == {"neutral": 4710, "joy": 1743, "surprise": 1205, "anger": 1109, "sadness": 683,
-                      "disgust": 271, "fear": 268}
+    assert labels == {
+        "neutral": 4710,
+        "joy": 1743,
+        "surprise": 1205,
+        "anger": 1109,
+        "sadness": 683,
+        "disgust": 271,
+        "fear": 268,
+    }
     with open(DATA / "meld" / "train_sent_emo.csv", encoding="utf-8", newline="") as f:
         ids = collections.defaultdict(list)
         for row in csv.DictReader(f):
@@ -166,7 +173,9 @@ def test_mosi_reads_release_transcripts_and_audio(tmp_path):
     corpus = read_corpus("mosi", tmp_path, require=("text",))
     last = corpus.splits["test"][-1]
     assert [(u.id, u.transcript, u.label) for u in last.utterances] == [
-        ("vid92_1", "first of vid92", 1), ("vid92_2", "second of vid92", 0)]
+        ("vid92_1", "first of vid92", 1),
+        ("vid92_2", "second of vid92", 0),
+    ]
     assert last.utterances[1].audio.name == "vid92_2.wav"
     with pytest.raises(CorpusError, match=r"185 with no audio file"):
         read_corpus("mosi", tmp_path, require=("audio",))

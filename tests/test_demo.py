@@ -23,7 +23,7 @@ def test_demo_store_is_valid_and_deterministic(demo, tmp_path):
 def test_emotions_persist_along_conversations(demo):
     split = demo.split("train")
     same_as_previous = [
-        np.mean(split.labels[c.start + 1:c.stop] == split.labels[c.start:c.stop - 1]) for c in split.conversations()
+        np.mean(split.labels[c.start + 1 : c.stop] == split.labels[c.start : c.stop - 1]) for c in split.conversations()
     ]
     counts = np.bincount(split.labels, minlength=len(LABEL_NAMES)) / len(split)
     chance = float(np.sum(counts**2))
@@ -41,10 +41,13 @@ def _class_mean_distance(split, modality, a, b):
     return np.linalg.norm(x[y == i].mean(0) - x[y == j].mean(0))
 
 
-@pytest.mark.parametrize("modality, confused, separated", [
-    ("text", TEXT_CONFUSIONS, SPEECH_CONFUSIONS),
-    ("speech", SPEECH_CONFUSIONS, TEXT_CONFUSIONS),
-])
+@pytest.mark.parametrize(
+    "modality, confused, separated",
+    [
+        ("text", TEXT_CONFUSIONS, SPEECH_CONFUSIONS),
+        ("speech", SPEECH_CONFUSIONS, TEXT_CONFUSIONS),
+    ],
+)
 def test_each_modality_confuses_pairs_the_other_separates(demo, modality, confused, separated):
     split = demo.split("train")
     for a, b in confused:

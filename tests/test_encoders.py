@@ -67,7 +67,9 @@ def test_focal_loss_matches_numpy_and_is_cross_entropy_at_gamma_zero():
     p_y = p[np.arange(3), labels.numpy()]
     expected = np.mean(-((1 - p_y) ** 3) * np.log(p_y))
     assert focal_loss(logits, labels, 3.0).item() == pytest.approx(expected, rel=1e-5)
-    assert focal_loss(logits, labels, 0.0).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert focal_loss(logits, labels, 0.0).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6
+    )
 
 
 def test_attentive_statistics_pooling_matches_numpy_and_ignores_padding():
@@ -77,8 +79,10 @@ def test_attentive_statistics_pooling_matches_numpy_and_ignores_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     out = pool(hidden, mask)
     h = hidden[0, :3].detach().numpy()
-    scores = (np.tanh(h @ pool.project.weight.detach().numpy().T + pool.project.bias.detach().numpy())
-              @ pool.score.weight.detach().numpy().T).squeeze(-1)
+    scores = (
+        np.tanh(h @ pool.project.weight.detach().numpy().T + pool.project.bias.detach().numpy())
+        @ pool.score.weight.detach().numpy().T
+    ).squeeze(-1)
     alpha = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
     mean = alpha @ h
     std = np.sqrt(alpha @ (h * h) - mean * mean)
@@ -96,8 +100,14 @@ def test_text_lora_training_moves_adapter_and_head_but_not_base_weights(world):
     model = _model(TextEncoder(world["llama"]), world["corpus"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = TrainConfig(batch_size=4, lr=1e-2)
-    train_epoch(model, make_optimizer(model, config), world["corpus"].utterances("train"), config,
-                np.random.default_rng(0), torch.device("cpu"))
+    train_epoch(
+        model,
+        make_optimizer(model, config),
+        world["corpus"].utterances("train"),
+        config,
+        np.random.default_rng(0),
+        torch.device("cpu"),
+    )
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     base = [n for n in before if n.startswith("encoder.") and "lora_" not in n]
@@ -115,8 +125,14 @@ def test_speech_lora_only_in_llm_projector_trained_audio_encoder_frozen(world):
     assert not any("audio_tower" in n and "lora_" in n for n, _ in model.named_parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = TrainConfig(batch_size=4, lr=1e-2)
-    train_epoch(model, make_optimizer(model, config), world["corpus"].utterances("val"), config,
-                np.random.default_rng(0), torch.device("cpu"))
+    train_epoch(
+        model,
+        make_optimizer(model, config),
+        world["corpus"].utterances("val"),
+        config,
+        np.random.default_rng(0),
+        torch.device("cpu"),
+    )
     after = dict(model.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert any("multi_modal_projector" in n for n in moved)
@@ -142,8 +158,14 @@ def test_speech_mask_covers_prompt_and_one_token_per_audio_frame(world):
 def test_fine_tuning_lowers_the_loss_and_keeps_the_best_val_epoch(world):
     model = _model(TextEncoder(world["llama"]), world["corpus"])
     corpus = world["corpus"]
-    history = fit(model, corpus.utterances("train"), corpus.utterances("val"),
-                  TrainConfig(epochs=6, batch_size=6, lr=5e-3, gamma=2.0), torch.device("cpu"), log=lambda s: None)
+    history = fit(
+        model,
+        corpus.utterances("train"),
+        corpus.utterances("val"),
+        TrainConfig(epochs=6, batch_size=6, lr=5e-3, gamma=2.0),
+        torch.device("cpu"),
+        log=lambda s: None,
+    )
     assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
     assert history["best_val_weighted_f1"] == max(history["val_weighted_f1"])
     assert history["best_epoch"] == int(np.argmax(history["val_weighted_f1"]))
@@ -153,8 +175,14 @@ def test_patience_stops_fine_tuning_once_validation_stops_improving(world):
     model = _model(TextEncoder(world["llama"]), world["corpus"])
     corpus = world["corpus"]
     # lr 0: nothing changes after the first evaluation, so epoch 1 stays the best.
-    history = fit(model, corpus.utterances("train"), corpus.utterances("val"),
-                  TrainConfig(epochs=20, patience=2, batch_size=6, lr=0.0), torch.device("cpu"), log=lambda s: None)
+    history = fit(
+        model,
+        corpus.utterances("train"),
+        corpus.utterances("val"),
+        TrainConfig(epochs=20, patience=2, batch_size=6, lr=0.0),
+        torch.device("cpu"),
+        log=lambda s: None,
+    )
     assert history["stopped_early"] and len(history["val_weighted_f1"]) == 3 and history["best_epoch"] == 0
 
 
@@ -187,8 +215,14 @@ def test_patience_counts_from_the_latest_improvement(world, monkeypatch):
     corpus = world["corpus"]
     _scripted_val_scores(monkeypatch, [0.3, 0.2, 0.5, 0.4, 0.4, 0.9, 0.9])
     epochs = _counted_epochs(monkeypatch)
-    history = fit(_model(TextEncoder(world["llama"]), corpus), corpus.utterances("train")[:12], corpus.utterances("val"),
-                  TrainConfig(epochs=7, patience=2, batch_size=6, lr=1e-3), torch.device("cpu"), log=lambda s: None)
+    history = fit(
+        _model(TextEncoder(world["llama"]), corpus),
+        corpus.utterances("train")[:12],
+        corpus.utterances("val"),
+        TrainConfig(epochs=7, patience=2, batch_size=6, lr=1e-3),
+        torch.device("cpu"),
+        log=lambda s: None,
+    )
     assert len(epochs) == len(history["val_weighted_f1"]) == 5
     assert history["best_epoch"] == 2 and history["best_val_weighted_f1"] == 0.5 and history["stopped_early"]
 
@@ -217,7 +251,9 @@ def test_interrupted_fine_tuning_resumes_with_its_best_epoch_and_patience_count(
     epochs = _counted_epochs(monkeypatch)
     lines = []
     resumed_model = model()
-    resumed = fit(resumed_model, train, val, config, torch.device("cpu"), log=lines.append, checkpoint=tmp_path / "ckpt")
+    resumed = fit(
+        resumed_model, train, val, config, torch.device("cpu"), log=lines.append, checkpoint=tmp_path / "ckpt"
+    )
     assert len(epochs) == 1
     assert any(line.startswith("resuming fine-tuning") and "5 epochs done, best epoch 4" in line for line in lines)
     for key in ("train_loss", "val_weighted_f1", "best_epoch", "best_val_weighted_f1", "stopped_early"):
@@ -236,7 +272,9 @@ def test_interrupted_fine_tuning_resumes_with_its_best_epoch_and_patience_count(
 def test_encoders_fine_tune_for_the_papers_50_epochs_by_default():
     from encoders_torch.extract import parser
 
-    args = parser().parse_args(["--dataset", "iemocap", "--data-root", "x", "--modality", "text", "--model", "m", "--out", "o"])
+    args = parser().parse_args(
+        ["--dataset", "iemocap", "--data-root", "x", "--modality", "text", "--model", "m", "--out", "o"]
+    )
     assert args.epochs == TrainConfig().epochs == 50 and args.patience == 0
 
 
@@ -245,9 +283,31 @@ def test_encoders_fine_tune_for_the_papers_50_epochs_by_default():
 
 def _argv(world, out, modality, *extra):
     model = world["llama"] if modality == "text" else world["qwen2_audio"]
-    return ["--dataset", "iemocap", "--data-root", str(world["data"]), "--modality", modality, "--model", str(model),
-            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--embedding-dim", "24",
-            "--chunk-size", "8", "--device", "auto", *extra]
+    return [
+        "--dataset",
+        "iemocap",
+        "--data-root",
+        str(world["data"]),
+        "--modality",
+        modality,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--embedding-dim",
+        "24",
+        "--chunk-size",
+        "8",
+        "--device",
+        "auto",
+        *extra,
+    ]
 
 
 def test_extract_writes_text_and_speech_into_one_store_that_bridges_check_accepts(world, capsys):
@@ -285,8 +345,12 @@ def test_export_uses_the_adapter_and_head_of_the_best_val_epoch(world, monkeypat
     predict = finetune.predict
 
     def snapshot(model, *args, **kwargs):
-        snapshots.append(({k: v.clone() for k, v in get_peft_model_state_dict(model.encoder.peft_model).items()},
-                          {k: v.detach().clone() for k, v in model.head.state_dict().items()}))
+        snapshots.append(
+            (
+                {k: v.clone() for k, v in get_peft_model_state_dict(model.encoder.peft_model).items()},
+                {k: v.detach().clone() for k, v in model.head.state_dict().items()},
+            )
+        )
         return predict(model, *args, **kwargs)
 
     monkeypatch.setattr(finetune, "predict", snapshot)
@@ -294,10 +358,15 @@ def test_export_uses_the_adapter_and_head_of_the_best_val_epoch(world, monkeypat
     trained = out / "iemocap" / "adapters" / "text"
     history = json.loads((trained / "training.json").read_text())["history"]
     assert history["val_weighted_f1"] == [0.2, 0.7, 0.4, 0.5] and history["best_epoch"] == 1
-    adapter, head = load_file(trained / "adapter" / "adapter_model.safetensors"), load_file(trained / "head.safetensors")
+    adapter, head = (
+        load_file(trained / "adapter" / "adapter_model.safetensors"),
+        load_file(trained / "head.safetensors"),
+    )
     best, last = snapshots[1], snapshots[3]
     assert adapter.keys() == best[0].keys() and head.keys() == best[1].keys()
-    assert all(torch.equal(adapter[k], best[0][k]) for k in adapter) and all(torch.equal(head[k], best[1][k]) for k in head)
+    assert all(torch.equal(adapter[k], best[0][k]) for k in adapter) and all(
+        torch.equal(head[k], best[1][k]) for k in head
+    )
     assert not all(torch.equal(head[k], last[1][k]) for k in head)
     assert not (trained.parent / ".text.checkpoint").exists()
     exported = np.asarray(FeatureStore.open(out / "iemocap").split("test").features("text"))
@@ -318,8 +387,10 @@ def test_interrupted_fine_tuning_in_extract_resumes_and_matches_an_uninterrupted
     epochs = _counted_epochs(monkeypatch)
     assert extract.main(argv(interrupted)) == 0
     assert len(epochs) == 1 and not (adapters / ".text.checkpoint").exists()
-    expected, got = (json.loads((o / "iemocap" / "adapters" / "text" / "training.json").read_text())["history"]
-                     for o in (first, interrupted))
+    expected, got = (
+        json.loads((o / "iemocap" / "adapters" / "text" / "training.json").read_text())["history"]
+        for o in (first, interrupted)
+    )
     assert got["val_weighted_f1"] == expected["val_weighted_f1"] and got["train_loss"] == expected["train_loss"]
     for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
         a, b = (load_file(o / "iemocap" / "adapters" / "text" / name) for o in (first, interrupted))
@@ -329,7 +400,9 @@ def test_interrupted_fine_tuning_in_extract_resumes_and_matches_an_uninterrupted
 def test_interrupted_extraction_resumes_without_redoing_finished_chunks(world, tmp_path):
     model = _model(TextEncoder(world["llama"]), world["corpus"])
     utterances = world["corpus"].utterances("train")  # 36 utterances: 9 batches of 4, chunks of 8 (2 batches)
-    reference, _ = extract.embed_split(model, utterances, tmp_path / "clean", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    reference, _ = extract.embed_split(
+        model, utterances, tmp_path / "clean", "fp", 4, 8, torch.device("cpu"), log=lambda s: None
+    )
     calls = []
     forward = model.encoder.forward
 
@@ -345,11 +418,15 @@ def test_interrupted_extraction_resumes_without_redoing_finished_chunks(world, t
     assert len(list((tmp_path / "work").glob("chunk_*.npz"))) == 2
     calls.clear()
     model.encoder.forward = counted
-    resumed, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    resumed, _ = extract.embed_split(
+        model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None
+    )
     assert len(calls) == 9 - 4
     np.testing.assert_allclose(resumed, reference, rtol=1e-5, atol=1e-6)
     calls.clear()
-    extract.embed_split(model, utterances, tmp_path / "work", "other adapter", 4, 8, torch.device("cpu"), log=lambda s: None)
+    extract.embed_split(
+        model, utterances, tmp_path / "work", "other adapter", 4, 8, torch.device("cpu"), log=lambda s: None
+    )
     assert len(calls) == 9
 
 
@@ -367,12 +444,16 @@ def test_text_length_is_the_token_count_collate_gives_after_truncation(world):
 def test_extraction_recomputes_every_chunk_when_the_sorted_order_changes(world, tmp_path):
     model = _model(TextEncoder(world["llama"]), world["corpus"])
     utterances = world["corpus"].utterances("train")
-    reference, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    reference, _ = extract.embed_split(
+        model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None
+    )
     calls = []
     forward = model.encoder.forward
     model.encoder.forward = lambda batch: calls.append(1) or forward(batch)
     model.encoder.length = lambda u: -float(len(u.transcript or ""))  # another order of the same utterances
-    reordered, _ = extract.embed_split(model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None)
+    reordered, _ = extract.embed_split(
+        model, utterances, tmp_path / "work", "fp", 4, 8, torch.device("cpu"), log=lambda s: None
+    )
     assert len(calls) == 9
     np.testing.assert_allclose(reordered, reference, rtol=1e-4, atol=1e-5)
 
@@ -401,13 +482,26 @@ def test_device_auto_is_cpu_float32_without_cuda():
 @pytest.mark.skipif(shutil.which("ffmpeg") is not None, reason="ffmpeg is installed here")
 def test_meld_mp4_audio_without_ffmpeg_is_a_one_line_error(tmp_path, capsys):
     header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
-    for name, folder in (("train_sent_emo.csv", "train_splits"), ("dev_sent_emo.csv", "dev_splits_complete"),
-                         ("test_sent_emo.csv", "output_repeated_splits_test")):
+    for name, folder in (
+        ("train_sent_emo.csv", "train_splits"),
+        ("dev_sent_emo.csv", "dev_splits_complete"),
+        ("test_sent_emo.csv", "output_repeated_splits_test"),
+    ):
         (tmp_path / name).write_text(header + '1,Hi.,Ross,joy,positive,0,0,1,1,"00:00:01,000","00:00:02,000"\n')
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "dia0_utt0.mp4").write_bytes(b"")
-    argv = ["--dataset", "meld", "--data-root", str(tmp_path), "--modality", "speech", "--model", str(tmp_path),
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "--dataset",
+        "meld",
+        "--data-root",
+        str(tmp_path),
+        "--modality",
+        "speech",
+        "--model",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert extract.main(argv) == 2
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and "ffmpeg" in message and "3 audio files are ['.mp4']" in message

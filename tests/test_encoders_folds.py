@@ -32,9 +32,31 @@ def _fixture(name):
 
 
 def _argv(data, model, out, *extra):
-    return ["--dataset", "iemocap", "--data-root", str(data), "--modality", "text", "--model", str(model),
-            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--embedding-dim", "8",
-            "--chunk-size", "8", "--device", "cpu", *extra]
+    return [
+        "--dataset",
+        "iemocap",
+        "--data-root",
+        str(data),
+        "--modality",
+        "text",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--embedding-dim",
+        "8",
+        "--chunk-size",
+        "8",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +66,9 @@ def extracted(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders-folds")
     data = _fixture("iemocap").write_iemocap(root / "IEMOCAP_full_release", audio=False)
     corpus = read_corpus("iemocap", data)
-    model = _fixture("tiny_models").tiny_llama(root / "tiny-llama",
-                                               [u.transcript for s in corpus.splits for u in corpus.utterances(s)])
+    model = _fixture("tiny_models").tiny_llama(
+        root / "tiny-llama", [u.transcript for s in corpus.splits for u in corpus.utterances(s)]
+    )
     fitted, fit = [], extract.fit
 
     def recording_fit(model, train, val, *args, **kwargs):
@@ -56,8 +79,14 @@ def extracted(tmp_path_factory):
         patch.setattr(extract, "fit", recording_fit)
         assert extract.main(_argv(data, model, root / "features")) == 0
         assert extract.main(_argv(data, model, root / "features", "--fold", "2")) == 0
-    return {"root": root, "data": data, "model": model, "corpus": corpus, "features": root / "features",
-            "fitted": dict(zip(("paper", "fold 2"), fitted))}
+    return {
+        "root": root,
+        "data": data,
+        "model": model,
+        "corpus": corpus,
+        "features": root / "features",
+        "fitted": dict(zip(("paper", "fold 2"), fitted)),
+    }
 
 
 def test_the_extractions_fold_rule_is_mister_jax_folds():
@@ -84,7 +113,10 @@ def test_fold_2_exports_every_utterance_as_its_train_val_and_test_and_records_th
     exported = {name: set(store.split(name).utterance_ids) for name in store.splits}
     assert set().union(*exported.values()) == every and sum(map(len, exported.values())) == len(every)
     assert {name: {folds.session_of(u) for u in ids} for name, ids in exported.items()} == {
-        "train": {"Ses01", "Ses04", "Ses05"}, "val": {"Ses03"}, "test": {"Ses02"}}
+        "train": {"Ses01", "Ses04", "Ses05"},
+        "val": {"Ses03"},
+        "test": {"Ses02"},
+    }
     assert check_store([str(directory)]) == 0
     fold = folds.loso_folds(SESSIONS)[1]
     folds.check_fold_encoders(store, fold)
@@ -108,8 +140,9 @@ def test_the_papers_split_is_recorded_too_and_serves_fold_5_alone(extracted):
 
 def test_fold_k_refuses_an_adapter_that_saw_session_k(extracted, capsys):
     adapter = extracted["features"] / "iemocap" / "adapters" / "text"
-    argv = _argv(extracted["data"], extracted["model"], extracted["root"] / "leak", "--fold", "2", "--adapter",
-                 str(adapter))
+    argv = _argv(
+        extracted["data"], extracted["model"], extracted["root"] / "leak", "--fold", "2", "--adapter", str(adapter)
+    )
     assert extract.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fold 2's test session Ses02" in err and "drop --adapter" in err
@@ -132,8 +165,20 @@ def test_fold_k_refuses_an_adapter_that_does_not_say_what_it_saw(extracted, caps
 
 
 def test_fold_with_another_corpus_is_one_line_and_exit_2(tmp_path, capsys):
-    argv = ["--dataset", "meld", "--data-root", str(tmp_path), "--modality", "text", "--model", str(tmp_path),
-            "--out", str(tmp_path / "out"), "--fold", "1"]
+    argv = [
+        "--dataset",
+        "meld",
+        "--data-root",
+        str(tmp_path),
+        "--modality",
+        "text",
+        "--model",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        "--fold",
+        "1",
+    ]
     assert extract.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "IEMOCAP only" in err and "drop --fold" in err

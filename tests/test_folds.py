@@ -132,11 +132,17 @@ def test_the_command_line_refuses_a_leaking_fold_in_one_line_and_trains_nothing(
 
 def test_each_fold_takes_its_own_store_where_one_was_extracted(tmp_path):
     iemocap_store(tmp_path, encoders=STANDARD)
-    iemocap_store(tmp_path, "iemocap-fold2", {"fold": 2, "trained_on": ["Ses01", "Ses04", "Ses05"],
-                                              "selected_on": ["Ses03"]})
+    iemocap_store(
+        tmp_path, "iemocap-fold2", {"fold": 2, "trained_on": ["Ses01", "Ses04", "Ses05"], "selected_on": ["Ses03"]}
+    )
     stores = folds.open_fold_stores(tmp_path, "iemocap")
-    assert {k: s.directory.name for k, s in stores.items()} == {1: "iemocap", 2: "iemocap-fold2", 3: "iemocap",
-                                                              4: "iemocap", 5: "iemocap"}
+    assert {k: s.directory.name for k, s in stores.items()} == {
+        1: "iemocap",
+        2: "iemocap-fold2",
+        3: "iemocap",
+        4: "iemocap",
+        5: "iemocap",
+    }
     problems = [folds.fold_problem(stores[f.index], f) for f in folds.loso_folds(SESSIONS)]
     assert [p is None for p in problems] == [False, True, False, False, True]
     with pytest.raises(UsageError, match="no feature store, and no"):
@@ -158,12 +164,15 @@ def test_write_modality_records_replaces_and_drops_the_encoder_sessions(tmp_path
         write_modality(directory, "val", "text", text, {}, {"trained_on": "Ses01", "selected_on": []})
 
 
-@pytest.mark.parametrize("encoders, message", [
-    ([], "encoders must be an object"),
-    ({"audio": FROZEN}, "encoders lists modality 'audio', which the manifest does not declare"),
-    ({"text": {"trained_on": []}}, "encoders.text.selected_on must be a list of session names"),
-    ({"text": {**FROZEN, "fold": "two"}}, "encoders.text.fold is 'two', not a fold number"),
-])
+@pytest.mark.parametrize(
+    "encoders, message",
+    [
+        ([], "encoders must be an object"),
+        ({"audio": FROZEN}, "encoders lists modality 'audio', which the manifest does not declare"),
+        ({"text": {"trained_on": []}}, "encoders.text.selected_on must be a list of session names"),
+        ({"text": {**FROZEN, "fold": "two"}}, "encoders.text.fold is 'two', not a fold number"),
+    ],
+)
 def test_a_malformed_encoders_field_is_named_by_the_reader_and_bridges_check(tmp_path, capsys, encoders, message):
     directory = iemocap_store(tmp_path)
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -188,8 +197,9 @@ def loso_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("loso")
     iemocap_store(root)
     out = root / "run"
-    assert train_cli.main(train_args(root, out, 1, "--protocol", "loso", seeds=1, dataset="iemocap",
-                                     settings=TINY)) == 0
+    assert (
+        train_cli.main(train_args(root, out, 1, "--protocol", "loso", seeds=1, dataset="iemocap", settings=TINY)) == 0
+    )
     return {"root": root, "out": out, "results": json.loads((out / "results.json").read_text())}
 
 
@@ -215,8 +225,12 @@ def test_loso_writes_five_fold_runs_and_their_aggregate(loso_run):
 
 
 def test_loso_run_again_skips_the_finished_folds(loso_run, capsys):
-    assert train_cli.main(train_args(loso_run["root"], loso_run["out"], 1, "--protocol", "loso", seeds=1,
-                                     dataset="iemocap")) == 0
+    assert (
+        train_cli.main(
+            train_args(loso_run["root"], loso_run["out"], 1, "--protocol", "loso", seeds=1, dataset="iemocap")
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count(": complete in ") == 5 and "training into" not in err
     assert json.loads((loso_run["out"] / "results.json").read_text()) == loso_run["results"]

@@ -24,11 +24,22 @@ from common import PAPER  # noqa: E402
 from torch_reference import AttentionMoE, authors_loss, total_loss  # noqa: E402
 
 from bridges import init_store, write_index, write_modality  # noqa: E402
-from mister_jax import import_torch, predict as predict_cli, torch_checkpoint  # noqa: E402
+from mister_jax import import_torch, torch_checkpoint  # noqa: E402
+from mister_jax import predict as predict_cli  # noqa: E402
 from mister_jax.model import MisterE  # noqa: E402
 
-DIMS = dataclasses.replace(PAPER, speech_dim=24, text_dim=20, num_classes=4, can_hidden=8, gru_layers=2,
-                           fusion_dim=32, fusion_layers=2, attention_dim=12, attention_heads=3)
+DIMS = dataclasses.replace(
+    PAPER,
+    speech_dim=24,
+    text_dim=20,
+    num_classes=4,
+    can_hidden=8,
+    gru_layers=2,
+    fusion_dim=32,
+    fusion_layers=2,
+    attention_dim=12,
+    attention_heads=3,
+)
 LABELS = ["neutral", "happy", "sad", "angry"]
 
 
@@ -48,8 +59,10 @@ def reference(tmp_path_factory):
 
 def _conversation(length, seed):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(1, length, DIMS.speech_dim)).astype(np.float32),
-            rng.normal(size=(1, length, DIMS.text_dim)).astype(np.float32))
+    return (
+        rng.normal(size=(1, length, DIMS.speech_dim)).astype(np.float32),
+        rng.normal(size=(1, length, DIMS.text_dim)).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("length", [1, 3, 7])
@@ -66,9 +79,19 @@ def test_imported_model_computes_the_references_outputs(reference, length):
 
 def test_architecture_is_read_from_the_tensor_shapes(reference):
     cfg, _ = import_torch.params_from_state_dict(import_torch.read_state_dict(reference[1]))
-    assert (cfg.speech_dim, cfg.text_dim, cfg.num_classes, cfg.can_hidden, cfg.gru_layers, cfg.fusion_dim,
-            cfg.fusion_layers, cfg.attention_dim, cfg.gate, cfg.gate_hidden, cfg.gate_temperature) == (
-        24, 20, 4, 8, 2, 32, 2, 12, "mlp", 10, 2.0)
+    assert (
+        cfg.speech_dim,
+        cfg.text_dim,
+        cfg.num_classes,
+        cfg.can_hidden,
+        cfg.gru_layers,
+        cfg.fusion_dim,
+        cfg.fusion_layers,
+        cfg.attention_dim,
+        cfg.gate,
+        cfg.gate_hidden,
+        cfg.gate_temperature,
+    ) == (24, 20, 4, 8, 2, 32, 2, 12, "mlp", 10, 2.0)
 
 
 def _store(root: Path, lengths=(3, 5, 2)):
@@ -91,16 +114,35 @@ def test_import_then_predict_gives_the_references_probabilities(reference, tmp_p
     model, path = reference
     speech, text = _store(tmp_path / "features")
     out = tmp_path / "run"
-    assert import_torch.main([str(path), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                              "--out", str(out)]) == 0
+    assert (
+        import_torch.main([str(path), "--dataset", "mine", "--features", str(tmp_path / "features"), "--out", str(out)])
+        == 0
+    )
     assert json.loads((out / "run_config.json").read_text())["imported_from"]["sha256"]
     predictions = tmp_path / "pred.jsonl"
-    assert predict_cli.main(["--run", str(out), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                             "--out", str(predictions)]) == 0
+    assert (
+        predict_cli.main(
+            [
+                "--run",
+                str(out),
+                "--dataset",
+                "mine",
+                "--features",
+                str(tmp_path / "features"),
+                "--out",
+                str(predictions),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     with torch.no_grad():
-        want = np.concatenate([model(torch.from_numpy(s[None]), torch.from_numpy(t[None]))["logits"].softmax(-1)[0]
-                               .numpy() for s, t in zip(speech, text)])
+        want = np.concatenate(
+            [
+                model(torch.from_numpy(s[None]), torch.from_numpy(t[None]))["logits"].softmax(-1)[0].numpy()
+                for s, t in zip(speech, text)
+            ]
+        )
     np.testing.assert_allclose(np.array([r["probs"] for r in rows]), want, atol=1e-5)
 
 
@@ -112,16 +154,23 @@ def _edited_checkpoint(reference, tmp_path, edit):
     return path
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s.__setitem__("fusion.extra.weight", torch.zeros(2)), "unknown key fusion.extra.weight"),
-    (lambda s: s.pop("fusion.units.1.fc_text_s.bias"), "missing key fusion.units.1.fc_text_s.bias"),
-    (lambda s: s.__setitem__("fusion.fc_2.bias", torch.zeros(7)), "classifier_out']['bias']: shape [7]"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.__setitem__("fusion.extra.weight", torch.zeros(2)), "unknown key fusion.extra.weight"),
+        (lambda s: s.pop("fusion.units.1.fc_text_s.bias"), "missing key fusion.units.1.fc_text_s.bias"),
+        (lambda s: s.__setitem__("fusion.fc_2.bias", torch.zeros(7)), "classifier_out']['bias']: shape [7]"),
+    ],
+)
 def test_a_checkpoint_that_does_not_fit_gets_one_line_per_problem(reference, tmp_path, capsys, edit, message):
     _store(tmp_path / "features")
     path = _edited_checkpoint(reference, tmp_path, edit)
-    assert import_torch.main([str(path), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                              "--out", str(tmp_path / "run")]) == 2
+    assert (
+        import_torch.main(
+            [str(path), "--dataset", "mine", "--features", str(tmp_path / "features"), "--out", str(tmp_path / "run")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -129,8 +178,15 @@ def test_a_checkpoint_that_does_not_fit_gets_one_line_per_problem(reference, tmp
 
 def test_a_trained_run_is_not_overwritten_and_an_imported_one_is(reference, tmp_path, capsys):
     _store(tmp_path / "features")
-    args = lambda out: [str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                        "--out", str(out)]
+    args = lambda out: [
+        str(reference[1]),
+        "--dataset",
+        "mine",
+        "--features",
+        str(tmp_path / "features"),
+        "--out",
+        str(out),
+    ]
     trained = tmp_path / "trained"
     trained.mkdir()
     (trained / "run_config.json").write_text(json.dumps({"dataset": "mine"}))
@@ -147,8 +203,20 @@ def test_a_store_of_other_dims_is_named_with_its_manifest(reference, tmp_path, c
     write_index(directory, "test", ["u0"], ["c0"], [0])
     write_modality(directory, "test", "speech", np.zeros((1, DIMS.speech_dim), np.float32), {})
     write_modality(directory, "test", "text", np.zeros((1, 5), np.float32), {})
-    assert import_torch.main([str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                              "--out", str(tmp_path / "run")]) == 2
+    assert (
+        import_torch.main(
+            [
+                str(reference[1]),
+                "--dataset",
+                "mine",
+                "--features",
+                str(tmp_path / "features"),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "manifest.json: text dim 5 but the checkpoint's model has 20" in err
     assert "manifest.json: label count 3 but the checkpoint's model has 4" in err
@@ -157,6 +225,7 @@ def test_a_store_of_other_dims_is_named_with_its_manifest(reference, tmp_path, c
 class _Shell:
     def __reduce__(self):
         import os
+
         return os.system, ("true",)
 
 
@@ -198,8 +267,13 @@ def _raw_checkpoint(path: Path, tensors: dict, storage: bytes, numel: int) -> Pa
 
 def test_the_reader_gives_torchs_values_for_views_and_every_float_dtype(tmp_path):
     base = torch.arange(24, dtype=torch.float64).reshape(4, 6) / 7
-    state = {"view": base[1:, 2:5].t(), "half": base.half(), "bfloat16": base.bfloat16(), "long": torch.arange(5),
-             "float": base.float()[2]}
+    state = {
+        "view": base[1:, 2:5].t(),
+        "half": base.half(),
+        "bfloat16": base.bfloat16(),
+        "long": torch.arange(5),
+        "float": base.float()[2],
+    }
     torch.save(state, tmp_path / "x.pth")
     got = torch_checkpoint.read_state_dict(tmp_path / "x.pth")
     for key, tensor in state.items():
@@ -233,8 +307,22 @@ def test_damaged_and_legacy_files_are_refused_in_one_line(tmp_path):
 
 def test_heads_that_do_not_divide_the_attention_width_are_one_line(reference, tmp_path, capsys):
     _store(tmp_path / "features")
-    assert import_torch.main([str(reference[1]), "--dataset", "mine", "--features", str(tmp_path / "features"),
-                              "--out", str(tmp_path / "run"), "--attention-heads", "5"]) == 2
+    assert (
+        import_torch.main(
+            [
+                str(reference[1]),
+                "--dataset",
+                "mine",
+                "--features",
+                str(tmp_path / "features"),
+                "--out",
+                str(tmp_path / "run"),
+                "--attention-heads",
+                "5",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--attention-heads 5 does not divide the attention width 12" in err and len(err.strip().splitlines()) == 1
 
@@ -258,9 +346,9 @@ def test_the_authors_reduction_on_an_unpadded_batch_differs_from_the_masked_one_
 def test_the_references_masked_loss_is_ours_with_the_authors_code_preset():
     """Both reductions see the same outputs of a padded batch with an unlabelled utterance: the masked
     reference loss is `mister_jax.losses.total_loss` with `--preset authors-code`'s loss config."""
+    from mister_jax.configs import get_config
     from mister_jax.losses import total_loss as ours
     from mister_jax.model import ModelOutputs
-    from mister_jax.configs import get_config
 
     loss_cfg = get_config("iemocap", LABELS, "authors-code").loss
     torch.manual_seed(2)
@@ -272,10 +360,18 @@ def test_the_references_masked_loss_is_ours_with_the_authors_code_preset():
     labels[0, 2] = -1
     with torch.no_grad():
         out = model(speech, text)
-        want = total_loss(out, labels, mask, gamma=loss_cfg.gamma, lambda_con=loss_cfg.lambda_con,
-                          alpha_kl=loss_cfg.alpha_kl, temperature=loss_cfg.temperature)
-    got, _ = ours(ModelOutputs(**{k: v.numpy() for k, v in out.items()}), labels.numpy(), mask.numpy(), loss_cfg,
-                  "mister-e")
+        want = total_loss(
+            out,
+            labels,
+            mask,
+            gamma=loss_cfg.gamma,
+            lambda_con=loss_cfg.lambda_con,
+            alpha_kl=loss_cfg.alpha_kl,
+            temperature=loss_cfg.temperature,
+        )
+    got, _ = ours(
+        ModelOutputs(**{k: v.numpy() for k, v in out.items()}), labels.numpy(), mask.numpy(), loss_cfg, "mister-e"
+    )
     np.testing.assert_allclose(float(got), want.item(), rtol=1e-5)
 
 

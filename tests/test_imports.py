@@ -26,11 +26,14 @@ def _modules_loaded_by(package: str) -> set[str]:
     return set(json.loads(out.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("package, forbidden", [
-    ("bridges", {"torch", "transformers", "peft", "jax", "flax", "optax", "orbax"}),
-    ("mister_jax", {"torch", "transformers", "peft"}),
-    ("encoders_torch", {"jax", "flax", "optax", "orbax"}),
-])
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("bridges", {"torch", "transformers", "peft", "jax", "flax", "optax", "orbax"}),
+        ("mister_jax", {"torch", "transformers", "peft"}),
+        ("encoders_torch", {"jax", "flax", "optax", "orbax"}),
+    ],
+)
 def test_package_and_all_its_modules_import_without_the_other_stack(package, forbidden):
     loaded = _modules_loaded_by(package)
     assert not loaded & forbidden, f"{package} pulled in {sorted(loaded & forbidden)}"

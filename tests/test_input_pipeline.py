@@ -95,9 +95,9 @@ def test_carve_validation_splits_whole_conversations_with_a_fixed_seed(demo):
     assert sorted(np.concatenate([rest.utterance_ids, val.utterance_ids])) == sorted(train.utterance_ids)
     for part in (rest, val):
         for s, n in zip(part.starts, part.lengths):
-            assert len(set(part.conversation_ids[s:s + n])) == 1
+            assert len(set(part.conversation_ids[s : s + n])) == 1
     order = np.random.default_rng(0).permutation(train.num_conversations)  # the carving, drawn again
-    chosen = sorted(order[:val.num_conversations])
+    chosen = sorted(order[: val.num_conversations])
     assert list(val.conversation_ids[val.starts]) == list(train.conversation_ids[train.starts[chosen]])
 
 
@@ -113,8 +113,10 @@ def test_selected_conversations_keep_store_order_and_their_rows(demo):
 
 def test_the_config_takes_the_stores_dims_and_classes(store):
     config = fit_to_store(get_config("demo"), store)
-    assert (config.model.speech_dim, config.model.text_dim) == (store.modalities["speech"]["dim"],
-                                                                store.modalities["text"]["dim"])
+    assert (config.model.speech_dim, config.model.text_dim) == (
+        store.modalities["speech"]["dim"],
+        store.modalities["text"]["dim"],
+    )
     assert config.model.num_classes == len(store.label_names)
     assert required_modalities("text-only") == ("text",) and required_modalities("mister-e") == ("speech", "text")
 
@@ -127,8 +129,12 @@ def test_a_store_lacking_a_modality_the_variant_needs_is_refused(tmp_path):
     store = FeatureStore.open(d)
     with pytest.raises(UsageError, match="needs modality 'speech'"):
         fit_to_store(get_config("demo"), store)
-    text_only = fit_to_store(dataclasses.replace(get_config("demo"), model=dataclasses.replace(
-        get_config("demo").model, variant="text-only")), store)
+    text_only = fit_to_store(
+        dataclasses.replace(
+            get_config("demo"), model=dataclasses.replace(get_config("demo").model, variant="text-only")
+        ),
+        store,
+    )
     assert text_only.model.text_dim == 4
 
 

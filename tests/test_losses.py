@@ -12,18 +12,22 @@ from mister_jax.model import ModelOutputs
 
 # XLA:CPU compiles these small programs ~3x faster with the classic fusion emitters and without LLVM's
 # expensive passes; the results are the same.
-_FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
+_FAST_COMPILE = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 focal_loss = jax.jit(losses.focal_loss, static_argnums=3, compiler_options=_FAST_COMPILE)
 supcon = jax.jit(losses.supervised_contrastive_loss, static_argnums=4, compiler_options=_FAST_COMPILE)
-supcon_grad = jax.jit(jax.grad(losses.supervised_contrastive_loss, argnums=(0, 1)), static_argnums=4,
-                      compiler_options=_FAST_COMPILE)
+supcon_grad = jax.jit(
+    jax.grad(losses.supervised_contrastive_loss, argnums=(0, 1)), static_argnums=4, compiler_options=_FAST_COMPILE
+)
 focal_grad = jax.jit(jax.grad(losses.focal_loss), static_argnums=3, compiler_options=_FAST_COMPILE)
-supcon_batch = jax.jit(losses.supervised_contrastive_loss_batch, static_argnums=4,
-                       compiler_options=_FAST_COMPILE)
-supcon_conversations = jax.jit(losses.supervised_contrastive_loss_conversations, static_argnums=4,
-                               compiler_options=_FAST_COMPILE)
+supcon_batch = jax.jit(losses.supervised_contrastive_loss_batch, static_argnums=4, compiler_options=_FAST_COMPILE)
+supcon_conversations = jax.jit(
+    losses.supervised_contrastive_loss_conversations, static_argnums=4, compiler_options=_FAST_COMPILE
+)
 kl_consistency = jax.jit(losses.kl_consistency, compiler_options=_FAST_COMPILE)
 symmetric_kl = jax.jit(losses.symmetric_kl_consistency, compiler_options=_FAST_COMPILE)
 
@@ -77,16 +81,18 @@ def test_focal_loss_at_gamma_zero_is_cross_entropy():
 
 def test_focal_loss_matches_numpy_at_gamma_three():
     logits, labels, mask = _random_batch(1)
-    np.testing.assert_allclose(focal_loss(logits, labels, mask, 3.0),
-                               _focal_numpy(logits, labels, mask, 3.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        focal_loss(logits, labels, mask, 3.0), _focal_numpy(logits, labels, mask, 3.0), rtol=1e-5
+    )
 
 
 def test_focal_loss_ignores_padded_positions():
     logits, labels, mask = _random_batch(2)
     garbage = np.where(mask[..., None], logits, 1e6).astype(np.float32)
     wrong_labels = np.where(mask, labels, 3)
-    np.testing.assert_allclose(focal_loss(garbage, wrong_labels, mask, 3.0),
-                               focal_loss(logits, labels, mask, 3.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        focal_loss(garbage, wrong_labels, mask, 3.0), focal_loss(logits, labels, mask, 3.0), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0])
@@ -110,15 +116,17 @@ def _conversation(seed, length=9, real=7, classes=3, dim=5):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_supervised_contrastive_matches_numpy(seed):
     m_speech, m_text, labels, mask = _conversation(seed)
-    np.testing.assert_allclose(supcon(m_speech, m_text, labels, mask, 1.0),
-                               _supcon_numpy(m_speech, m_text, labels, mask, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        supcon(m_speech, m_text, labels, mask, 1.0), _supcon_numpy(m_speech, m_text, labels, mask, 1.0), rtol=1e-5
+    )
 
 
 def test_supervised_contrastive_with_singleton_labels_across_rows():
     m_speech, m_text, labels, mask = _conversation(3, real=9)
     labels = np.arange(9)  # every label once: positives are only the other modality's row
-    np.testing.assert_allclose(supcon(m_speech, m_text, labels, mask, 1.0),
-                               _supcon_numpy(m_speech, m_text, labels, mask, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        supcon(m_speech, m_text, labels, mask, 1.0), _supcon_numpy(m_speech, m_text, labels, mask, 1.0), rtol=1e-5
+    )
 
 
 def test_supervised_contrastive_temperature():
@@ -133,8 +141,9 @@ def test_supervised_contrastive_ignores_padded_rows():
     rng = np.random.default_rng(0)
     garbage_s = np.where(mask[:, None], m_speech, rng.normal(scale=1e4, size=m_speech.shape)).astype(np.float32)
     garbage_t = np.where(mask[:, None], m_text, 0.0).astype(np.float32)  # zero rows must not give NaN
-    np.testing.assert_allclose(supcon(garbage_s, garbage_t, labels, mask, 1.0),
-                               supcon(m_speech, m_text, labels, mask, 1.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        supcon(garbage_s, garbage_t, labels, mask, 1.0), supcon(m_speech, m_text, labels, mask, 1.0), rtol=1e-6
+    )
     for grad in supcon_grad(garbage_s, garbage_t, labels, mask, 1.0):
         assert np.all(np.isfinite(grad)) and np.all(grad[~mask] == 0)
 
@@ -151,8 +160,11 @@ def test_supervised_contrastive_batch_scopes():
     conversations = [_conversation(seed) for seed in (7, 8)]
     m_speech, m_text, labels, mask = (np.stack(parts) for parts in zip(*conversations))
     pooled = supcon_batch(m_speech, m_text, labels, mask, 1.0)
-    np.testing.assert_allclose(pooled, _supcon_numpy(m_speech.reshape(-1, 5), m_text.reshape(-1, 5),
-                                                     labels.reshape(-1), mask.reshape(-1), 1.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        pooled,
+        _supcon_numpy(m_speech.reshape(-1, 5), m_text.reshape(-1, 5), labels.reshape(-1), mask.reshape(-1), 1.0),
+        rtol=1e-5,
+    )
     per_conversation = supcon_conversations(m_speech, m_text, labels, mask, 1.0)
     # Both conversations have 2·7 anchors with a positive, so the anchor mean is the mean of the two.
     expected = np.mean([_supcon_numpy(*c, 1.0) for c in conversations])
@@ -167,8 +179,9 @@ def _kl_numpy(logits_m, logits_s, logits_t, mask):
 
 def test_kl_consistency_matches_numpy():
     (logits_m, labels, mask), (logits_s, _, _), (logits_t, _, _) = (_random_batch(s) for s in (10, 11, 12))
-    np.testing.assert_allclose(kl_consistency(logits_m, logits_s, logits_t, mask),
-                               _kl_numpy(logits_m, logits_s, logits_t, mask), rtol=1e-5)
+    np.testing.assert_allclose(
+        kl_consistency(logits_m, logits_s, logits_t, mask), _kl_numpy(logits_m, logits_s, logits_t, mask), rtol=1e-5
+    )
 
 
 def test_kl_consistency_is_directional():
@@ -190,15 +203,17 @@ def test_symmetric_kl_consistency_matches_pairwise_kl_divergences():
     logs = [_log_softmax(x.astype(np.float64)) for x in (logits_s, logits_t, logits_m)]
     kl = lambda a, b: (np.exp(logs[a]) * (logs[a] - logs[b])).sum(-1)  # KL(p_a ‖ p_b)
     per_utterance = sum(kl(i, j) + kl(j, i) for i, j in ((0, 1), (0, 2), (1, 2))) / 3
-    np.testing.assert_allclose(symmetric_kl(logits_m, logits_s, logits_t, mask), per_utterance[mask].mean(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(symmetric_kl(logits_m, logits_s, logits_t, mask), per_utterance[mask].mean(), rtol=1e-5)
 
 
 def test_symmetric_kl_consistency_ignores_padding():
     (logits_m, _, mask), (logits_s, _, _), (logits_t, _, _) = (_random_batch(s) for s in (20, 21, 22))
     garbage = np.where(mask[..., None], 0.0, 1e3).astype(np.float32)
-    np.testing.assert_allclose(symmetric_kl(logits_m + garbage, logits_s - garbage, logits_t, mask),
-                               symmetric_kl(logits_m, logits_s, logits_t, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        symmetric_kl(logits_m + garbage, logits_s - garbage, logits_t, mask),
+        symmetric_kl(logits_m, logits_s, logits_t, mask),
+        rtol=1e-6,
+    )
 
 
 def test_total_loss_names_missing_outputs_for_the_variant():

@@ -13,16 +13,28 @@ import pytest
 from mister_jax import losses
 from mister_jax.config import VARIANTS, LossConfig, ModelConfig
 from mister_jax.model import MisterE, TemporalInception
-from mister_jax.params import count_params, init_params, param_shapes
 from mister_jax.ops.temporal_conv import temporal_conv_reference
+from mister_jax.params import count_params, init_params, param_shapes
 
 # XLA:CPU compiles these small programs faster with the classic fusion emitters and without LLVM's
 # expensive passes; the results are the same.
-_FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
+_FAST_COMPILE = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
-TINY = dict(speech_dim=12, text_dim=12, num_classes=3, can_hidden=8, gru_layers=2, fusion_dim=16,
-            fusion_layers=2, attention_dim=8, attention_heads=2)
+TINY = dict(
+    speech_dim=12,
+    text_dim=12,
+    num_classes=3,
+    can_hidden=8,
+    gru_layers=2,
+    fusion_dim=16,
+    fusion_layers=2,
+    attention_dim=8,
+    attention_heads=2,
+)
 OUTPUT_FIELDS = ("logits", "speech_logits", "text_logits", "multimodal_logits", "gate", "m_speech", "m_text")
 
 
@@ -115,9 +127,15 @@ def test_training_steps_reduce_the_loss(variant):
 def test_dropout_is_active_only_when_not_deterministic():
     cfg, params, _ = _model("text-only")
     speech, text, mask, _, _ = _padding_case()[0]
-    apply = jax.jit(lambda key, deterministic: MisterE(cfg).apply(
-        {"params": params}, speech, text, mask, deterministic=deterministic, rngs={"dropout": key}).logits,
-                    static_argnums=1, compiler_options=_FAST_COMPILE)
+    apply = jax.jit(
+        lambda key, deterministic: (
+            MisterE(cfg)
+            .apply({"params": params}, speech, text, mask, deterministic=deterministic, rngs={"dropout": key})
+            .logits
+        ),
+        static_argnums=1,
+        compiler_options=_FAST_COMPILE,
+    )
     first, second = apply(jax.random.key(1), False), apply(jax.random.key(2), False)
     assert np.all(np.isfinite(first)) and not np.allclose(first, second)
     np.testing.assert_array_equal(apply(jax.random.key(1), True), apply(jax.random.key(2), True))
@@ -141,8 +159,10 @@ def test_bfloat16_training_gradients_run_and_stay_close_to_float32():
     def gradients(dtype):
         def loss_fn(params):
             outputs = MisterE(ModelConfig(variant="mister-e", dtype=dtype, **TINY)).apply(
-                {"params": params}, speech, text, mask, deterministic=True)
+                {"params": params}, speech, text, mask, deterministic=True
+            )
             return losses.total_loss(outputs, labels, loss_mask, LossConfig(), "mister-e")[0]
+
         # Default compiler options: the runtime's dot kernels must accept every bfloat16 matmul of the
         # backward pass too (the GRU's input projections once fell back to one that does not).
         return jax.jit(jax.grad(loss_fn))(params)
@@ -158,20 +178,29 @@ def _paper_param_count(gate_params):
     2048-dim speech and text embeddings, 6 classes, CAN hidden 512 per direction with 3 GRU layers,
     fusion width 1024, 4 layers of attention at width 120."""
     dense = lambda i, o: i * o + o
-    gru_direction = 3 * 512 * (1024 + 512) + 2 * 3 * 512       # W_ih, W_hh, b_ih, b_hh of torch.nn.GRU
-    can = (sum(dense(2048 * k, 1024) for k in (1, 3, 5))       # temporal inception, Eq. 3
-           + 3 * 2 * gru_direction                             # bidirectional GRU, Eq. 4
-           + dense(2048, 1024) + dense(1024, 6))               # residual FC(E), classifier
-    attention = 3 * dense(1024, 120) + dense(120, 1024)        # Q, K, V projections and the output projection
-    layer = 4 * attention + 4 * 2 * 1024                       # cross and self attention per modality, 4 LayerNorms
-    multimodal = (2 * dense(2048, 1024) + 4 * layer            # FC_in, Eq. 5–8
-                  + 2 * dense(2048, 1024)                      # FC_res
-                  + 2 * 2048 + dense(2048, 1024) + dense(1024, 6))  # LN, FC, FC (Eq. 9)
+    gru_direction = 3 * 512 * (1024 + 512) + 2 * 3 * 512  # W_ih, W_hh, b_ih, b_hh of torch.nn.GRU
+    can = (
+        sum(dense(2048 * k, 1024) for k in (1, 3, 5))  # temporal inception, Eq. 3
+        + 3 * 2 * gru_direction  # bidirectional GRU, Eq. 4
+        + dense(2048, 1024)
+        + dense(1024, 6)
+    )  # residual FC(E), classifier
+    attention = 3 * dense(1024, 120) + dense(120, 1024)  # Q, K, V projections and the output projection
+    layer = 4 * attention + 4 * 2 * 1024  # cross and self attention per modality, 4 LayerNorms
+    multimodal = (
+        2 * dense(2048, 1024)
+        + 4 * layer  # FC_in, Eq. 5–8
+        + 2 * dense(2048, 1024)  # FC_res
+        + 2 * 2048
+        + dense(2048, 1024)
+        + dense(1024, 6)
+    )  # LN, FC, FC (Eq. 9)
     return 2 * can + multimodal + gate_params
 
 
-@pytest.mark.parametrize("gate, gate_params, expected", [("fc", 18 * 3 + 3, 88_732_363),
-                                                          ("mlp", 18 * 10 + 10 + 10 * 3 + 3, 88_732_529)])
+@pytest.mark.parametrize(
+    "gate, gate_params, expected", [("fc", 18 * 3 + 3, 88_732_363), ("mlp", 18 * 10 + 10 + 10 * 3 + 3, 88_732_529)]
+)
 def test_parameter_count_at_paper_dims(gate, gate_params, expected):
     assert _paper_param_count(gate_params) == expected
     assert count_params(param_shapes(ModelConfig(gate=gate))) == expected
@@ -181,7 +210,7 @@ def _leaf_kind(path):
     """How `path` starts under PyTorch's initialisation: ("uniform", fan_in) or ("ones" | "zeros", None)."""
     names = [k.key for k in path]
     if names[-2] == "gru":
-        return "uniform", TINY["can_hidden"]                    # torch.nn.GRU: U(±1/√H)
+        return "uniform", TINY["can_hidden"]  # torch.nn.GRU: U(±1/√H)
     if "norm" in names[-2]:
         return ("ones" if names[-1] in ("scale", "scales") else "zeros"), None
     return "uniform", None
@@ -196,12 +225,12 @@ def test_pytorch_initialisation_draws_every_leaf_from_its_formula():
         if kind != "uniform":
             np.testing.assert_array_equal(x, 1.0 if kind == "ones" else 0.0, err_msg=str(path))
             continue
-        if fan_in is None:   # a dense layer or convolution: fan-in from its weight's shape
+        if fan_in is None:  # a dense layer or convolution: fan-in from its weight's shape
             weight = flat[path[:-1] + ({"bias": "kernel", "biases": "kernels"}.get(path[-1], path[-1]),)]
             fan_in = weight.shape[0] * weight.shape[1] if path[-2].startswith("conv") else weight.shape[-2]
-        bound = fan_in ** -0.5
+        bound = fan_in**-0.5
         assert np.abs(x).max() <= bound, path
-        if x.size >= 200:    # U(±b) has max ≈ b and std b/√3
+        if x.size >= 200:  # U(±b) has max ≈ b and std b/√3
             assert np.abs(x).max() > 0.9 * bound, path
             assert abs(x.std() - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3), path
 
@@ -237,6 +266,8 @@ def test_temporal_inception_sums_the_relu_of_three_same_convolutions_of_the_zero
     params = module.init(jax.random.key(0), x, mask)["params"]
     got = module.apply({"params": params}, x, mask)
     zeroed = np.where(mask[..., None], x, 0.0)
-    want = sum(np.maximum(temporal_conv_reference(zeroed, params[f"conv{k}"]["kernel"], params[f"conv{k}"]["bias"]), 0)
-               for k in (1, 3, 5))
+    want = sum(
+        np.maximum(temporal_conv_reference(zeroed, params[f"conv{k}"]["kernel"], params[f"conv{k}"]["bias"]), 0)
+        for k in (1, 3, 5)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

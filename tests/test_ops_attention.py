@@ -31,13 +31,15 @@ def test_padded_keys_do_not_change_the_output():
     attention, params, queries, keys, key_mask = _case()
     garbage = np.where(key_mask[None, :, :, None], keys, 1e3)
     apply = jax.jit(attention.apply, static_argnums=4)
-    np.testing.assert_array_equal(apply({"params": params}, queries, keys, key_mask, True),
-                                  apply({"params": params}, queries, garbage, key_mask, True))
+    np.testing.assert_array_equal(
+        apply({"params": params}, queries, keys, key_mask, True),
+        apply({"params": params}, queries, garbage, key_mask, True),
+    )
 
 
 def test_a_conversation_without_real_keys_attends_uniformly():
     attention, params, queries, keys, key_mask = _case(key_lengths=(5, 0))
-    got = attention.apply({"params": params}, queries, keys, key_mask, True)[:, 1]            # [2, T, out]
+    got = attention.apply({"params": params}, queries, keys, key_mask, True)[:, 1]  # [2, T, out]
     kv, out = params["key_value"], params["out"]
     values = jnp.einsum("stf,sfo->sto", keys[:, 1], kv["kernels"][..., 4:]) + kv["biases"][:, None, 4:]
     expected = jnp.einsum("sf,sfo->so", values.mean(axis=1), out["kernels"]) + out["biases"]  # [2, out]
@@ -46,7 +48,8 @@ def test_a_conversation_without_real_keys_attends_uniformly():
 
 def test_attention_dropout_acts_only_when_not_deterministic():
     attention, params, queries, keys, key_mask = _case()
-    apply = lambda deterministic, seed: attention.apply({"params": params}, queries, keys, key_mask, deterministic,
-                                                        rngs={"dropout": jax.random.key(seed)})
+    apply = lambda deterministic, seed: attention.apply(
+        {"params": params}, queries, keys, key_mask, deterministic, rngs={"dropout": jax.random.key(seed)}
+    )
     assert not np.allclose(apply(False, 1), apply(False, 2))
     np.testing.assert_array_equal(apply(True, 1), apply(True, 2))

@@ -26,7 +26,7 @@ def test_above_the_norm_equals_optax_to_one_rounding():
     for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         # g · fl(1 / ‖g‖) rounds twice, fl(g / ‖g‖) · 1 once: with float32's unit roundoff u = 2^-24 the
         # two differ by at most 3u relative, the rounding of the scalar factor carried into each element.
-        np.testing.assert_allclose(got, expected, rtol=3 * 2.0 ** -24, atol=0)
+        np.testing.assert_allclose(got, expected, rtol=3 * 2.0**-24, atol=0)
 
 
 def test_above_the_norm_scales_to_the_norm():

@@ -9,8 +9,11 @@ from mister_jax.ops.gru import BidirectionalGRU, bidirectional_gru_reference, gr
 
 # XLA:CPU compiles these small programs faster with the classic fusion emitters and without LLVM's
 # expensive passes; the results are the same.
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def _jit(fn, **kw):
@@ -37,10 +40,10 @@ def _gru_numpy(x, lengths, params, hidden):
                 gx = x[b, t] @ w_ih[direction] + b_ih[direction]
                 gh = h @ w_hh[direction] + b_hh[direction]
                 r = 1 / (1 + np.exp(-(gx[:hidden] + gh[:hidden])))
-                z = 1 / (1 + np.exp(-(gx[hidden:2 * hidden] + gh[hidden:2 * hidden])))
-                c = np.tanh(gx[2 * hidden:] + r * gh[2 * hidden:])
+                z = 1 / (1 + np.exp(-(gx[hidden : 2 * hidden] + gh[hidden : 2 * hidden])))
+                c = np.tanh(gx[2 * hidden :] + r * gh[2 * hidden :])
                 h = (1 - z) * c + z * h
-                out[b, t, direction * hidden:(direction + 1) * hidden] = h
+                out[b, t, direction * hidden : (direction + 1) * hidden] = h
     return out
 
 
@@ -79,7 +82,8 @@ def test_gradients_equal_the_reference():
 
     (value, grads), (expected_value, expected_grads) = (
         gradients(lambda p, x: gru.apply({"params": p}, x, mask)),
-        gradients(lambda p, x: bidirectional_gru_reference(p, x, mask, 2)))
+        gradients(lambda p, x: bidirectional_gru_reference(p, x, mask, 2)),
+    )
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
@@ -97,6 +101,7 @@ def _plain_gru_layer(x, hold, w_ih, b_ih, w_hh, b_hh):
         r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
         h = jnp.where(real_t, (1 - z) * jnp.tanh(xn + r * hn) + z * h, h)
         return h, h
+
     return jax.lax.scan(step, jnp.zeros(x_proj.shape[1:3] + (w_hh.shape[1],)), (x_proj, hold))[1]
 
 
@@ -108,8 +113,12 @@ def test_gru_layer_hand_written_gradient_matches_autodiff():
     x = normal(streams, batch, steps, width)
     lengths = np.array([[4, 1, 0], [2, 4, 3]])
     hold = (np.arange(steps)[:, None, None] < lengths[None])[..., None]
-    weights = (normal(streams, width, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5),
-               normal(streams, hidden, 3 * hidden, scale=0.5), normal(streams, 3 * hidden, scale=0.5))
+    weights = (
+        normal(streams, width, 3 * hidden, scale=0.5),
+        normal(streams, 3 * hidden, scale=0.5),
+        normal(streams, hidden, 3 * hidden, scale=0.5),
+        normal(streams, 3 * hidden, scale=0.5),
+    )
     target = normal(steps, streams, batch, hidden)
 
     def gradients(layer):

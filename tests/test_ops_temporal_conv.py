@@ -20,27 +20,30 @@ def _shifted_sums_numpy(x, kernel, bias):
     """Σ_j x[t + j - k // 2] kernel[:, j] + bias in float64, with zeros beyond both edges."""
     k, length = kernel.shape[1], x.shape[1]
     padded = np.pad(np.asarray(x, np.float64), ((0, 0), (k // 2, k // 2), (0, 0)))
-    return sum(padded[:, j:j + length] @ kernel[:, j] for j in range(k)) + bias
+    return sum(padded[:, j : j + length] @ kernel[:, j] for j in range(k)) + bias
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_temporal_conv_equals_the_convolution_op(k):
     x, kernel, bias = _case(k)
-    np.testing.assert_allclose(jax.jit(temporal_conv)(x, kernel, bias), temporal_conv_reference(x, kernel, bias),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(temporal_conv)(x, kernel, bias), temporal_conv_reference(x, kernel, bias), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_reference_equals_shifted_sums_in_numpy(k):
     x, kernel, bias = _case(k)
-    np.testing.assert_allclose(temporal_conv_reference(x, kernel, bias), _shifted_sums_numpy(x, kernel, bias),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        temporal_conv_reference(x, kernel, bias), _shifted_sums_numpy(x, kernel, bias), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_sequence_shorter_than_the_kernel_sees_zeros_beyond_its_edges():
     x, kernel, bias = _case(5, length=2)
-    np.testing.assert_allclose(temporal_conv(x, kernel, bias), _shifted_sums_numpy(x, kernel, bias),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        temporal_conv(x, kernel, bias), _shifted_sums_numpy(x, kernel, bias), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gradients_equal_the_convolution_op():

@@ -20,15 +20,52 @@ PREDICT_DEMO = dataclasses.replace(TINY_DEMO, conversations=(("train", 8), ("val
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     tiny_store(root / "features", PREDICT_DEMO)
-    assert train_cli.main(["--dataset", "demo", "--features", str(root / "features"), "--out", str(root / "run"),
-                           "--epochs", "2", "--seeds", "2", "--quiet", "--jax-cache", CACHE, *set_flags(TINY)]) == 0
+    assert (
+        train_cli.main(
+            [
+                "--dataset",
+                "demo",
+                "--features",
+                str(root / "features"),
+                "--out",
+                str(root / "run"),
+                "--epochs",
+                "2",
+                "--seeds",
+                "2",
+                "--quiet",
+                "--jax-cache",
+                CACHE,
+                *set_flags(TINY),
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def _predict(run: Path, batch_size: int, *extra: str) -> list[dict]:
     out = run / f"pred-{batch_size}{''.join(extra)}.jsonl"
-    assert predict_cli.main(["--run", str(run / "run"), "--dataset", "demo", "--features", str(run / "features"),
-                             "--batch-size", str(batch_size), "--out", str(out), "--jax-cache", CACHE, *extra]) == 0
+    assert (
+        predict_cli.main(
+            [
+                "--run",
+                str(run / "run"),
+                "--dataset",
+                "demo",
+                "--features",
+                str(run / "features"),
+                "--batch-size",
+                str(batch_size),
+                "--out",
+                str(out),
+                "--jax-cache",
+                CACHE,
+                *extra,
+            ]
+        )
+        == 0
+    )
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -38,8 +75,9 @@ def test_probabilities_do_not_depend_on_batch_size(run):
     for key in ("probs", "gate"):
         np.testing.assert_allclose([r[key] for r in one], [r[key] for r in eight], atol=1e-5)
     for expert in ("speech", "text", "multimodal"):
-        np.testing.assert_allclose([r["experts"][expert] for r in one], [r["experts"][expert] for r in eight],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [r["experts"][expert] for r in one], [r["experts"][expert] for r in eight], atol=1e-5
+        )
 
 
 def test_one_line_per_utterance_in_store_order_with_probabilities(run):
@@ -63,8 +101,11 @@ def test_predictions_of_the_best_seed_reproduce_its_reported_test_f1(run):
     results = json.loads((run / "run" / "results.json").read_text())
     seed = int(np.argmax(results["val"]["weighted_f1"]["per_seed"]))
     rows = _predict(run, 8, "--seed", str(seed))
-    f1 = weighted_f1(np.array([r["label_id"] for r in rows]), np.array([r["prediction_id"] for r in rows]),
-                     len(results["label_names"]))
+    f1 = weighted_f1(
+        np.array([r["label_id"] for r in rows]),
+        np.array([r["prediction_id"] for r in rows]),
+        len(results["label_names"]),
+    )
     assert f1 == pytest.approx(results["test"]["weighted_f1"]["per_seed"][seed], abs=1e-9)
 
 
@@ -86,12 +127,14 @@ def test_predict_split_gives_every_row_once_with_the_probabilities_of_the_comman
     config = json.loads((run / "run" / "run_config.json").read_text())
     model_cfg = ModelConfig(**config["model"])
     ckpt = RunCheckpoints(run / "run" / "checkpoints")
-    _, params = ckpt.restore_best(1, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
-                                                            param_shapes(model_cfg)))
+    _, params = ckpt.restore_best(
+        1, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(model_cfg))
+    )
     ckpt.close()
     data = load_split(FeatureStore.open(run / "features" / "demo"), "test", ("speech", "text"))
     rows = dict(predict_split(params, model_cfg, data, TrainConfig(**config["train"]), batch_size=1))
     assert sorted(rows) == list(range(data.num_utterances))
     lines = _predict(run, 8, "--seed", "1")
-    np.testing.assert_allclose([rows[i]["moe"] for i in range(data.num_utterances)], [r["probs"] for r in lines],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        [rows[i]["moe"] for i in range(data.num_utterances)], [r["probs"] for r in lines], atol=1e-5
+    )

@@ -13,13 +13,25 @@ def _stats(mean):
 
 
 def _results():
-    split = {"experts": {e: {"weighted_f1": _stats(0.5 + 0.05 * i)} for i, e in enumerate(EXPERTS)},
-             "per_class_f1": {n: 0.6 for n in LABELS},
-             "confusion_matrix": [[5, 1, 0], [2, 4, 1], [0, 1, 6]],
-             "gate": {"mean": {e: 1 / 3 for e in GATE_EXPERTS},
-                      "per_class": {n: {e: 1 / 3 for e in GATE_EXPERTS} for n in LABELS}}}
-    return {"dataset": "demo", "variant": "mister-e", "label_names": LABELS, "seeds": [0, 1], "epochs": 2,
-            "best_epoch": [2, 1], "val": split, "test": split}
+    split = {
+        "experts": {e: {"weighted_f1": _stats(0.5 + 0.05 * i)} for i, e in enumerate(EXPERTS)},
+        "per_class_f1": {n: 0.6 for n in LABELS},
+        "confusion_matrix": [[5, 1, 0], [2, 4, 1], [0, 1, 6]],
+        "gate": {
+            "mean": {e: 1 / 3 for e in GATE_EXPERTS},
+            "per_class": {n: {e: 1 / 3 for e in GATE_EXPERTS} for n in LABELS},
+        },
+    }
+    return {
+        "dataset": "demo",
+        "variant": "mister-e",
+        "label_names": LABELS,
+        "seeds": [0, 1],
+        "epochs": 2,
+        "best_epoch": [2, 1],
+        "val": split,
+        "test": split,
+    }
 
 
 HISTORY = [{"epoch": e, "train_loss": [1.0 / e, 1.1 / e], "val": {"moe": [0.4 + 0.1 * e, 0.5]}} for e in (1, 2)]

@@ -12,14 +12,24 @@ from mister_jax.input_pipeline import SplitData
 
 
 def _split(rng):
-    return SplitData(name="test", features={"speech": rng.standard_normal((10, 3)).astype(np.float32),
-                                            "text": rng.standard_normal((10, 4)).astype(np.float32)},
-                     labels=rng.integers(0, 2, 10).astype(np.int32), utterance_ids=np.arange(10).astype(str),
-                     conversation_ids=np.repeat(["a", "b"], 5), starts=np.array([0, 5]), lengths=np.array([5, 5]))
+    return SplitData(
+        name="test",
+        features={
+            "speech": rng.standard_normal((10, 3)).astype(np.float32),
+            "text": rng.standard_normal((10, 4)).astype(np.float32),
+        },
+        labels=rng.integers(0, 2, 10).astype(np.int32),
+        utterance_ids=np.arange(10).astype(str),
+        conversation_ids=np.repeat(["a", "b"], 5),
+        starts=np.array([0, 5]),
+        lengths=np.array([5, 5]),
+    )
 
 
-@pytest.mark.parametrize("name, changed", [("drop-speech", "speech"), ("drop-text", "text"),
-                                           ("noise-speech", "speech"), ("noise-text", "text")])
+@pytest.mark.parametrize(
+    "name, changed",
+    [("drop-speech", "speech"), ("drop-text", "text"), ("noise-speech", "speech"), ("noise-text", "text")],
+)
 def test_a_perturbation_changes_only_its_own_modality(name, changed):
     data = _split(np.random.default_rng(0))
     out = robustness.perturb(data, name, 0.5)
@@ -36,8 +46,15 @@ def test_a_perturbation_changes_only_its_own_modality(name, changed):
 
 def test_perturbations_parse_and_bad_ones_are_named():
     assert robustness.parse_perturbations("none, drop-text,noise-speech=0.25") == [
-        ("none", 0.0), ("drop-text", 0.0), ("noise-speech", 0.25)]
-    for bad, message in (("blur-text", "unknown"), ("noise-text", "expected noise-text=σ"), ("drop-text=1", "no value")):
+        ("none", 0.0),
+        ("drop-text", 0.0),
+        ("noise-speech", 0.25),
+    ]
+    for bad, message in (
+        ("blur-text", "unknown"),
+        ("noise-text", "expected noise-text=σ"),
+        ("drop-text=1", "no value"),
+    ):
         with pytest.raises(ValueError, match=message):
             robustness.parse_perturbations(bad)
 
@@ -56,12 +73,26 @@ def test_evaluate_scores_each_perturbation_and_none_reproduces_the_run(tmp_path,
 
     run = tmp_path / "run"
     assert train_main.main(train_args(tiny_features, run, 1)) == 0
-    code = evaluate.main(["--run", str(run), "--dataset", "demo", "--features", str(tiny_features),
-                          "--perturb", "none,drop-speech", "--jax-cache", CACHE])
+    code = evaluate.main(
+        [
+            "--run",
+            str(run),
+            "--dataset",
+            "demo",
+            "--features",
+            str(tiny_features),
+            "--perturb",
+            "none,drop-speech",
+            "--jax-cache",
+            CACHE,
+        ]
+    )
     assert code == 0 and "| drop-speech |" in capsys.readouterr().out
     result = json.loads((run / "robustness.json").read_text())
     reported = json.loads((run / "results.json").read_text())["test"]["weighted_f1"]
     assert result["perturbations"]["none"]["experts"]["moe"]["per_seed"] == pytest.approx(reported["per_seed"])
     assert result["missing_modality_input"] == "zeros" and (run / "robustness.png").stat().st_size > 0
-    assert evaluate.main(["--run", str(run), "--dataset", "demo", "--features", str(tiny_features),
-                          "--perturb", "blur"]) == 2
+    assert (
+        evaluate.main(["--run", str(run), "--dataset", "demo", "--features", str(tiny_features), "--perturb", "blur"])
+        == 2
+    )

@@ -22,8 +22,18 @@ def _batches(num_steps: int, seed: int = 0) -> list[list[Batch]]:
     rng = np.random.default_rng(seed)
     mask = np.arange(6)[None, :] < np.array([6, 4, 3, 6])[:, None]
     labels = lambda: np.where(mask, rng.integers(-1, 6, (4, 6)), -1).astype(np.int32)
-    return [[Batch(rng.normal(size=(4, 6, 5)).astype(np.float32), rng.normal(size=(4, 6, 6)).astype(np.float32),
-                   labels(), mask) for _ in range(2)] for _ in range(num_steps)]
+    return [
+        [
+            Batch(
+                rng.normal(size=(4, 6, 5)).astype(np.float32),
+                rng.normal(size=(4, 6, 6)).astype(np.float32),
+                labels(),
+                mask,
+            )
+            for _ in range(2)
+        ]
+        for _ in range(num_steps)
+    ]
 
 
 def _seeds(mode: str, cache) -> SeedStates:
@@ -51,8 +61,9 @@ def test_a_state_saved_in_one_mode_continues_in_the_other(saved_in, resumed_in, 
     expected = saved.train_epoch(second)
     got = resumed.train_epoch(second)
     for k in range(2):
-        np.testing.assert_allclose([float(m["loss"]) for m in got[k]], [float(m["loss"]) for m in expected[k]],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            [float(m["loss"]) for m in got[k]], [float(m["loss"]) for m in expected[k]], rtol=1e-5
+        )
         assert [int(m["utterances"]) for m in got[k]] == [int(np.sum(b[k].labels >= 0)) for b in second]
 
 

@@ -56,8 +56,9 @@ def _scores(results: dict) -> dict:
 
 def _train(features: Path, out: Path, epochs: int, *overrides: str, cache: Path | None = None, **kwargs) -> dict:
     """The library call behind ``python -m mister_jax.train`` with `train_args` (conftest)."""
-    return train_and_evaluate(tiny_config(epochs, *overrides), features / "demo", out, dataset="demo",
-                              cache_dir=cache, **kwargs)
+    return train_and_evaluate(
+        tiny_config(epochs, *overrides), features / "demo", out, dataset="demo", cache_dir=cache, **kwargs
+    )
 
 
 def _copy(run_dir: Path, to: Path) -> Path:
@@ -102,8 +103,15 @@ def runs(tmp_path_factory, tiny_features):
     killed_after = sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
     code, resumed_log = _command_line(args)
     assert code == 0, resumed_log
-    return {"root": root, "features": features, "whole": root / "whole", "killed": root / "killed",
-            "killed_returncode": proc.returncode, "killed_after": killed_after, "resumed_log": resumed_log}
+    return {
+        "root": root,
+        "features": features,
+        "whole": root / "whole",
+        "killed": root / "killed",
+        "killed_returncode": proc.returncode,
+        "killed_after": killed_after,
+        "resumed_log": resumed_log,
+    }
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_scores(runs):
@@ -178,9 +186,18 @@ def test_vmapped_seeds_follow_the_sequential_trajectories(compile_cache):
     config = tiny_config(6, "speech_dim=5", "text_dim=6")  # as the runs above
     rng = np.random.default_rng(0)
     mask = np.arange(6)[None, :] < np.array([6, 4, 3, 6])[:, None]
-    steps = [[Batch(rng.normal(size=(4, 6, 5)).astype(np.float32), rng.normal(size=(4, 6, 6)).astype(np.float32),
-                    np.where(mask, rng.integers(0, 6, (4, 6)), -1).astype(np.int32), mask)
-              for _ in range(2)] for _ in range(3)]  # [step][seed]
+    steps = [
+        [
+            Batch(
+                rng.normal(size=(4, 6, 5)).astype(np.float32),
+                rng.normal(size=(4, 6, 6)).astype(np.float32),
+                np.where(mask, rng.integers(0, 6, (4, 6)), -1).astype(np.int32),
+                mask,
+            )
+            for _ in range(2)
+        ]
+        for _ in range(3)
+    ]  # [step][seed]
     trained = {}
     for mode in ("sequential", "vmap"):
         seeds = SeedStates(config.model, config.loss, config.train, [0, 1], mode, compile_cache)
@@ -202,15 +219,23 @@ def test_the_trainer_steps_bucketed_batches_of_every_pad_length_vmapped_and_inte
     """Seed 0's first epoch leaves a pad length out here, which must be compiled all the same; vmapped
     seeds pad each step to the longest of theirs, interleaved ones keep their own, for the same losses
     (without dropout: its masks are drawn for the padded shape)."""
-    config = DemoConfig(conversations=(("train", 12), ("val", 4), ("test", 4)), min_length=3, max_length=12,
-                        text_dim=6, speech_dim=5)
+    config = DemoConfig(
+        conversations=(("train", 12), ("val", 4), ("test", 4)), min_length=3, max_length=12, text_dim=6, speech_dim=5
+    )
     store = FeatureStore.open(build_demo_store(tmp_path / "features", config=config))
     lengths = load_split(store, "train", ("text",)).lengths
     pads = choose_pad_lengths([lengths], 4, 3, 2, "bucketed", pool_batches=2)
-    assert {p.length for p in epoch_plan(lengths, pads, 4, seed=0, epoch=0, batching="bucketed",
-                                         pool_batches=2)} < set(pads)
-    settings = ["num_buckets=3", "batching=bucketed", "pool_batches=2", "can_dropout=0", "fusion_dropout=0",
-                "attention_dropout=0"]
+    assert {p.length for p in epoch_plan(lengths, pads, 4, seed=0, epoch=0, batching="bucketed", pool_batches=2)} < set(
+        pads
+    )
+    settings = [
+        "num_buckets=3",
+        "batching=bucketed",
+        "pool_batches=2",
+        "can_dropout=0",
+        "fusion_dropout=0",
+        "attention_dropout=0",
+    ]
     losses = {}
     for mode in ("vmap", "sequential"):
         results = _train(tmp_path / "features", tmp_path / mode, 2, *settings, seed_mode=mode, cache=compile_cache)
@@ -252,14 +277,16 @@ def test_a_failed_checkpoint_write_names_the_directory_and_the_fix(tmp_path, mon
 
     monkeypatch.setattr(direct_io, "write_buffer", disk_full)
     ckpt.save_state(1, {"train": HostMirror({"w": np.zeros(3, np.float32)}, 1)}, {})
-    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/state: writing a checkpoint failed \(OSError: "
-                                                         r".*No space left.*free disk space.*rerun the same"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"checkpoints/state: writing a checkpoint failed \(OSError: "
+        r".*No space left.*free disk space.*rerun the same",
+    ):
         ckpt.wait()
     assert ckpt.latest_epoch() is None
 
 
-def test_a_checkpoint_holds_its_own_epoch_while_the_next_one_runs(tmp_path, tiny_features, compile_cache,
-                                                                  monkeypatch):
+def test_a_checkpoint_holds_its_own_epoch_while_the_next_one_runs(tmp_path, tiny_features, compile_cache, monkeypatch):
     """The background write of epoch 1 is still going while epoch 2 trains and validates: the trainer
     must not refill the host mirrors before it ends, so state/1 holds what a 1-epoch run saves."""
     _train(tiny_features, tmp_path / "one", 1, cache=compile_cache)
@@ -303,8 +330,9 @@ def test_non_finite_training_stops_at_the_step_and_names_seed_and_term(tmp_path,
 
 
 def test_skipped_non_finite_steps_are_counted_in_results(tmp_path, tiny_features, compile_cache):
-    results = _train(tiny_features, tmp_path / "run", 2, "learning_rate=1e36", "on_nonfinite=skip-step",
-                     cache=compile_cache)
+    results = _train(
+        tiny_features, tmp_path / "run", 2, "learning_rate=1e36", "on_nonfinite=skip-step", cache=compile_cache
+    )
     # Step 1 makes the parameters huge; every later step of each seed (2 per epoch) is non-finite.
     assert results["skipped_nonfinite_steps"] == [3, 3] == _results(tmp_path / "run")["skipped_nonfinite_steps"]
 
@@ -345,7 +373,10 @@ def test_a_report_that_cannot_be_written_fails_after_the_results(runs, tmp_path,
         raise report.ReportError(f"{path}: could not be written (No space left on device)")
 
     monkeypatch.setattr(report, "_write", full_disk)
-    with pytest.raises(UsageError, match=r"\.png: could not be written \(No space left on device\); results\.json "
-                                         r"and metrics\.jsonl are complete — free the space and rerun"):
+    with pytest.raises(
+        UsageError,
+        match=r"\.png: could not be written \(No space left on device\); results\.json "
+        r"and metrics\.jsonl are complete — free the space and rerun",
+    ):
         _train(runs["features"], out, 6, cache=compile_cache)
     assert _results(out)["best_epoch"] == _results(runs["whole"])["best_epoch"]

@@ -39,8 +39,27 @@ def test_the_library_run_is_the_command_line_run(library_run, tmp_path):
     from mister_jax.main import main
 
     out = tmp_path / "cli"
-    assert main(["--dataset", "demo", "--features", str(library_run["features"]), "--out", str(out), "--epochs", "2",
-                 "--seeds", "2", "--quiet", "--jax-cache", CACHE, *set_flags(TINY)]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                "demo",
+                "--features",
+                str(library_run["features"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--seeds",
+                "2",
+                "--quiet",
+                "--jax-cache",
+                CACHE,
+                *set_flags(TINY),
+            ]
+        )
+        == 0
+    )
     cli = json.loads((out / "results.json").read_text())
     assert {k: cli[k] for k in SCORES} == {k: library_run["results"][k] for k in SCORES}
 
@@ -50,8 +69,9 @@ def test_calling_again_resumes_the_finished_run_to_the_same_results(library_run,
 
     lines = []
     store = FeatureStore.open(library_run["features"] / "demo")  # a store object works as its path does
-    again = train_and_evaluate(library_run["config"], store, library_run["workdir"], cache_dir=compile_cache,
-                               log=lines.append)
+    again = train_and_evaluate(
+        library_run["config"], store, library_run["workdir"], cache_dir=compile_cache, log=lines.append
+    )
     assert f"resumed {library_run['workdir']} after epoch 2" in lines
     assert again == library_run["results"]
 
@@ -64,7 +84,13 @@ def test_restart_trains_from_scratch_to_the_same_scores(library_run, compile_cac
     workdir = tmp_path / "run"
     shutil.copytree(library_run["workdir"], workdir)
     lines = []
-    again = train_and_evaluate(library_run["config"], library_run["features"] / "demo", workdir, restart=True,
-                               cache_dir=compile_cache, log=lines.append)
+    again = train_and_evaluate(
+        library_run["config"],
+        library_run["features"] / "demo",
+        workdir,
+        restart=True,
+        cache_dir=compile_cache,
+        log=lines.append,
+    )
     assert not any(line.startswith("resumed") for line in lines)
     assert {k: again[k] for k in SCORES} == {k: library_run["results"][k] for k in SCORES}

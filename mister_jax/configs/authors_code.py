@@ -21,5 +21,8 @@ def apply(config: Config) -> Config:
     model = dict(MODEL)
     if config.model.attention_dim % model["attention_heads"]:
         model["attention_dim"] = 3 * (config.model.attention_dim // 3)
-    return Config(dataclasses.replace(config.model, **model), dataclasses.replace(config.loss, **LOSS),
-                  dataclasses.replace(config.train, **TRAIN))
+    return Config(
+        dataclasses.replace(config.model, **model),
+        dataclasses.replace(config.loss, **LOSS),
+        dataclasses.replace(config.train, **TRAIN),
+    )

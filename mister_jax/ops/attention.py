@@ -54,14 +54,14 @@ class StackedMultiHeadAttention(nn.Module):
         """
         head_dim = self.qkv_features // self.num_heads
         dense = lambda features, name: StackedDense(features, self.initialization, self.dtype, name=name)
-        split_heads = lambda x: x.reshape(x.shape[:3] + (self.num_heads, head_dim))    # [S, B, T, heads, d]
+        split_heads = lambda x: x.reshape(x.shape[:3] + (self.num_heads, head_dim))  # [S, B, T, heads, d]
         q = split_heads(dense(self.qkv_features, "query")(queries))
         k, v = jnp.split(dense(2 * self.qkv_features, "key_value")(keys), 2, axis=-1)
         k, v = split_heads(k), split_heads(v)
         logits = jnp.einsum("sbqhd,sbkhd->sbhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
         # The most negative float, not -inf: a row without real keys then softmaxes to uniform, not NaN.
         logits = jnp.where(key_mask[None, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)                                       # [S, B, heads, Tq, Tk]
+        weights = jax.nn.softmax(logits, axis=-1)  # [S, B, heads, Tq, Tk]
         weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("sbhqk,sbkhd->sbqhd", weights.astype(self.dtype), v)
         return dense(self.out_features, "out")(out.reshape(out.shape[:3] + (-1,)))
@@ -84,24 +84,25 @@ def stacked_attention_reference(params: dict, queries: Array, keys: Array, key_m
     Returns:
       [S, B, Tq, out_features].
     """
+
     def project(name, s, x):
         return x @ params[name]["kernels"][s] + params[name]["biases"][s]
 
     qkv_features = params["query"]["kernels"].shape[-1]
     head_dim = qkv_features // num_heads
-    real = key_mask[:, None, :]                                                     # [B, 1, Tk]
-    has_key = jnp.any(key_mask, axis=-1)[:, None, None]                             # [B, 1, 1]
+    real = key_mask[:, None, :]  # [B, 1, Tk]
+    has_key = jnp.any(key_mask, axis=-1)[:, None, None]  # [B, 1, 1]
     outputs = []
     for s in range(queries.shape[0]):
-        q = project("query", s, queries[s].astype(jnp.float32))                     # [B, Tq, qkv]
-        kv = project("key_value", s, keys[s].astype(jnp.float32))                   # [B, Tk, 2 qkv]
+        q = project("query", s, queries[s].astype(jnp.float32))  # [B, Tq, qkv]
+        kv = project("key_value", s, keys[s].astype(jnp.float32))  # [B, Tk, 2 qkv]
         k, v = kv[..., :qkv_features], kv[..., qkv_features:]
         heads = []
         for h in range(num_heads):
             columns = slice(h * head_dim, (h + 1) * head_dim)
-            scores = q[..., columns] @ jnp.swapaxes(k[..., columns], 1, 2) / head_dim ** 0.5  # [B, Tq, Tk]
+            scores = q[..., columns] @ jnp.swapaxes(k[..., columns], 1, 2) / head_dim**0.5  # [B, Tq, Tk]
             masked = jax.nn.softmax(jnp.where(real, scores, -jnp.inf), axis=-1)
             uniform = jnp.full_like(scores, 1.0 / scores.shape[-1])
-            heads.append(jnp.where(has_key, masked, uniform) @ v[..., columns])     # [B, Tq, d]
+            heads.append(jnp.where(has_key, masked, uniform) @ v[..., columns])  # [B, Tq, d]
         outputs.append(project("out", s, jnp.concatenate(heads, axis=-1)))
     return jnp.stack(outputs)

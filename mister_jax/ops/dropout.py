@@ -38,8 +38,8 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
     threshold = _threshold(rate)
     if threshold == 0:
         return x
-    words = jax.random.bits(key, (-(-x.size // 2),), jnp.uint32)                    # [⌈N / 2⌉]
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size].reshape(x.shape)
+    words = jax.random.bits(key, (-(-x.size // 2),), jnp.uint32)  # [⌈N / 2⌉]
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[: x.size].reshape(x.shape)
     keep_probability = 1.0 - threshold / _LEVELS
     return jnp.where(draws >= threshold, x / jnp.asarray(keep_probability, x.dtype), jnp.zeros((), x.dtype))
 
@@ -69,6 +69,6 @@ def dropout_reference(key: jax.Array, x, rate: float) -> np.ndarray:
     if threshold == 0:
         return x
     words = np.asarray(jax.random.bits(key, ((x.size + 1) // 2,), jnp.uint32)).astype(np.uint64)
-    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:x.size].reshape(x.shape)
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[: x.size].reshape(x.shape)
     scale = np.asarray(1.0 - threshold / 65536, x.dtype)
     return np.where(halves >= threshold, x / scale, np.zeros((), x.dtype))

@@ -50,7 +50,7 @@ def _recurrence(x_proj, hold, w_hh, b_hh, dtype):
     (r, z, n, hn) for the VJP."""
     _, num_streams, three_h, batch = x_proj.shape
     hidden = three_h // 3
-    w_hh_t = jnp.swapaxes(w_hh, 1, 2).astype(dtype)                               # [G, 3H, H]
+    w_hh_t = jnp.swapaxes(w_hh, 1, 2).astype(dtype)  # [G, 3H, H]
 
     def real_step(h, x_t, real_t):
         gh = jnp.einsum("gkh,ghb->gkb", w_hh_t, h.astype(dtype), preferred_element_type=jnp.float32)
@@ -76,14 +76,14 @@ def _input_projection(x, w_ih, b_ih, dtype):
 
     The product is taken row-major, x [B·T, I] × W_ih [I, 3H] per stream, and transposed after: XLA:CPU
     has a bfloat16 kernel for that form, not for W_ihᵀ × xᵀ, and in float32 it is also the faster one."""
-    x_proj = jnp.einsum("gbti,gik->gbtk", x.astype(dtype), w_ih.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    x_proj = jnp.einsum("gbti,gik->gbtk", x.astype(dtype), w_ih.astype(dtype), preferred_element_type=jnp.float32)
     return jnp.transpose(x_proj, (2, 0, 3, 1)) + b_ih[None, :, :, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def gru_layer(x: jax.Array, hold: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array,
-              b_hh: jax.Array, dtype=jnp.float32) -> jax.Array:
+def gru_layer(
+    x: jax.Array, hold: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array, b_hh: jax.Array, dtype=jnp.float32
+) -> jax.Array:
     """G independent GRUs (PyTorch gate layout r, z, n), stepped together in one `lax.scan`.
 
     h_t = (1 - z) * n + z * h_{t-1} with r, z = σ(x W_i{r,z} + b_i{r,z} + h W_h{r,z} + b_h{r,z}) and
@@ -113,7 +113,7 @@ def _layer_bwd(dtype, residuals, d_hs):
     """Backpropagation through time: dh flows back through h W_hh only; every weight gradient and the
     input gradient are large matmuls after the scan, on stream-major copies [G, B, T, ·]."""
     x, hs, gates, hold, w_ih, w_hh = residuals
-    h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])                    # [T, G, H, B]
+    h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])  # [T, G, H, B]
     w_hh_compute = w_hh.astype(dtype)
 
     def real_step(dh, gates_t, h_prev_t, real_t):
@@ -124,7 +124,8 @@ def _layer_bwd(dtype, residuals, d_hs):
         d_x = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], axis=1), 0.0)
         d_gh = jnp.where(real_t, jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=1), 0.0)
         d_h_prev = jnp.where(real_t, dh * z, dh) + jnp.einsum(  # W_hh d_gh: [H, 3H] × [3H, B] per stream
-            "ghk,gkb->ghb", w_hh_compute, d_gh.astype(dtype), preferred_element_type=jnp.float32)
+            "ghk,gkb->ghb", w_hh_compute, d_gh.astype(dtype), preferred_element_type=jnp.float32
+        )
         return d_h_prev, (d_x, d_gh)
 
     def padded_step(dh, gates_t, h_prev_t, real_t):
@@ -137,7 +138,7 @@ def _layer_bwd(dtype, residuals, d_hs):
 
     _, (d_x_proj, d_gh) = jax.lax.scan(step, jnp.zeros_like(hs[0]), (d_hs, gates, h_prev, hold), reverse=True)
     d_b_ih, d_b_hh = jnp.sum(d_x_proj, axis=(0, 3)), jnp.sum(d_gh, axis=(0, 3))
-    stream_major = lambda a: jnp.transpose(a, (1, 3, 0, 2)).astype(dtype)          # [T, G, ·, B] → [G, B, T, ·]
+    stream_major = lambda a: jnp.transpose(a, (1, 3, 0, 2)).astype(dtype)  # [T, G, ·, B] → [G, B, T, ·]
     d_x_proj, d_gh, h_prev = stream_major(d_x_proj), stream_major(d_gh), stream_major(h_prev)
     f32 = dict(preferred_element_type=jnp.float32)
     d_x = jnp.einsum("gbtk,gik->gbti", d_x_proj, w_ih.astype(dtype), **f32).astype(x.dtype)
@@ -182,14 +183,14 @@ class BidirectionalGRU(nn.Module):
         num_modalities, batch, length, width = x.shape
         hidden = self.hidden
         streams = 2 * num_modalities
-        bound = 1.0 / hidden ** 0.5
-        longest = jnp.sum(jnp.any(mask, axis=0))                                       # L
+        bound = 1.0 / hidden**0.5
+        longest = jnp.sum(jnp.any(mask, axis=0))  # L
         reverse = functools.partial(reverse_conversations, length=longest)
 
         def param(name, shape):
             return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
 
-        hold = jnp.stack([mask, reverse(mask, axis=1)])                                # [2, B, T]
+        hold = jnp.stack([mask, reverse(mask, axis=1)])  # [2, B, T]
         hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[:, :, None]  # [T, G, 1, B]
         for layer in range(self.layers):
             w_ih = param(f"w_ih_{layer}", (streams, width, 3 * hidden))
@@ -198,7 +199,7 @@ class BidirectionalGRU(nn.Module):
             b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
             x = jnp.where(mask[None, :, :, None], x, 0.0)
             both = jnp.stack([x, reverse(x, axis=2)], axis=1).reshape((streams, batch, length, width))
-            hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)                # [T, G, H, B]
+            hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)  # [T, G, H, B]
             hs = jnp.transpose(hs, (1, 3, 0, 2)).reshape((num_modalities, 2, batch, length, hidden))
             x = jnp.concatenate([hs[:, 0], reverse(hs[:, 1], axis=2)], axis=-1)
             width = 2 * hidden
@@ -211,7 +212,7 @@ def _gru_reference(x, mask, w_ih, b_ih, w_hh, b_hh):
     hidden = w_hh.shape[0]
 
     def step(h, inputs):
-        x_t, real_t = inputs                                                       # [B, I], [B]
+        x_t, real_t = inputs  # [B, I], [B]
         xr, xz, xn = jnp.split(x_t @ w_ih + b_ih, 3, axis=-1)
         hr, hz, hn = jnp.split(h @ w_hh + b_hh, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
@@ -241,16 +242,17 @@ def bidirectional_gru_reference(params: dict, x: jax.Array, mask: jax.Array, lay
     Returns:
       [M, B, T, 2H] ([fwd; bwd]); only positions where mask is True are meaningful.
     """
-    lengths = jnp.sum(mask, axis=1)                                                # [B]
+    lengths = jnp.sum(mask, axis=1)  # [B]
     steps = jnp.arange(mask.shape[1])
     backwards = jnp.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)  # [B, T]
-    reverse = jax.vmap(lambda row, order: row[order])                             # per conversation
+    reverse = jax.vmap(lambda row, order: row[order])  # per conversation
     outputs = []
     for m in range(x.shape[0]):
-        h = x[m]                                                                   # [B, T, I]
+        h = x[m]  # [B, T, I]
         for layer in range(layers):
-            weights = [[params[f"{name}_{layer}"][2 * m + d] for name in ("w_ih", "b_ih", "w_hh", "b_hh")]
-                       for d in (0, 1)]
+            weights = [
+                [params[f"{name}_{layer}"][2 * m + d] for name in ("w_ih", "b_ih", "w_hh", "b_hh")] for d in (0, 1)
+            ]
             forward = _gru_reference(h, mask, *weights[0])
             backward = reverse(_gru_reference(reverse(h, backwards), mask, *weights[1]), backwards)
             h = jnp.concatenate([forward, backward], axis=-1)

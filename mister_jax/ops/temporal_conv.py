@@ -41,8 +41,9 @@ class ConvWeights(nn.Module):
     def __call__(self, in_features: int) -> tuple[Array, Array]:
         """Args: in_features D. Returns (kernel [D, k, F], bias [F])."""
         fan_in = in_features * self.width
-        kernel = self.param("kernel", kernel_init(self.initialization, fan_in),
-                            (in_features, self.width, self.features))
+        kernel = self.param(
+            "kernel", kernel_init(self.initialization, fan_in), (in_features, self.width, self.features)
+        )
         bias = self.param("bias", bias_init(self.initialization, fan_in), (self.features,))
         return kernel, bias
 
@@ -60,17 +61,25 @@ def temporal_conv(x: Array, kernel: Array, bias: Array, dtype=jnp.float32) -> Ar
     """
     batch, length, width = x.shape
     _, k, features = kernel.shape
-    taps = jnp.dot(x.reshape(batch * length, width), kernel.reshape(width, k * features).astype(dtype),
-                   preferred_element_type=jnp.float32).reshape(batch, length, k, features)
+    taps = jnp.dot(
+        x.reshape(batch * length, width),
+        kernel.reshape(width, k * features).astype(dtype),
+        preferred_element_type=jnp.float32,
+    ).reshape(batch, length, k, features)
     half = k // 2
     padded = jnp.pad(taps, ((0, 0), (half, half), (0, 0), (0, 0)))
-    conv = sum(padded[:, j:j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[:, j]
+    conv = sum(padded[:, j : j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[:, j]
     return conv + bias
 
 
 def temporal_conv_reference(x: Array, kernel: Array, bias: Array) -> Array:
     """`temporal_conv` as a convolution op: x [B, T, D], kernel [D, k, F], bias [F] → [B, T, F]."""
-    out = jax.lax.conv_general_dilated(x, kernel, window_strides=(1,), padding="SAME",
-                                       dimension_numbers=("NWC", "IWO", "NWC"),
-                                       precision=jax.lax.Precision.HIGHEST)
+    out = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1,),
+        padding="SAME",
+        dimension_numbers=("NWC", "IWO", "NWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return out + bias

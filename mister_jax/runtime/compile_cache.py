@@ -72,8 +72,7 @@ class TrainStepCompiler:
         compiler_options: XLA options for compiling the executables (None: XLA's defaults).
     """
 
-    def __init__(self, step: Callable, key: str, cache_dir: str | Path | None,
-                 compiler_options: dict | None = None):
+    def __init__(self, step: Callable, key: str, cache_dir: str | Path | None, compiler_options: dict | None = None):
         self._step = step
         self._compiler_options = compiler_options
         self._key = hashlib.sha256((_source_digest() + key).encode()).hexdigest()
@@ -95,9 +94,11 @@ class TrainStepCompiler:
         key_data = _abstract(jax.eval_shape(jax.random.key_data, dropout_key))
 
         def flat_step(state_leaves, batch_leaves, key_data):
-            new_state, metrics = self._step(jax.tree_util.tree_unflatten(state_def, state_leaves),
-                                            jax.tree_util.tree_unflatten(batch_def, batch_leaves),
-                                            jax.random.wrap_key_data(key_data, impl=key_impl))
+            new_state, metrics = self._step(
+                jax.tree_util.tree_unflatten(state_def, state_leaves),
+                jax.tree_util.tree_unflatten(batch_def, batch_leaves),
+                jax.random.wrap_key_data(key_data, impl=key_impl),
+            )
             return jax.tree_util.tree_leaves(new_state), metrics
 
         args = ([_abstract(x) for x in state_leaves], [_abstract(x) for x in batch_leaves], key_data)
@@ -127,8 +128,9 @@ class TrainStepCompiler:
         if signature not in self._executables:
             self.compile(state, batch, dropout_key)
         executable, state_def = self._executables[signature]
-        new_leaves, metrics = executable(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(batch),
-                                         jax.random.key_data(dropout_key))
+        new_leaves, metrics = executable(
+            jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(batch), jax.random.key_data(dropout_key)
+        )
         return jax.tree_util.tree_unflatten(state_def, new_leaves), metrics
 
     @property

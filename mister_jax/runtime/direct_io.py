@@ -27,7 +27,7 @@ def write_buffer(path: Path, buffer: np.ndarray) -> None:
     direct = getattr(os, "O_DIRECT", 0)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     view = memoryview(buffer).cast("B")
-    for mode in ((flags | direct, flags) if direct else (flags,)):
+    for mode in (flags | direct, flags) if direct else (flags,):
         try:
             fd = os.open(path, mode, 0o644)
         except OSError as err:
@@ -37,7 +37,7 @@ def write_buffer(path: Path, buffer: np.ndarray) -> None:
         try:
             done = 0
             while done < len(view):
-                done += os.write(fd, view[done:done + _CHUNK])
+                done += os.write(fd, view[done : done + _CHUNK])
             os.fsync(fd)
             return
         except OSError as err:
@@ -53,7 +53,7 @@ def read_buffer(path: Path, buffer: np.ndarray) -> None:
     with open(path, "rb", buffering=0) as f:
         done = 0
         while done < len(view):
-            n = f.readinto(view[done:done + _CHUNK])
+            n = f.readinto(view[done : done + _CHUNK])
             if not n:
                 raise ValueError(f"{path.name} holds {done} bytes, {len(view)} expected")
             done += n

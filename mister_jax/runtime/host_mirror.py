@@ -37,20 +37,26 @@ class HostMirror:
         self.layout, size = [], 0
         for path, x in leaves:
             dtype, shape = np.dtype(x.dtype), (num_seeds,) + tuple(x.shape)
-            self.layout.append({"path": jax.tree_util.keystr(path), "dtype": dtype.str, "shape": list(shape),
-                                "offset": size})
+            self.layout.append(
+                {"path": jax.tree_util.keystr(path), "dtype": dtype.str, "shape": list(shape), "offset": size}
+            )
             size += -(-math.prod(shape) * dtype.itemsize // ALIGNMENT) * ALIGNMENT
         self._memory = mmap.mmap(-1, max(size, ALIGNMENT))  # anonymous, page-aligned
         self.buffer = np.frombuffer(self._memory, np.uint8)
-        views = [self.buffer[e["offset"]:e["offset"] + math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize]
-                 .view(e["dtype"]).reshape(e["shape"]) for e in self.layout]
+        views = [
+            self.buffer[e["offset"] : e["offset"] + math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize]
+            .view(e["dtype"])
+            .reshape(e["shape"])
+            for e in self.layout
+        ]
         self.tree = jax.tree_util.tree_unflatten(treedef, views)
 
     def put(self, k: int, tree: Any, stacked: bool = False) -> None:
         """Copies seed ``k``'s pytree (device or host arrays) into slot ``k``; ``stacked``: ``tree`` has
         the ``[K, ...]`` leaves of every seed and its slot ``k`` is copied."""
-        jax.tree_util.tree_map(lambda dst, src: np.copyto(dst[k, ...], np.asarray(src)[k] if stacked else np.asarray(src)),
-                               self.tree, tree)
+        jax.tree_util.tree_map(
+            lambda dst, src: np.copyto(dst[k, ...], np.asarray(src)[k] if stacked else np.asarray(src)), self.tree, tree
+        )
 
     def put_stacked(self, stacked: Any) -> None:
         """Copies a pytree with the ``[K, ...]`` leaves of every seed."""
