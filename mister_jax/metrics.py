@@ -41,7 +41,7 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_B
     """Calibration of ``probs [N, C]`` (Guo et al., 2017): utterances binned by confidence (the top
     probability) into ``bins`` equal-width bins; per bin the count, the mean confidence and the accuracy,
     and the expected calibration error ECE = Σ_b (n_b / N) |accuracy_b − confidence_b|."""
-    confidence = probs.max(axis=-1)
+    confidence = np.clip(np.nan_to_num(probs.max(axis=-1), nan=0.0), 0.0, 1.0)  # a diverged run's NaNs: bin 0
     correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
     which = np.minimum(
         (confidence * bins).astype(np.int64), bins - 1

@@ -34,6 +34,14 @@ def test_a_better_run_is_better_with_an_interval_above_zero(tmp_path, capsys):
     assert result["runs"]["A"]["mean"] > result["runs"]["B"]["mean"]
 
 
+def test_a_run_compared_with_itself_differs_by_zero_with_p_one(tmp_path):
+    rng = np.random.default_rng(2)
+    ids, labels = _case(rng)
+    _write(tmp_path / "a", ids, labels, np.stack([rng.integers(0, 3, len(ids)) for _ in range(3)]))
+    d = compare.compare_runs(tmp_path / "a", tmp_path / "a", draws=200)["difference"]
+    assert d["difference"] == 0 and d["low"] == d["high"] == 0 and d["p_value"] == 1.0
+
+
 def test_runs_on_different_test_utterances_are_refused_naming_the_first(tmp_path, capsys):
     rng = np.random.default_rng(1)
     ids, labels = _case(rng)

@@ -59,6 +59,23 @@ def test_intervals_cover_the_population_value_at_about_their_nominal_rate():
     assert 0.88 <= covered / trials <= 0.99
 
 
+def test_resampling_utterances_instead_of_conversations_undercovers():
+    rng = np.random.default_rng(2)
+    population = _conversations(rng, 4000, 4, 0.6)
+    truth = f1_score(population[0], population[1], average="weighted")
+    starts = np.flatnonzero(np.r_[True, population[2][1:] != population[2][:-1]])
+    bounds = np.r_[starts, len(population[2])]
+    covered, trials = 0, 200
+    for trial in range(trials):
+        chosen = rng.choice(len(starts), 60, replace=False)
+        rows = np.concatenate([np.arange(bounds[c], bounds[c + 1]) for c in chosen])
+        labels, predictions, _ = (x[rows] for x in population)
+        each_its_own = np.arange(len(rows)).astype(str)  # the wrong unit: every utterance alone
+        ci = uncertainty.bootstrap_weighted_f1(labels, predictions[None], each_its_own, 4, draws=400, seed=trial)
+        covered += ci["pooled"]["low"] <= truth <= ci["pooled"]["high"]
+    assert covered / trials < 0.85
+
+
 def test_the_pooled_interval_of_identical_seeds_is_the_seed_interval():
     rng = np.random.default_rng(3)
     labels, predictions, ids = _conversations(rng, 40, 3, 0.7)
