@@ -28,6 +28,8 @@ Layouts (root = what the user passes as --data-root):
   fold). Split `"sdk"`: the folds of `sdk_folds.json` (`train`, `val`, `test` lists of video ids).
 * EmoryNLP (text only): `emorynlp_{train,dev,test}_final.csv`; a conversation is one scene
   (Season, Episode, Scene_ID); utterances ordered by `Utterance_ID`.
+* custom: root is one JSONL or CSV file of your own conversations, label names from the file
+  (`encoders_torch.custom_corpus`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("iemocap", "meld", "mosi", "emorynlp")
+DATASETS = ("iemocap", "meld", "mosi", "emorynlp", "custom")
 LABEL_NAMES = {
     "iemocap": ("angry", "happy", "sad", "neutral", "excited", "frustrated"),
     "meld": ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),
@@ -428,6 +430,10 @@ def read_corpus(
     readers = {"iemocap": read_iemocap, "meld": read_meld, "emorynlp": read_emorynlp}
     if name == "mosi":
         return read_mosi(root, require, on_missing, split=mosi_split)
+    if name == "custom":
+        from encoders_torch.custom_corpus import read_custom  # it builds on this module
+
+        return read_custom(root, require, on_missing)
     if name not in readers:
         raise CorpusError(f"--dataset {name!r}: choose one of {', '.join(DATASETS)}")
     return readers[name](root, require, on_missing)

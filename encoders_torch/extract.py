@@ -54,6 +54,7 @@ import transformers
 import bridges
 from encoders_torch.audio import AudioError
 from encoders_torch.corpora import DATASETS, SPLITS, Conversation, Corpus, CorpusError, Utterance, read_corpus
+from encoders_torch.custom_corpus import relabel
 from encoders_torch.encoder import (
     EmotionModel,
     EncoderError,
@@ -277,6 +278,18 @@ def _trained_model(
         raise EncoderError(
             f"--epochs {args.epochs} --patience {args.patience}: epochs must be 1 or more, patience 0 (off) or more"
         )
+    labelled = {s: [u for u in splits[s] if u.label >= 0] for s in ("train", "val")}
+    unlabelled = [s for s, us in labelled.items() if not us]
+    if unlabelled:
+        raise EncoderError(
+            f"--dataset {corpus.name}: no labelled utterance in split {' or '.join(unlabelled)} to fine-tune on — "
+            "label rows of both train and val, or pass --adapter with a trained folder"
+        )
+    if len(corpus.label_names) < 2:
+        raise EncoderError(
+            f"--dataset {corpus.name}: labels name {len(corpus.label_names)} class ({corpus.label_names[0]!r}); "
+            "fine-tuning needs two or more — label rows of other classes too, or list the classes in the file"
+        )
     torch.manual_seed(args.seed)
     encoder = build_encoder(args, None, dtype)
     head = ClassifierHead(
@@ -303,10 +316,10 @@ def _trained_model(
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     log(
         f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
-        f"{len(splits['train'])} train / {len(splits['val'])} val utterances, device {device}"
+        f"{len(labelled['train'])} train / {len(labelled['val'])} val utterances, device {device}"
     )
     checkpoint = checkpoint_dir(trained_dir)
-    history = fit(model, splits["train"], splits["val"], config, device, dtype, log, checkpoint)
+    history = fit(model, labelled["train"], labelled["val"], config, device, dtype, log, checkpoint)
     info = {
         "dataset": corpus.name,
         "label_names": list(corpus.label_names),
@@ -328,6 +341,15 @@ def _trained_model(
     return model, info
 
 
+def _adapter_labels(args: argparse.Namespace, corpus: Corpus) -> Corpus:
+    """A custom corpus takes the label names of the trained folder it will use when all its classes are among
+    them (so a file with few or no labels can be embedded with an adapter trained elsewhere)."""
+    trained_dir = Path(args.adapter) if args.adapter else Path(args.out) / args.dataset / "adapters" / args.modality
+    if corpus.name != "custom" or args.retrain or not is_trained(trained_dir):
+        return corpus
+    return relabel(corpus, json.loads((trained_dir / TRAINING).read_text())["label_names"])
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Fine-tunes or loads, embeds every split, writes the store; returns per-split weighted F1 of the head."""
     started = time.time()
@@ -342,6 +364,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     corpus = read_corpus(args.dataset, args.data_root, require, args.on_missing, args.mosi_split)
     if corpus.dropped:
         log(f"dropped (--on-missing skip): {corpus.dropped}")
+    corpus = _adapter_labels(args, corpus)
     grouped = corpus.splits if args.fold is None else fold_conversations(corpus, args.fold)
     if args.fold is not None:
         log(f"fold {args.fold}: " + ", ".join(f"{s} {', '.join(iemocap_fold(args.fold)[s])}" for s in SPLITS))
@@ -362,17 +385,19 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     trained_digest = file_digest(
         [trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG, *sorted((trained_dir / ADAPTER).glob("*.safetensors"))]
     )
-    dataset_dir = bridges.init_store(args.out, name, corpus.label_names, SPLITS)
+    present = [s for s in SPLITS if splits[s]]  # a custom corpus may lack splits
+    dataset_dir = bridges.init_store(args.out, name, corpus.label_names, present)
     scores = {}
     work_root = dataset_dir / ".work" / args.modality
     features = {}
-    for split in SPLITS:
+    for split in present:
         utterances = splits[split]
         fingerprint = trained_digest + hashlib.sha256("\n".join(u.id for u in utterances).encode()).hexdigest()[:16]
         embeddings, logits = embed_split(
             model, utterances, work_root / split, fingerprint, args.batch_size, args.chunk_size, device, dtype, log
         )
-        scores[split] = weighted_f1([u.label for u in utterances], logits)
+        labelled = [i for i, u in enumerate(utterances) if u.label >= 0]
+        scores[split] = weighted_f1([utterances[i].label for i in labelled], logits[labelled]) if labelled else None
         features[split] = embeddings
     source = {
         "encoder": model.encoder.source(),
@@ -381,14 +406,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "adapter_digest": trained_digest,
         "train": info.get("train"),
         "best_epoch": info.get("history", {}).get("best_epoch"),
-        "head_weighted_f1": {s: round(v, 4) for s, v in scores.items()},
+        "head_weighted_f1": {s: None if v is None else round(v, 4) for s, v in scores.items()},
         "data_root": str(Path(args.data_root).resolve()),
         "max_utterances": args.max_utterances,
         "torch": torch.__version__,
         "peft": peft.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    for split in SPLITS:
+    for split in present:
         utterances = splits[split]
         bridges.write_index(
             dataset_dir,
@@ -403,7 +428,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         work_root.parent.rmdir()  # `.work` goes too once no other modality is mid-extraction
     log(
         f"wrote {args.modality} [{model.head.config.embedding_dim}] to {dataset_dir}; head weighted F1 "
-        + ", ".join(f"{s} {v:.4f}" for s, v in scores.items())
+        + ", ".join(f"{s} unlabelled" if v is None else f"{s} {v:.4f}" for s, v in scores.items())
         + f" ({time.time() - started:.0f} s)"
     )
     return {"scores": scores, "store": str(dataset_dir), "trained": str(trained_dir), "seconds": time.time() - started}
@@ -416,7 +441,12 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-root", required=True, help="the corpus release folder (see encoders_torch.corpora)")
+    p.add_argument(
+        "--data-root",
+        required=True,
+        help="the corpus release folder (see encoders_torch.corpora); for custom, the .jsonl or .csv file "
+        "(docs/CUSTOM_CORPUS.md)",
+    )
     p.add_argument("--modality", required=True, choices=("text", "speech"))
     p.add_argument("--model", required=True, help="local transformers model folder")
     p.add_argument("--out", required=True, help="store root; the store is OUT/DATASET")
