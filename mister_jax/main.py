@@ -174,18 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(args.dataset, args.features)
         config = config_from_args(args, store.label_names)
         out = prepare_out(args)
-        results = train_and_evaluate(
-            config,
-            store,
-            out,
-            dataset=args.dataset,
-            seed_mode=args.seed_mode,
-            no_val=args.no_val,
-            restart=args.restart,
-            cache_dir=enable_compilation_cache(args.jax_cache),
-            progress=not args.quiet,
-            log=log,
-        )
+        results = train_and_evaluate(config, store, out, no_val=args.no_val, **run_options(args, log))
     except UsageError as err:
         for line in str(err).splitlines():
             log(f"error: {line}")
@@ -202,15 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _loso(args: argparse.Namespace, log) -> int:
-    """``--protocol loso``: every fold of `mister_jax.loso.train_loso` (UsageError is the caller's)."""
-    stores = folds.open_fold_stores(args.features, args.dataset)
-    config = config_from_args(args, next(iter(stores.values())).label_names)
-    out = prepare_out(args)
-    results = loso.train_loso(
-        config,
-        stores,
-        out,
+def run_options(args: argparse.Namespace, log) -> dict:
+    """The keyword arguments of `train_and_evaluate` that the training flags set (sweeps share them)."""
+    return dict(
         dataset=args.dataset,
         seed_mode=args.seed_mode,
         restart=args.restart,
@@ -218,6 +201,14 @@ def _loso(args: argparse.Namespace, log) -> int:
         progress=not args.quiet,
         log=log,
     )
+
+
+def _loso(args: argparse.Namespace, log) -> int:
+    """``--protocol loso``: every fold of `mister_jax.loso.train_loso` (UsageError is the caller's)."""
+    stores = folds.open_fold_stores(args.features, args.dataset)
+    config = config_from_args(args, next(iter(stores.values())).label_names)
+    out = prepare_out(args)
+    results = loso.train_loso(config, stores, out, **run_options(args, log))
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['mean']:.1f}" for e, v in t["experts"].items())
     log(

@@ -25,9 +25,8 @@ from matplotlib.figure import Figure
 from mister_jax import atomic
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import fit_to_store, open_store
-from mister_jax.main import config_from_args, training_parser
+from mister_jax.main import config_from_args, run_options, training_parser
 from mister_jax.report import save_figure
-from mister_jax.runtime.compile_cache import enable_compilation_cache
 from mister_jax.train import train_and_evaluate
 
 
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--grid: give at least one, e.g. --grid lambda_con=0,1,2")
         store = open_store(args.dataset, args.features)
         out = Path(args.out) if args.out else Path("runs") / f"{args.dataset}-sweep"
-        cache = enable_compilation_cache(args.jax_cache)
+        options = {**run_options(args, log), "restart": False}
         rows = []
         for combination in combinations(grid):
             swept = [*args.overrides, *(f"{k}={v}" for k, v in combination.items())]
@@ -148,17 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = json.loads((run / "results.json").read_text(encoding="utf-8"))
             else:
                 log(f"{run}: training")
-                results = train_and_evaluate(
-                    config,
-                    store,
-                    run,
-                    dataset=args.dataset,
-                    seed_mode=args.seed_mode,
-                    no_val=args.no_val,
-                    cache_dir=cache,
-                    progress=not args.quiet,
-                    log=log,
-                )
+                results = train_and_evaluate(config, store, run, no_val=args.no_val, **options)
             rows.append((combination, _row(results)))
         write_sweep_report(out, grid, rows)
     except UsageError as err:

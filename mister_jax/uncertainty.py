@@ -62,6 +62,14 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _draw_scores(labels, predictions, conversations, num_classes: int, draws: int, seed: int) -> np.ndarray:
+    """Weighted F1 ``[K, R]`` of each row of ``predictions [K, N]`` on every draw of conversations."""
+    confusions = conversation_confusions(labels, predictions, conversations, num_classes)  # [K, M, C·C]
+    counts = draw_counts(confusions.shape[1], draws, seed)  # [R, M]
+    shape = (draws, num_classes, num_classes)
+    return np.stack([weighted_f1_from_confusion((counts @ c).reshape(shape)) for c in confusions])
+
+
 def bootstrap_weighted_f1(
     labels: np.ndarray,
     per_seed: np.ndarray,
@@ -82,11 +90,7 @@ def bootstrap_weighted_f1(
       ``{"level", "draws", "unit": "conversation", "per_seed": [{"low", "high"}] * K,
       "pooled": {"low", "high"}}``.
     """
-    per_seed = np.atleast_2d(per_seed)
-    confusions = conversation_confusions(labels, per_seed, conversations, num_classes)  # [K, M, C·C]
-    counts = draw_counts(confusions.shape[1], draws, seed)  # [R, M]
-    shape = (draws, num_classes, num_classes)
-    scores = np.stack([weighted_f1_from_confusion((counts @ c).reshape(shape)) for c in confusions])  # [K, R]
+    scores = _draw_scores(labels, np.atleast_2d(per_seed), conversations, num_classes, draws, seed)  # [K, R]
     per = [dict(zip(("low", "high"), _interval(s, level))) for s in scores]
     pooled = dict(zip(("low", "high"), _interval(scores.mean(axis=0), level)))
     return {"level": level, "draws": draws, "unit": "conversation", "per_seed": per, "pooled": pooled}
@@ -115,9 +119,7 @@ def paired_bootstrap(
         raise ValueError(f"paired seeds need the same shape, got {per_seed_a.shape} and {per_seed_b.shape}")
     both = np.concatenate([per_seed_a, per_seed_b])
     confusions = conversation_confusions(labels, both, conversations, num_classes)  # [2K, M, C·C]
-    counts = draw_counts(confusions.shape[1], draws, seed)
-    shape = (draws, num_classes, num_classes)
-    scores = np.stack([weighted_f1_from_confusion((counts @ c).reshape(shape)) for c in confusions])  # [2K, R]
+    scores = _draw_scores(labels, both, conversations, num_classes, draws, seed)  # [2K, R]
     k = per_seed_a.shape[0]
     difference = scores[:k].mean(axis=0) - scores[k:].mean(axis=0)  # [R]
     observed = float(
