@@ -84,15 +84,32 @@ def choose_seed(run: Path, config: dict, seed: int | None) -> int:
     return seeds[int(np.argmax(per_seed))]
 
 
-def predict_split(params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int):
-    """Yields ``(row, {expert: probs [C], "gate": [3]})`` for every utterance of ``data``, batches in
-    length-sorted order (least padding)."""
-    step = jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
+@functools.lru_cache(maxsize=8)
+def _jitted_predict_step(model_cfg: ModelConfig):
+    """One jitted `predict_step` per configuration, so repeated predictions reuse its compilations."""
+    return jax.jit(functools.partial(predict_step, model_cfg=model_cfg))
+
+
+def predict_arrays(params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int) -> dict:
+    """``{expert: probs [N, C], "gate": [N, 3]}`` over the rows of ``data``, batches in length-sorted order
+    (least padding); every batch is dispatched before the first result is fetched."""
+    step = _jitted_predict_step(model_cfg)
     planner = BatchPlanner.create(dataclasses.replace(train_cfg, batch_size=batch_size), data.lengths, [data.lengths])
-    for rows, batch in iterate_batches(data, planner.evaluation(data.lengths)):
-        out = jax.device_get(step(params, batch))
-        for b, t in zip(*np.nonzero(rows >= 0)):
-            yield int(rows[b, t]), {name: v[b, t] for name, v in out.items()}
+    batches = list(iterate_batches(data, planner.evaluation(data.lengths)))
+    fetched = jax.device_get([step(params, batch) for _, batch in batches])
+    arrays = {}
+    for (rows, _), out in zip(batches, fetched):
+        real = rows >= 0
+        for name, v in out.items():
+            arrays.setdefault(name, np.zeros((data.num_utterances, v.shape[-1]), np.float32))[rows[real]] = v[real]
+    return arrays
+
+
+def predict_split(params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int):
+    """Yields ``(row, {expert: probs [C], "gate": [3]})`` for every utterance of ``data``, in store order."""
+    arrays = predict_arrays(params, model_cfg, data, train_cfg, batch_size)
+    for row in range(data.num_utterances):
+        yield row, {name: v[row] for name, v in arrays.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from mister_jax.config import TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import SplitData, load_split, required_modalities
 from mister_jax.metrics import EXPERTS, GATE_EXPERTS, mean_std, summarize
-from mister_jax.predict import open_run_and_store, predict_split, restore_best_params
+from mister_jax.predict import open_run_and_store, predict_arrays, restore_best_params
 from mister_jax.report import save_figure
 
 PERTURBATIONS = ("none", "drop-speech", "drop-text", "noise-speech", "noise-text")
@@ -99,10 +99,7 @@ def robustness(
             raise UsageError(str(err)) from None
         per_seed = []
         for p in params:
-            probs = {}
-            for row, out in predict_split(p, model_cfg, perturbed, train_cfg, batch_size):
-                for key, v in out.items():
-                    probs.setdefault(key, np.zeros((data.num_utterances, v.shape[-1]), np.float32))[row] = v
+            probs = predict_arrays(p, model_cfg, perturbed, train_cfg, batch_size)
             gate = probs.pop("gate", None)
             per_seed.append(
                 summarize(

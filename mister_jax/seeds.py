@@ -140,7 +140,7 @@ class SeedStates:
         """The seeds' current parameters, as `predict` takes them."""
         return self.state.params if self.vmap else [s.params for s in self.state]
 
-    def stacked_params(self, params: Any) -> Any:
+    def params_from_host(self, params: Any) -> Any:
         """``params`` (as `params` returns them, or host arrays ``[K, ...]``) in the form `predict` takes."""
         if self.vmap:
             return jax.device_put(params)

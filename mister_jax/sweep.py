@@ -28,6 +28,7 @@ from mister_jax.input_pipeline import fit_to_store, open_store
 from mister_jax.main import config_from_args, run_options, training_parser
 from mister_jax.report import save_figure
 from mister_jax.train import train_and_evaluate
+from mister_jax.uncertainty import LEVEL
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -80,7 +81,7 @@ def write_sweep_report(out: Path, grid: list[tuple[str, list[str]]], rows: list[
     lines = [
         "# Sweep",
         "",
-        f"{len(rows)} runs; weighted F1 in % (mean ± std over seeds); test interval: 95 % "
+        f"{len(rows)} runs; weighted F1 in % (mean ± std over seeds); test interval: {100 * LEVEL:.0f} % "
         "bootstrap over test conversations, of the seeds' mean.",
         "",
         "| " + " | ".join(keys) + " | val | test | test interval | run |",

@@ -230,7 +230,7 @@ class Trainer:
         ``test_predictions.npz`` (read by `mister_jax.compare`)."""
         for k, seed in enumerate(self.seeds.seeds):
             ckpt.save_best(seed, self.best[k]["epoch"], self.best_params.seed(k))
-        params = self.seeds.stacked_params(self.best_params.tree)
+        params = self.seeds.params_from_host(self.best_params.tree)
         probs = self.evaluator.predict("test", params)
         for k, scores in enumerate(self.evaluator.score_predictions("test", probs)):
             self.best[k]["test"] = scores

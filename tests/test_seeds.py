@@ -77,9 +77,9 @@ def test_each_seed_starts_from_its_own_parameters_and_predicts_with_them(compile
         for a, b in zip(jax.tree_util.tree_leaves(best.seed(k)), jax.tree_util.tree_leaves(own)):
             np.testing.assert_array_equal(a, np.asarray(b))
     batches = [step[0] for step in _batches(2)]
-    vmapped = seeds.predict(seeds.stacked_params(best.tree), batches)
+    vmapped = seeds.predict(seeds.params_from_host(best.tree), batches)
     sequential = SeedStates(CONFIG.model, CONFIG.loss, CONFIG.train, [0, 1], "sequential", compile_cache)
-    in_turn = sequential.predict(sequential.stacked_params(best.tree), batches)
+    in_turn = sequential.predict(sequential.params_from_host(best.tree), batches)
     assert len(vmapped) == 2 and len(vmapped[0]) == 2
     for per_batch_v, per_batch_s in zip(vmapped, in_turn):
         for v, s in zip(per_batch_v, per_batch_s):
