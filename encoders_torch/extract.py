@@ -401,6 +401,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         features[split] = embeddings
     source = {
         "encoder": model.encoder.source(),
+        "model": str(Path(args.model).resolve()),
+        "model_digest": file_digest(sorted(Path(args.model).glob("*.json"))),  # config and tokenizer, not weights
         "head": dataclasses.asdict(model.head.config),
         "adapter": str(trained_dir.resolve()),
         "adapter_digest": trained_digest,
