@@ -19,6 +19,9 @@ Every problem is one line `FILE:LINE: what — fix`, and all of a file's problem
 one `CorpusError`. Empty text (when text is required), an audio path that is empty or not a file (when
 audio is required) and a label outside the header's names follow `on_missing` as in the other corpora:
 `"fail"` reports them with the rest, `"skip"` drops those utterances and counts them in `Corpus.dropped`.
+
+`write_custom` writes a corpus back as such a file (audio paths absolute), e.g. once `encoders_torch.asr`
+has filled in the transcripts.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -111,6 +115,26 @@ def relabel(corpus: Corpus, label_names: Sequence[str]) -> Corpus:
         for split, conversations in corpus.splits.items()
     }
     return dataclasses.replace(corpus, label_names=label_names, splits=splits)
+
+
+def write_custom(corpus: Corpus, path: str | Path) -> Path:
+    """Writes `corpus` as a custom JSONL file that `read_custom` reads back to the same corpus: a header
+    with its label names (when two or more), then every utterance in dialogue order, with its split and
+    its audio path made absolute (so the file may live anywhere). Written to a temporary name, then renamed."""
+    path = Path(path)
+    lines = [json.dumps({HEADER_KEY: list(corpus.label_names)})] if len(corpus.label_names) >= 2 else []
+    for split, conversations in corpus.splits.items():
+        for c in conversations:
+            for u in c.utterances:
+                fields = {"conversation_id": c.id, "utterance_id": u.id, "speaker": u.speaker, "split": split}
+                fields.update({"text": u.transcript} if u.transcript is not None else {})
+                fields.update({"audio": str(Path(u.audio).absolute())} if u.audio is not None else {})
+                fields.update({"label": corpus.label_names[u.label]} if u.label >= 0 else {})
+                lines.append(json.dumps(fields, ensure_ascii=False))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------- reading
