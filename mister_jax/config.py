@@ -54,6 +54,10 @@ class ModelConfig:
       dtype: compute dtype of matmuls and convolutions ("float32" or "bfloat16"); parameters stay float32.
       init: initial weights: "torch" (PyTorch's defaults, as the paper trained) or "flax" (flax's
         defaults); see `mister_jax.layers`.
+      causal: every prediction sees its utterance and the ones before it only, for live conversations:
+        forward-only GRUs (the CANs' representations are then H wide, not 2H), temporal convolutions
+        over past and present utterances, and attention masked to past and present keys (see
+        model.py); `mister_jax.stream` then predicts utterance by utterance. False in the paper.
     """
 
     speech_dim: int = 2048
@@ -75,6 +79,7 @@ class ModelConfig:
     variant: str = "mister-e"
     dtype: str = "float32"
     init: str = "torch"
+    causal: bool = False
 
     def __post_init__(self):
         _check_choice("variant", self.variant, VARIANTS)

@@ -10,6 +10,10 @@ convolutions see zeros beyond a conversation's last utterance, the backward GRU 
 utterance, and attention ignores padded keys. Padded positions of the outputs hold finite values that
 callers must ignore.
 
+Causal mode (`ModelConfig.causal`, for live conversations): utterance t sees utterances 0..t only. The
+convolutions read t - k + 1 .. t, the GRUs run forward (the CANs' representations are the forward state,
+H wide, not 2H: FC(E): D → H, FC: H → C) and attention masks keys after its query; losses unchanged.
+
 Variants (`ModelConfig.variant`):
   mister-e     speech CAN, text CAN and multimodal experts; the gate mixes their logits (Eq. 10–11).
   feat-moe     same experts; the gate mixes their projected representations before one classifier.
@@ -28,44 +32,42 @@ import jax.numpy as jnp
 
 from mister_jax.config import ModelConfig
 from mister_jax.layers import Dense, StackedLayerNorm
-from mister_jax.model_io import ModelOutputs, check_input, check_mask
+from mister_jax.model_io import ModelOutputs, check_input, check_mask, zero_padding
 from mister_jax.ops.attention import StackedMultiHeadAttention
 from mister_jax.ops.dropout import Dropout
+from mister_jax.ops.forward_gru import ForwardGRU
 from mister_jax.ops.gru import BidirectionalGRU
 from mister_jax.ops.temporal_conv import ConvWeights, temporal_conv
 
 Array = jax.Array
 
 
-def _zero_padding(x: Array, mask: Array) -> Array:
-    """Zeroes the padded rows of x [B, T, D] (mask bool [B, T])."""
-    return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
-
-
 class TemporalInception(nn.Module):
     """The temporal inception (Eq. 3): three 1-D convolutions over the utterance axis with kernels
-    k = 1, 3, 5 ('same' padding), each followed by ReLU, summed. Padded rows are zeroed first, so a
-    conversation's edges see the same zeros as when alone. Each convolution is
-    `mister_jax.ops.temporal_conv` (one matmul over its taps); its weights are `conv{k}`.
+    k = 1, 3, 5 ('same' padding, or causal: past and present only), each followed by ReLU, summed.
+    Padded rows are zeroed first, so a conversation's edges see the same zeros as when alone. Each
+    convolution is `mister_jax.ops.temporal_conv` (one matmul over its taps); its weights are `conv{k}`.
 
     Attributes:
       features: output width (2H).
       initialization: "torch" or "flax".
       dtype: compute dtype.
+      causal: whether step t sees steps up to t only.
     """
 
     features: int
     initialization: str = "torch"
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
         """Args: x [B, T, D], mask bool [B, T]. Returns [B, T, features]."""
-        x = _zero_padding(x, mask).astype(self.dtype)
+        x = zero_padding(x, mask).astype(self.dtype)
         out = 0.0
         for k in (1, 3, 5):
             kernel, bias = ConvWeights(k, self.features, self.initialization, name=f"conv{k}")(x.shape[-1])
-            out = out + nn.relu(temporal_conv(x, kernel, bias, self.dtype))
+            out = out + nn.relu(temporal_conv(x, kernel, bias, self.dtype, self.causal))
         return out.astype(self.dtype)
 
 
@@ -73,7 +75,7 @@ class ContextAdditionNetworks(nn.Module):
     """The context addition networks (CAN, Eq. 3–4) of several modalities, one per modality with its own
     weights: temporal inception → L-layer bidirectional GRU, plus the residual projection FC(E): D → 2H,
     dropout, and (with `heads`) the classifier FC: 2H → C. The GRU recurrences of all modalities and
-    directions are stepped together (see `mister_jax.ops.gru`).
+    directions are stepped together (see `mister_jax.ops.gru`; causal: `mister_jax.ops.forward_gru`).
 
     Attributes:
       config: the model configuration.
@@ -90,24 +92,25 @@ class ContextAdditionNetworks(nn.Module):
         """Args: inputs, one [B, T, D_m] per modality; mask bool [B, T].
 
         Returns:
-          (representations, logits): tuples over modalities of [B, T, 2H] contextual representations and
-          [B, T, C] logits (logits is None without heads).
+          (representations, logits): tuples over modalities of [B, T, 2H] (causal: [B, T, H]) contextual
+          representations and [B, T, C] logits (logits is None without heads).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        width = 2 * cfg.can_hidden
         inception = jnp.stack(
             [
-                TemporalInception(width, cfg.init, dtype, name=f"{name}_inception")(x, mask)
+                TemporalInception(2 * cfg.can_hidden, cfg.init, dtype, cfg.causal, name=f"{name}_inception")(x, mask)
                 for name, x in zip(self.modalities, inputs)
             ]
         )
-        context = BidirectionalGRU(cfg.can_hidden, cfg.gru_layers, dtype, name="gru")(inception, mask)
+        gru = ForwardGRU if cfg.causal else BidirectionalGRU
+        context = gru(cfg.can_hidden, cfg.gru_layers, dtype, name="gru")(inception, mask)
+        width = context.shape[-1]
         representations, logits = [], []
         for name, x, h in zip(self.modalities, inputs, context):
             h = h + Dense(width, cfg.init, dtype, name=f"{name}_residual")(x)
             h = Dropout(cfg.can_dropout)(h, deterministic=deterministic)
-            h = _zero_padding(h, mask)
+            h = zero_padding(h, mask)
             representations.append(h)
             if self.heads:
                 logits.append(Dense(cfg.num_classes, cfg.init, dtype, name=f"{name}_head")(h))
@@ -153,6 +156,7 @@ class CrossModalLayer(nn.Module):
                 cfg.attention_dropout,
                 cfg.init,
                 jnp.dtype(cfg.dtype),
+                cfg.causal,
                 name=f"{name}_attention",
             )(queries, keys, mask, deterministic)
             attended = Dropout(cfg.fusion_dropout)(attended, deterministic=deterministic)
@@ -251,7 +255,7 @@ class MisterE(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         mask = check_mask(mask)
         check_input("text", text, cfg.text_dim, "text_dim", tuple(mask.shape))
-        text = _zero_padding(jnp.asarray(text, jnp.float32), mask)
+        text = zero_padding(jnp.asarray(text, jnp.float32), mask)
         f32 = lambda x: x.astype(jnp.float32)
 
         if cfg.variant == "text-only":
@@ -259,7 +263,7 @@ class MisterE(nn.Module):
             return ModelOutputs(logits=f32(text_logits), text_logits=f32(text_logits))
 
         check_input("speech", speech, cfg.speech_dim, "speech_dim", tuple(mask.shape))
-        speech = _zero_padding(jnp.asarray(speech, jnp.float32), mask)
+        speech = zero_padding(jnp.asarray(speech, jnp.float32), mask)
 
         if cfg.variant == "monolithic":
             (rep_s, rep_t), _ = ContextAdditionNetworks(cfg, ("speech", "text"), heads=False, name="can")(

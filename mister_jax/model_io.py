@@ -1,5 +1,5 @@
-"""What enters and leaves `mister_jax.model.MisterE`: the outputs' dataclass, and the checks that turn a
-badly shaped input into one readable error before any layer sees it."""
+"""What enters and leaves `mister_jax.model.MisterE`: the outputs' dataclass, the checks that turn a
+badly shaped input into one readable error before any layer sees it, and the zeroing of padded rows."""
 
 from __future__ import annotations
 
@@ -57,3 +57,8 @@ def check_input(name: str, x: Any, dim: int, flag: str, mask_shape: tuple[int, .
             f"mister_jax/model.py: {name} has dim {x.shape[-1]} but ModelConfig.{flag}={dim}; "
             f"set {flag}={x.shape[-1]} (the feature store's dim)."
         )
+
+
+def zero_padding(x: Array, mask: Array) -> Array:
+    """Zeroes the padded rows of x [B, T, D] (mask bool [B, T])."""
+    return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))

@@ -53,3 +53,27 @@ def test_attention_dropout_acts_only_when_not_deterministic():
     )
     assert not np.allclose(apply(False, 1), apply(False, 2))
     np.testing.assert_array_equal(apply(True, 1), apply(True, 2))
+
+
+def _causal(key_lengths=(5, 3)):
+    attention, params, queries, keys, key_mask = _case(key_lengths)
+    causal = StackedMultiHeadAttention(HEADS, qkv_features=4, out_features=3, causal=True)
+    return causal, params, queries, keys, key_mask
+
+
+def test_causal_equals_each_query_attending_to_the_keys_up_to_it():
+    # Queries and keys of the same utterances, as in the model; the second conversation is padded.
+    attention, params, queries, keys, key_mask = _causal()
+    got = jax.jit(attention.apply, static_argnums=4)({"params": params}, queries, keys, key_mask, True)
+    expected = stacked_attention_reference(params, queries, keys, key_mask, HEADS, causal=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_reference_of_the_first_query_is_attention_to_the_first_key_alone():
+    # softmax over one key is 1: the output is that key's value projected, whatever the query.
+    _, params, queries, keys, key_mask = _causal()
+    got = stacked_attention_reference(params, queries, keys, key_mask, HEADS, causal=True)[:, :, 0]  # [2, B, out]
+    kv, out = params["key_value"], params["out"]
+    values = jnp.einsum("sbf,sfo->sbo", keys[:, :, 0], kv["kernels"][..., 4:]) + kv["biases"][:, None, 4:]
+    expected = jnp.einsum("sbf,sfo->sbo", values, out["kernels"]) + out["biases"][:, None]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

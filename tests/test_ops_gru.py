@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mister_jax.ops.forward_gru import ForwardGRU, forward_gru_reference
 from mister_jax.ops.gru import BidirectionalGRU, bidirectional_gru_reference, gru_layer, reverse_conversations
 
 # XLA:CPU compiles these small programs faster with the classic fusion emitters and without LLVM's
@@ -138,3 +139,38 @@ def test_reverse_conversations_reverses_the_first_length_steps_and_the_tail_sepa
     x = np.arange(7)
     np.testing.assert_array_equal(reverse_conversations(x, 5, axis=0), [4, 3, 2, 1, 0, 6, 5])
     np.testing.assert_array_equal(reverse_conversations(reverse_conversations(x, 5, axis=0), 5, axis=0), x)
+
+
+def _forward_case(modalities=2, hidden=3, layers=2, lengths=(5, 3, 0), steps=7, width=4, seed=0):
+    """(gru, params, x [M, B, T, I], mask [B, T]) of a `ForwardGRU`."""
+    x = np.random.default_rng(seed).normal(size=(modalities, len(lengths), steps, width)).astype(np.float32)
+    mask = np.arange(steps)[None, :] < np.array(lengths)[:, None]
+    gru = ForwardGRU(hidden, layers)
+    return gru, _jit(gru.init)(jax.random.key(seed), x, mask)["params"], x, mask
+
+
+def test_forward_gru_matches_the_forward_half_of_the_numpy_loop():
+    hidden, lengths = 3, (5, 3)
+    gru, params, x, mask = _forward_case(modalities=1, hidden=hidden, layers=1, lengths=lengths, width=2 * hidden)
+    y = _jit(gru.apply)({"params": params}, x, mask)
+    # The loop's direction 0 with these weights; its direction 1 gets unused copies.
+    both = {name: np.concatenate([params[name]] * 2) for name in params}
+    expected = _gru_numpy(x[0], lengths, both, hidden)[..., :hidden]
+    np.testing.assert_allclose(np.where(mask[..., None], y[0], 0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_gru_outputs_and_gradients_equal_the_reference():
+    gru, params, x, mask = _forward_case()
+    target = np.random.default_rng(1).normal(size=x.shape[:3] + (3,)).astype(np.float32) * mask[None, :, :, None]
+
+    def gradients(forward):
+        loss = lambda p, x: jnp.sum(forward(p, x) * target)
+        return _jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    (value, grads), (expected_value, expected_grads) = (
+        gradients(lambda p, x: gru.apply({"params": p}, x, mask)),
+        gradients(lambda p, x: forward_gru_reference(p, x, mask, 2)),
+    )
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -7,12 +7,16 @@ way; tests/test_ops_*.py hold every kernel equal to its reference. What each gai
                  hand-written backward pass whose weight gradients are large matmuls after the scan instead
                  of accumulations inside it. Reference `bidirectional_gru_reference`: one row-major scan per
                  stream, JAX's own gradients.
-  temporal_conv  `temporal_conv` (weights `ConvWeights`): the temporal inception's 1-D 'same' convolution
-                 (Eq. 3) as one matmul over all taps and k shifted sums, cheaper on XLA:CPU than the
-                 convolution op. Reference `temporal_conv_reference`: `jax.lax.conv_general_dilated`.
+  forward_gru    `ForwardGRU`: the causal CANs' forward-only GRUs (`ModelConfig.causal`) on the same
+                 `gru_layer`, one stream per modality. Reference `forward_gru_reference`: one row-major
+                 scan per modality.
+  temporal_conv  `temporal_conv` (weights `ConvWeights`): the temporal inception's 1-D 'same' or causal
+                 convolution (Eq. 3) as one matmul over all taps and k shifted sums, cheaper on XLA:CPU
+                 than the convolution op. Reference `temporal_conv_reference`: `jax.lax.conv_general_dilated`.
   attention      `StackedMultiHeadAttention`: the speech and text streams' multi-head attentions (Eq. 5–8)
-                 as one batched computation over stacked weights, one op for both streams instead of two.
-                 Reference `stacked_attention_reference`: one stream and one head at a time.
+                 as one batched computation over stacked weights, one op for both streams instead of two;
+                 causal masks future keys. Reference `stacked_attention_reference`: one stream and one
+                 head at a time (causal: one query at a time over the keys up to it).
   dropout        `dropout` / `Dropout`: two 16-bit uniform draws per 32-bit random word instead of one word
                  per element, since the draws are a noticeable share of a CPU step. Reference
                  `dropout_reference`: the same keep mask from the same key, in NumPy.

@@ -26,8 +26,9 @@ class StackedMultiHeadAttention(nn.Module):
 
     Queries, keys and values are projected to `qkv_features` and split into `num_heads` contiguous
     heads; the heads' outputs are concatenated and projected to `out_features`. Padded keys get zero
-    weight. A query whose conversation has no real key (an all-padding row) attends uniformly, so its
-    output stays finite; such outputs are padding and ignored downstream.
+    weight, and with `causal` so do future keys: query i attends to key j iff j <= i and j is real.
+    A query whose conversation has no real key (an all-padding row) attends uniformly, so its output
+    stays finite; such outputs are padding and ignored downstream.
 
     Attributes:
       num_heads: number of heads.
@@ -36,6 +37,7 @@ class StackedMultiHeadAttention(nn.Module):
       dropout_rate: dropout on the attention probabilities.
       initialization: "torch" or "flax" initialisation of the projections.
       dtype: compute dtype of the matmuls (softmax in float32).
+      causal: whether future keys are masked (queries and keys are the same utterances).
     """
 
     num_heads: int
@@ -44,6 +46,7 @@ class StackedMultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     initialization: str = "torch"
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, queries: Array, keys: Array, key_mask: Array, deterministic: bool) -> Array:
@@ -59,27 +62,35 @@ class StackedMultiHeadAttention(nn.Module):
         k, v = jnp.split(dense(2 * self.qkv_features, "key_value")(keys), 2, axis=-1)
         k, v = split_heads(k), split_heads(v)
         logits = jnp.einsum("sbqhd,sbkhd->sbhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+        allowed = key_mask[:, None, :]  # [B, 1, Tk]
+        if self.causal:
+            steps_q, steps_k = jnp.arange(q.shape[2])[:, None], jnp.arange(k.shape[2])[None, :]
+            allowed = allowed & (steps_k <= steps_q)[None]  # [B, Tq, Tk]
         # The most negative float, not -inf: a row without real keys then softmaxes to uniform, not NaN.
-        logits = jnp.where(key_mask[None, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(allowed[None, :, None], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)  # [S, B, heads, Tq, Tk]
         weights = Dropout(self.dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("sbhqk,sbkhd->sbqhd", weights.astype(self.dtype), v)
         return dense(self.out_features, "out")(out.reshape(out.shape[:3] + (-1,)))
 
 
-def stacked_attention_reference(params: dict, queries: Array, keys: Array, key_mask: Array, num_heads: int) -> Array:
+def stacked_attention_reference(
+    params: dict, queries: Array, keys: Array, key_mask: Array, num_heads: int, causal: bool = False
+) -> Array:
     """`StackedMultiHeadAttention` without dropout, in float32, one stream and one head at a time.
 
     For stream s and head h (columns h·d .. (h+1)·d - 1 of the projections, d = qkv_features / heads):
     attention = softmax over the real keys of q_h k_hᵀ / √d, output = attention v_h; the heads' outputs
     are concatenated and projected. A query row whose conversation has no real key attends uniformly
-    to all keys (the kernel's convention for padding rows).
+    to all keys (the kernel's convention for padding rows). With `causal`, query i is computed on its
+    own over the keys 0 .. i alone (the first i + 1 rows of `keys`).
 
     Args:
       params: the parameter tree of `StackedMultiHeadAttention` (`query`, `key_value`, `out`, each with
         `kernels` [S, in, out] and `biases` [S, out]).
       queries: [S, B, Tq, F]; keys: [S, B, Tk, F]; key_mask: bool [B, Tk].
       num_heads: number of heads.
+      causal: whether query i sees keys 0 .. i only.
 
     Returns:
       [S, B, Tq, out_features].
@@ -88,6 +99,14 @@ def stacked_attention_reference(params: dict, queries: Array, keys: Array, key_m
     def project(name, s, x):
         return x @ params[name]["kernels"][s] + params[name]["biases"][s]
 
+    if causal:
+        per_query = [
+            stacked_attention_reference(
+                params, queries[:, :, i : i + 1], keys[:, :, : i + 1], key_mask[:, : i + 1], num_heads
+            )
+            for i in range(queries.shape[2])
+        ]
+        return jnp.concatenate(per_query, axis=2)
     qkv_features = params["query"]["kernels"].shape[-1]
     head_dim = qkv_features // num_heads
     real = key_mask[:, None, :]  # [B, 1, Tk]

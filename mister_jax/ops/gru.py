@@ -206,7 +206,7 @@ class BidirectionalGRU(nn.Module):
         return x
 
 
-def _gru_reference(x, mask, w_ih, b_ih, w_hh, b_hh):
+def gru_reference(x, mask, w_ih, b_ih, w_hh, b_hh):
     """One GRU over x [B, T, I] in time order, row-major state h [B, H]; the state is held where mask
     [B, T] is False. Returns [B, T, H]."""
     hidden = w_hh.shape[0]
@@ -253,8 +253,8 @@ def bidirectional_gru_reference(params: dict, x: jax.Array, mask: jax.Array, lay
             weights = [
                 [params[f"{name}_{layer}"][2 * m + d] for name in ("w_ih", "b_ih", "w_hh", "b_hh")] for d in (0, 1)
             ]
-            forward = _gru_reference(h, mask, *weights[0])
-            backward = reverse(_gru_reference(reverse(h, backwards), mask, *weights[1]), backwards)
+            forward = gru_reference(h, mask, *weights[0])
+            backward = reverse(gru_reference(reverse(h, backwards), mask, *weights[1]), backwards)
             h = jnp.concatenate([forward, backward], axis=-1)
         outputs.append(h)
     return jnp.stack(outputs)

@@ -1,11 +1,13 @@
-"""1-D 'same' convolution over the utterance axis as one matmul and k shifted sums (the temporal
-inception's convolutions, Eq. 3).
+"""1-D 'same' or causal convolution over the utterance axis as one matmul and k shifted sums (the
+temporal inception's convolutions, Eq. 3).
 
-A convolution of width k is Σ_j x[t + j - k // 2] W_j. Instead of a convolution op, x [B·T, D] is
-multiplied once by all k taps side by side, W [D, k·F], giving every tap's output at every step; the
-convolution is then the sum of those k outputs, each shifted in time, with zeros beyond the edges
-('same' padding). On XLA:CPU that one large matmul costs less than `nn.Conv`'s convolution op, which
-this replaced (measured with benchmarks/profile_step.py; see docs/BENCHMARKS.md).
+A 'same' convolution of width k is Σ_j x[t + j - k // 2] W_j; the causal one (`ModelConfig.causal`) is
+Σ_j x[t + j - (k - 1)] W_j, so that step t sees steps t - k + 1 .. t only (all k - 1 zeros of padding
+on the left). Instead of a convolution op, x [B·T, D] is multiplied once by all k taps side by side,
+W [D, k·F], giving every tap's output at every step; the convolution is then the sum of those k
+outputs, each shifted in time, with zeros beyond the edges. On XLA:CPU that one large matmul costs
+less than `nn.Conv`'s convolution op, which this replaced (measured with benchmarks/profile_step.py;
+see docs/BENCHMARKS.md).
 
 `temporal_conv_reference` is the same convolution through `jax.lax.conv_general_dilated`, for tests.
 """
@@ -24,8 +26,8 @@ Array = jax.Array
 class ConvWeights(nn.Module):
     """Kernel [D, k, F] and bias [F] of a 1-D convolution over time; fan-in D·k (`mister_jax.layers`).
 
-    Tap j multiplies x[t + j - k // 2]. The kernel is stored input-major (nn.Conv's is [k, D, F]) so that
-    it is a [D, k·F] matrix without a copy.
+    Tap j multiplies x[t + j - k // 2] ('same') or x[t + j - (k - 1)] (causal). The kernel is stored
+    input-major (nn.Conv's is [k, D, F]) so that it is a [D, k·F] matrix without a copy.
 
     Attributes:
       width: kernel size k.
@@ -48,13 +50,15 @@ class ConvWeights(nn.Module):
         return kernel, bias
 
 
-def temporal_conv(x: Array, kernel: Array, bias: Array, dtype=jnp.float32) -> Array:
-    """out[b, t] = Σ_j x[b, t + j - k // 2] kernel[:, j] + bias, with x = 0 outside 0..T-1.
+def temporal_conv(x: Array, kernel: Array, bias: Array, dtype=jnp.float32, causal: bool = False) -> Array:
+    """out[b, t] = Σ_j x[b, t + j - o] kernel[:, j] + bias, with x = 0 outside 0..T-1 and the offset
+    o = k // 2 ('same') or o = k - 1 (causal: no step after t).
 
     Args:
       x: [B, T, D] inputs (in `dtype`).
       kernel: [D, k, F] taps (k odd), bias: [F].
       dtype: compute dtype of the matmul (accumulated in float32).
+      causal: whether out[t] sees x up to t only.
 
     Returns:
       float32 [B, T, F].
@@ -66,19 +70,20 @@ def temporal_conv(x: Array, kernel: Array, bias: Array, dtype=jnp.float32) -> Ar
         kernel.reshape(width, k * features).astype(dtype),
         preferred_element_type=jnp.float32,
     ).reshape(batch, length, k, features)
-    half = k // 2
-    padded = jnp.pad(taps, ((0, 0), (half, half), (0, 0), (0, 0)))
-    conv = sum(padded[:, j : j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - half] W[:, j]
+    offset = k - 1 if causal else k // 2
+    padded = jnp.pad(taps, ((0, 0), (offset, k - 1 - offset), (0, 0), (0, 0)))
+    conv = sum(padded[:, j : j + length, j] for j in range(k))  # out[t] = Σ_j x[t + j - offset] W[:, j]
     return conv + bias
 
 
-def temporal_conv_reference(x: Array, kernel: Array, bias: Array) -> Array:
-    """`temporal_conv` as a convolution op: x [B, T, D], kernel [D, k, F], bias [F] → [B, T, F]."""
+def temporal_conv_reference(x: Array, kernel: Array, bias: Array, causal: bool = False) -> Array:
+    """`temporal_conv` as a convolution op: x [B, T, D], kernel [D, k, F], bias [F] → [B, T, F]; causal
+    pads k - 1 zeros on the left and none on the right."""
     out = jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(1,),
-        padding="SAME",
+        padding=[(kernel.shape[1] - 1, 0)] if causal else "SAME",
         dimension_numbers=("NWC", "IWO", "NWC"),
         precision=jax.lax.Precision.HIGHEST,
     )
