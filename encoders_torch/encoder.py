@@ -108,6 +108,16 @@ class UtteranceEncoder(nn.Module):
     def save_adapter(self, directory: str | Path) -> None:
         self.peft_model.save_pretrained(str(directory))
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformer layers' activations in the backward pass instead of keeping them.
+
+        Non-reentrant checkpointing: it needs no input that requires grad (the frozen embeddings give
+        none) and works under DistributedDataParallel.
+        """
+        self.peft_model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
 
 class EmotionModel(nn.Module):
     """Encoder + classifier head; `forward(batch)` returns (logits `[B, C]`, embedding `[B, E]`)."""

@@ -29,6 +29,18 @@ Embedding is resumable: every `--chunk-size` utterances (in length order) land i
 `ROOT/NAME/.work/MODALITY/SPLIT/`; an interrupted run restarts at the first missing chunk. Chunks are
 tied to the adapter, head and utterance list by a fingerprint, merged when a split is complete and
 then removed.
+
+Under `torchrun --nproc_per_node N -m encoders_torch.extract ...` (encoders_torch.distributed)
+fine-tuning is data-parallel with the global batch `--batch-size × N`, and the export hands each
+split's chunks round-robin to the processes (batches of the global batch size, so the chunk files are
+those of a single-process run with `--batch-size B×N`); rank 0 validates, saves the trained folder,
+merges the chunks and writes the store. The checkpoint and chunk folders must be on a file system
+every process sees.
+
+Speed (docs/BENCHMARKS.md, benchmarks/finetune.py): `--gradient-checkpointing` and bfloat16
+autocast (`--precision`) are on by default on CUDA; `--attention sdpa` (PyTorch's scaled dot-product
+attention) is the default; the speech model's frozen audio tower runs once per utterance and its
+outputs are cached in `ROOT/NAME/.audio-cache/` for every later epoch and run (`--no-audio-cache`: off).
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ import torch
 import transformers
 
 import bridges
+from encoders_torch import distributed
 from encoders_torch.audio import AudioError
 from encoders_torch.corpora import DATASETS, SPLITS, Conversation, Corpus, CorpusError, Utterance, read_corpus
 from encoders_torch.custom_corpus import relabel
@@ -161,12 +174,25 @@ def build_encoder(args: argparse.Namespace, adapter: Path | None, dtype: torch.d
             template=args.template,
             gguf_file=args.gguf_file,
             dtype=dtype,
+            attn_implementation=args.attention,
         )
     from encoders_torch.speech_encoder import build_speech_encoder
 
-    return build_speech_encoder(
-        args.model, lora, adapter, max_seconds=args.max_seconds, prompt=args.prompt, dtype=dtype
+    encoder = build_speech_encoder(
+        args.model,
+        lora,
+        adapter,
+        max_seconds=args.max_seconds,
+        prompt=args.prompt,
+        dtype=dtype,
+        attn_implementation=args.attention,
     )
+    if args.audio_cache:
+        encoder.use_audio_cache(Path(args.out) / args.dataset / AUDIO_CACHE)
+    return encoder
+
+
+AUDIO_CACHE = ".audio-cache"  # beside the store's work dir: the frozen audio tower's outputs, one file per clip
 
 
 @torch.no_grad()
@@ -180,7 +206,8 @@ def embed_split(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
-) -> tuple[np.ndarray, np.ndarray]:
+    world: distributed.World = distributed.World(),
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(embeddings `[N, E]`, logits `[N, C]`) in the order of `utterances`, via resumable chunk files.
 
     Utterances are sorted by length and cut into chunks of `chunk_size` (a multiple of `batch_size`);
@@ -188,6 +215,8 @@ def embed_split(
     `work_dir/chunk_{k:05d}.npz`. Chunks already on disk with the same `fingerprint` and the same sorted
     order are not recomputed; any other work dir is cleared first (a chunk holds sorted positions, so
     an order that changed, e.g. with the tokenizer, would put its rows in the wrong places).
+    Distributed (`world`), rank `r` computes the missing chunks `k` with `k % size == r`; rank 0 then
+    merges them all and returns the arrays, the other ranks return None.
     """
     chunk_size = max(batch_size, chunk_size - chunk_size % batch_size)
     order = np.argsort([model.encoder.length(u) for u in utterances], kind="stable")
@@ -199,16 +228,16 @@ def embed_split(
         "chunk_size": chunk_size,
         "order": hashlib.sha256(order.astype(np.int64).tobytes()).hexdigest()[:16],
     }
-    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta))
+    if world.main:
+        if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta))
+    world.barrier()
     model.to(device).eval()
-    embeddings = np.zeros((len(utterances), model.head.config.embedding_dim), np.float32)
-    logits = np.zeros((len(utterances), model.head.config.num_classes), np.float32)
     n_chunks = -(-len(order) // chunk_size)
     done = 0
-    for k in range(n_chunks):
+    for k in range(world.rank, n_chunks, world.size):
         rows = order[k * chunk_size : (k + 1) * chunk_size]
         path = work_dir / f"chunk_{k:05d}.npz"
         if not path.exists():
@@ -224,7 +253,14 @@ def embed_split(
             np.savez(tmp, embedding=np.concatenate([p[0] for p in parts]), logits=np.concatenate([p[1] for p in parts]))
             os.replace(tmp, path)
             done += 1
-        with np.load(path) as z:
+    done = int(world.sum([done])[0])
+    if not world.main:
+        return None
+    embeddings = np.zeros((len(utterances), model.head.config.embedding_dim), np.float32)
+    logits = np.zeros((len(utterances), model.head.config.num_classes), np.float32)
+    for k in range(n_chunks):
+        rows = order[k * chunk_size : (k + 1) * chunk_size]
+        with np.load(work_dir / f"chunk_{k:05d}.npz") as z:
             embeddings[rows] = z["embedding"]
             logits[rows] = z["logits"]
     log(f"  {work_dir.name}: {len(utterances)} utterances, {n_chunks} chunks ({n_chunks - done} reused)")
@@ -256,8 +292,10 @@ def _trained_model(
     device: torch.device,
     dtype: torch.dtype,
     log: Callable[[str], None],
+    world: distributed.World = distributed.World(),
 ) -> tuple[EmotionModel, dict]:
-    """Loads the trained folder when it exists, else fine-tunes and saves it there."""
+    """Loads the trained folder when it exists, else fine-tunes (data-parallel over `world`) and saves it
+    there (rank 0; the others wait until it is written)."""
     if is_trained(trained_dir) and not args.retrain:
         info = json.loads((trained_dir / TRAINING).read_text())
         if info["label_names"] != list(corpus.label_names):
@@ -266,9 +304,9 @@ def _trained_model(
                 f"not {list(corpus.label_names)} — pass an adapter trained on {corpus.name}"
             )
         log(f"using the trained adapter and head in {trained_dir}")
-        if not args.adapter:
+        if not args.adapter and world.main:
             shutil.rmtree(checkpoint_dir(trained_dir), ignore_errors=True)
-        encoder = build_encoder(args, trained_dir / ADAPTER, dtype)
+        encoder = build_encoder(args, trained_dir / ADAPTER, load_dtype(device, dtype))
         return EmotionModel(encoder, ClassifierHead.load(trained_dir)), info
     if args.adapter:
         raise EncoderError(
@@ -291,7 +329,9 @@ def _trained_model(
             "fine-tuning needs two or more — label rows of other classes too, or list the classes in the file"
         )
     torch.manual_seed(args.seed)
-    encoder = build_encoder(args, None, dtype)
+    encoder = build_encoder(args, None, load_dtype(device, dtype))
+    if gradient_checkpointing(args, device):
+        encoder.enable_gradient_checkpointing()
     head = ClassifierHead(
         HeadConfig(
             input_dim=encoder.hidden_size,
@@ -305,7 +345,7 @@ def _trained_model(
     config = TrainConfig(
         epochs=args.epochs,
         patience=args.patience,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size * world.size,
         lr=args.lr,
         head_lr=args.head_lr,
         gamma=args.gamma,
@@ -317,9 +357,10 @@ def _trained_model(
     log(
         f"fine-tuning {args.modality} encoder {args.model}: {n_trainable:,} trainable parameters, "
         f"{len(labelled['train'])} train / {len(labelled['val'])} val utterances, device {device}"
+        + (f", {world.size} processes (global batch {config.batch_size})" if world.distributed else "")
     )
     checkpoint = checkpoint_dir(trained_dir)
-    history = fit(model, labelled["train"], labelled["val"], config, device, dtype, log, checkpoint)
+    history = fit(model, labelled["train"], labelled["val"], config, device, dtype, log, checkpoint, world)
     info = {
         "dataset": corpus.name,
         "label_names": list(corpus.label_names),
@@ -335,10 +376,27 @@ def _trained_model(
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    save_trained(trained_dir, model, info)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    log(f"saved the adapter and head of epoch {history['best_epoch'] + 1} to {trained_dir}")
+    if world.main:
+        save_trained(trained_dir, model, info)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        log(f"saved the adapter and head of epoch {history['best_epoch'] + 1} to {trained_dir}")
+    world.barrier()
     return model, info
+
+
+def load_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weights load in: the compute dtype on CUDA; float32 on CPU, where bfloat16 is autocast only."""
+    return dtype if device.type == "cuda" else torch.float32
+
+
+def precision(args: argparse.Namespace, dtype: torch.dtype) -> torch.dtype:
+    """`--precision`: auto keeps resolve_device's choice (bfloat16 on CUDA, float32 on CPU)."""
+    return {"auto": dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.precision]
+
+
+def gradient_checkpointing(args: argparse.Namespace, device: torch.device) -> bool:
+    """`--gradient-checkpointing`: auto is on for CUDA (memory for larger batches), off on CPU."""
+    return args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda")
 
 
 def _adapter_labels(args: argparse.Namespace, corpus: Corpus) -> Corpus:
@@ -373,6 +431,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     if args.modality == "speech":
         _check_decoder(splits, args.data_root)
     device, dtype = resolve_device(args.device)
+    dtype = precision(args, dtype)
+    world, device = distributed.init(device)
+    if not world.main:
+        log = _quiet
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.dataset if args.fold is None else f"{args.dataset}-fold{args.fold}"
@@ -380,25 +442,40 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     if args.adapter and args.retrain:
         raise EncoderError("--retrain with --adapter: choose one (--adapter uses a trained folder as it is)")
     trained_dir = Path(args.adapter) if args.adapter else dataset_dir / "adapters" / args.modality
-    model, info = _trained_model(args, corpus, splits, trained_dir, device, dtype, log)
+    model, info = _trained_model(args, corpus, splits, trained_dir, device, dtype, log, world)
     sessions = encoder_sessions(args, info, trained_dir)
     trained_digest = file_digest(
         [trained_dir / HEAD_WEIGHTS, trained_dir / HEAD_CONFIG, *sorted((trained_dir / ADAPTER).glob("*.safetensors"))]
     )
     present = [s for s in SPLITS if splits[s]]  # a custom corpus may lack splits
-    dataset_dir = bridges.init_store(args.out, name, corpus.label_names, present)
+    if world.main:
+        dataset_dir = bridges.init_store(args.out, name, corpus.label_names, present)
     scores = {}
     work_root = dataset_dir / ".work" / args.modality
     features = {}
     for split in present:
         utterances = splits[split]
         fingerprint = trained_digest + hashlib.sha256("\n".join(u.id for u in utterances).encode()).hexdigest()[:16]
-        embeddings, logits = embed_split(
-            model, utterances, work_root / split, fingerprint, args.batch_size, args.chunk_size, device, dtype, log
+        exported = embed_split(
+            model,
+            utterances,
+            work_root / split,
+            fingerprint,
+            args.batch_size * world.size,
+            args.chunk_size,
+            device,
+            dtype,
+            log,
+            world,
         )
+        if not world.main:
+            continue
+        embeddings, logits = exported
         labelled = [i for i, u in enumerate(utterances) if u.label >= 0]
         scores[split] = weighted_f1([utterances[i].label for i in labelled], logits[labelled]) if labelled else None
         features[split] = embeddings
+    if not world.main:  # rank 0 writes the store
+        return {"scores": {}, "store": str(dataset_dir), "trained": str(trained_dir), "seconds": time.time() - started}
     source = {
         "encoder": model.encoder.source(),
         "model": str(Path(args.model).resolve()),
@@ -434,6 +511,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         + f" ({time.time() - started:.0f} s)"
     )
     return {"scores": scores, "store": str(dataset_dir), "trained": str(trained_dir), "seconds": time.time() - started}
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -509,6 +590,33 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="dtype of the stored features")
     p.add_argument("--chunk-size", type=int, default=256, help="utterances per resumable chunk file")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="compute dtype: auto = bfloat16 (weights and autocast) on CUDA, float32 on CPU; bfloat16 on CPU "
+        "autocasts float32 weights",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="recompute the encoder's activations in the backward pass instead of keeping them "
+        "(less memory, more compute); auto: on for CUDA, off on CPU",
+    )
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=("sdpa", "eager"),
+        help="attention kernel of the encoder: PyTorch's scaled dot-product attention, or transformers' eager one",
+    )
+    p.add_argument(
+        "--no-audio-cache",
+        dest="audio_cache",
+        action="store_false",
+        help="speech: run the frozen audio tower every epoch instead of caching its outputs in "
+        f"OUT/DATASET/{AUDIO_CACHE}",
+    )
     return p
 
 
@@ -521,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CorpusError, EncoderError, AudioError, bridges.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    distributed.shutdown()
     return 0
 
 

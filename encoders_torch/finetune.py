@@ -11,6 +11,10 @@ optimizer, the random generators and the history (best epoch, hence the epochs s
 to `epoch_NNNN/` through a temporary folder that is renamed when complete; that folder and the best
 epoch's are kept. A run called again with the same folder continues after the last complete epoch.
 
+Under `torchrun` (encoders_torch.distributed) `fit` trains data-parallel: every rank draws the same
+global batches of `batch_size` and computes its shard of each; rank 0 scores validation, keeps the
+checkpoints and hands its score to the others, so every rank keeps the same history and best state.
+
 A trained model is a folder: `adapter/` (peft `save_pretrained`: adapter_config.json,
 adapter_model.safetensors), `head.safetensors` + `head_config.json`, and `training.json` (label names,
 settings, history, scores).
@@ -32,8 +36,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
+from torch import nn
 
 from encoders_torch.corpora import Utterance
+from encoders_torch.distributed import World
 from encoders_torch.encoder import EmotionModel, EncoderError
 from encoders_torch.heads import focal_loss
 
@@ -43,6 +49,7 @@ _SORT_WINDOW = 50  # batches whose utterances are sorted by length together when
 _EPOCH = "epoch_"  # checkpoint folders: epoch_NNNN holds the state after 0-based epoch NNNN
 _STATE, _WEIGHTS, _TRAINING_STATE = "state.json", "weights.safetensors", "training_state.pt"
 _RESUMABLE = ("epochs", "patience", "log_every")  # settings a resumed run may change
+BATCHINGS = ("bucketed", "shuffled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,8 @@ class TrainConfig:
 
     epochs: int = 50
     patience: int = 0  # stop after this many epochs in a row without a better val weighted F1 (0: off)
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch: under torchrun each rank computes its shard of it
+    batching: str = "bucketed"  # "bucketed": `length_batches` with a generator; "shuffled": `shuffled_batches`
     lr: float = 1e-5
     head_lr: float | None = None  # None: same as lr
     gamma: float = 3.0
@@ -84,15 +92,31 @@ def length_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The authors' batching: a random permutation cut into consecutive batches, each padded to its longest."""
+    order = rng.permutation(count)
+    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
+
+
+def epoch_batches(lengths: Sequence[float], config: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's global batches by `config.batching`: length-bucketed (little padding) or shuffled."""
+    if config.batching == "bucketed":
+        return length_batches(lengths, config.batch_size, rng)
+    if config.batching == "shuffled":
+        return shuffled_batches(len(lengths), config.batch_size, rng)
+    raise ValueError(f"batching={config.batching!r}: choose one of {BATCHINGS}")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
-    """bfloat16 autocast on CUDA when asked for; a no-op on CPU (float32)."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast on the device when `dtype` is bfloat16 (the default on CUDA); else a no-op (float32)."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`; other entries (e.g. the clips an audio cache fills) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -131,31 +155,42 @@ def train_epoch(
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
     log_every: int = 0,
+    world: World = World(),
+    forward: nn.Module | None = None,
 ) -> float:
-    """One pass over `utterances` in length-grouped shuffled batches; returns the mean focal loss.
+    """One pass over `utterances` in the batches of `epoch_batches`; returns the mean focal loss.
 
-    With `log_every`, logs the running mean loss every that many batches.
+    With `log_every`, logs the running mean loss every that many batches. Distributed (`world`), this
+    rank computes its shard of every global batch through `forward` (the model in DDP) with its loss
+    scaled by `world.size × shard / batch`, so that DDP's mean of the ranks' gradients is the gradient
+    of the global batch's mean loss; a rank whose shard is empty runs one utterance with weight 0 so
+    that it still joins the all-reduce.
     """
     model.train()
+    forward = forward or model
     params = model.trainable_parameters()
     lengths = [model.encoder.length(u) for u in utterances]
     total, count = 0.0, 0
-    batches = length_batches(lengths, config.batch_size, rng)
+    batches = epoch_batches(lengths, config, rng)
     started = time.time()
     for step, idx in enumerate(batches, 1):
-        chosen = [utterances[i] for i in idx]
+        shard = world.shard(idx)
+        chosen = [utterances[i] for i in (shard if len(shard) else idx[:1])]
         labels = torch.tensor([u.label for u in chosen], device=device)
         with autocast(device, dtype):
-            logits, _ = model(to_device(model.encoder.collate(chosen), device))
+            logits, _ = forward(to_device(model.encoder.collate(chosen), device))
         loss = focal_loss(logits, labels, config.gamma)
+        scaled = loss * (world.size * len(shard) / len(idx)) if world.distributed else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
+        total += float(loss.detach()) * len(shard)
+        count += len(shard)
         if log_every and step % log_every == 0:
-            log(f"  step {step}/{len(batches)}: mean focal loss {total / count:.4f} ({time.time() - started:.0f} s)")
+            running, seen = world.sum([total, count])
+            log(f"  step {step}/{len(batches)}: mean focal loss {running / seen:.4f} ({time.time() - started:.0f} s)")
+    total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
@@ -226,16 +261,21 @@ def _restore(
     rng: np.random.Generator,
     device: torch.device,
     log: Callable[[str], None],
+    discard: bool = True,
 ) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """Loads the last complete epoch into the model, optimizer and generators: (history, best weights), or None."""
+    """Loads the last complete epoch into the model, optimizer and generators: (history, best weights), or None.
+
+    A checkpoint written for another fingerprint is removed when `discard` (rank 0's job), else ignored.
+    """
     epochs = _epoch_dirs(checkpoint)
     if not epochs:
         return None
     last = epochs[max(epochs)]
     state = json.loads((last / _STATE).read_text())
     if state["fingerprint"] != fingerprint:
-        log(f"discarding the fine-tuning checkpoint in {checkpoint}: written for other settings, model or utterances")
-        shutil.rmtree(checkpoint)
+        if discard:
+            log(f"discarding the fine-tuning checkpoint in {checkpoint}: written for other settings, model or data")
+            shutil.rmtree(checkpoint)
         return None
     history = state["history"]
     best_dir = epochs.get(history["best_epoch"])
@@ -274,6 +314,7 @@ def fit(
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
     checkpoint: str | Path | None = None,
+    world: World = World(),
 ) -> dict:
     """Fine-tunes for `config.epochs` (fewer with `config.patience`), keeps the epoch with the best val weighted F1.
 
@@ -281,6 +322,8 @@ def fit(
     `best_val_weighted_f1` and `stopped_early`; the model holds the best epoch's weights on return.
     With `checkpoint`, resumes from and writes to that folder (module docstring); a checkpoint written
     for other settings (but epochs, patience and log_every), another model or other utterances is discarded.
+    Distributed (`world`), every rank resumes from the same folder (a file system they share), trains
+    its shards, and takes rank 0's validation score; only rank 0 writes checkpoints.
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -298,16 +341,25 @@ def fit(
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(model, train, val, config) if checkpoint is not None else ""
     if checkpoint is not None:
-        restored = _restore(checkpoint, fingerprint, trainable, optimizer, rng, device, log)
-        if restored is not None:
-            history, best_state = restored
+        for turn in (True, False):  # rank 0 first, as it may discard the folder; then the others read it
+            if world.main == turn:
+                restored = _restore(checkpoint, fingerprint, trainable, optimizer, rng, device, log, world.main)
+                if restored is not None:
+                    history, best_state = restored
+            world.barrier()
+    forward = world.wrap(model, device)
     for epoch in range(len(history["val_weighted_f1"]), config.epochs):
         if _patience_spent(history, config.patience):
             break
         start = time.time()
-        loss = train_epoch(model, optimizer, train, config, rng, device, dtype, log, config.log_every)
-        logits, _ = predict(model, val, config.eval_batch_size, device, dtype)
-        score = weighted_f1([u.label for u in val], logits)
+        loss = train_epoch(
+            model, optimizer, train, config, rng, device, dtype, log, config.log_every, world=world, forward=forward
+        )
+        score = None
+        if world.main:
+            logits, _ = predict(model, val, config.eval_batch_size, device, dtype)
+            score = weighted_f1([u.label for u in val], logits)
+        score = world.broadcast(score)
         history["train_loss"].append(loss)
         history["val_weighted_f1"].append(score)
         history["epoch_seconds"].append(round(time.time() - start, 1))
@@ -318,7 +370,7 @@ def fit(
         if score > history["best_val_weighted_f1"]:
             history["best_epoch"], history["best_val_weighted_f1"] = epoch, score
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
-        if checkpoint is not None:
+        if checkpoint is not None and world.main:
             _save_epoch(checkpoint, fingerprint, history, trainable, optimizer, rng, device)
     history["stopped_early"] = len(history["val_weighted_f1"]) < config.epochs and _patience_spent(
         history, config.patience

@@ -33,15 +33,18 @@ class TextEncoder(UtteranceEncoder):
         template: str = "{text}",
         gguf_file: str | None = None,
         dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
     ):
+        """`attn_implementation`: transformers' attention kernel ("sdpa", "eager"; None: its default)."""
         super().__init__()
         model_path = Path(model_path)
         if not model_path.is_dir():
             raise EncoderError(f"--model {model_path}: not a folder — pass a local transformers model folder")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
+        kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), **extra)
-            base = AutoModel.from_pretrained(str(model_path), dtype=dtype, **extra)
+            base = AutoModel.from_pretrained(str(model_path), dtype=dtype, **extra, **kernel)
         except (OSError, ValueError) as e:
             raise EncoderError(
                 f"--model {model_path}: cannot load ({str(e).splitlines()[0]}) — pass a transformers model folder"
