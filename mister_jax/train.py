@@ -6,7 +6,8 @@
 Every epoch evaluates every seed on validation; each seed keeps the parameters of its best validation
 weighted F1 (MoE prediction), and those parameters are scored on test once training ends. The work
 directory receives ``results.json``, ``metrics.jsonl`` (one line per epoch), ``report.md`` with its
-figures, ``run_config.json`` and ``checkpoints/``; calling again with the same directory resumes from
+figures, ``run_config.json``, ``provenance.json`` (the encoders its features came from,
+`mister_jax.provenance`) and ``checkpoints/``; calling again with the same directory resumes from
 whatever it holds and ends with the scores of an uninterrupted run. The command line is
 `mister_jax.main` (``python -m mister_jax.train``).
 """
@@ -19,12 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from mister_jax import atomic
+from mister_jax import atomic, provenance
 from mister_jax.checkpoint import CheckpointError, RunCheckpoints
 from mister_jax.config import Config, LossConfig, ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
 from mister_jax.evaluate import results_json
-from mister_jax.input_pipeline import fit_to_store, load_splits, open_store_at
+from mister_jax.input_pipeline import fit_to_store, load_splits, open_store_at, required_modalities
 from mister_jax.params import count_params
 from mister_jax.report import ReportError, write_report
 from mister_jax.trainer import Trainer
@@ -134,6 +135,7 @@ def train_and_evaluate(
         try:
             start = trainer.restore(ckpt)
             atomic.write_json(workdir / "run_config.json", run_config)  # a refused resume leaves it as it was
+            provenance.write(workdir, store, required_modalities(config.model.variant))
             trainer.fit(ckpt, start, progress)
             trainer.finish(ckpt)
         finally:
