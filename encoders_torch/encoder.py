@@ -112,11 +112,20 @@ class UtteranceEncoder(nn.Module):
         """Recompute the transformer layers' activations in the backward pass instead of keeping them.
 
         Non-reentrant checkpointing: it needs no input that requires grad (the frozen embeddings give
-        none) and works under DistributedDataParallel.
+        none) and works under DistributedDataParallel. transformers 5 names it activation checkpointing.
         """
-        self.peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        model = self.peft_model.base_model.model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def disable_gradient_checkpointing(self) -> None:
+        model = self.peft_model.base_model.model
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
 
 class EmotionModel(nn.Module):

@@ -164,3 +164,33 @@ def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes()
     for name in ("naive", "hoisted", "fused"):
         got = np.asarray(jax.jit(getattr(levers, name))(params, x, mask))
         np.testing.assert_allclose(got[:, mask], expected[:, mask], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_finetune_smoke_times_every_lever_side_by_side(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "finetune.json"
+    _run(
+        "finetune.py",
+        "--quick",
+        "--utterances",
+        "8",
+        "--clips",
+        "4",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "4",
+        "--embedding-dim",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
+    result = json.loads(out.read_text())
+    text = result["text"]["llama-tiny"]
+    assert set(text["ratios"]) == {f"{v}_over_bucketed" for v in ("shuffled", "bf16", "ckpt", "eager")}
+    figures = text["rounds"][0]
+    assert figures["shuffled"]["padding_efficiency"] <= figures["bucketed"]["padding_efficiency"] <= 1.0
+    assert all(np.isfinite(f["loss"]) for f in figures.values())
+    assert result["speech"]["ratios"]["cached_over_uncached"]["median"] > 0
