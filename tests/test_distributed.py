@@ -1,6 +1,8 @@
 """`torchrun --nproc_per_node 2 -m encoders_torch.extract`: data-parallel fine-tuning over gloo on CPU and the
 export split across the processes give what one process gives on the same global batches. A tiny LLaMA
-built from a config, the IEMOCAP fixture; dropout 0 so that both runs are deterministic."""
+built from a config; the IEMOCAP fixture's transcripts as a custom corpus with 33 train utterances, so
+that the last global batch of 8 holds one utterance (shards of 1 and 0); dropout 0 so that both runs are
+deterministic."""
 
 import importlib.util
 import json
@@ -33,10 +35,32 @@ def _fixture(name):
     return module
 
 
+def _custom_corpus(corpus, path: Path, drop_train: int) -> Path:
+    """`corpus` as a custom JSONL file, less the last `drop_train` train utterances."""
+    rows = [{"label_names": list(corpus.label_names)}]
+    for split, conversations in corpus.splits.items():
+        for conversation in conversations:
+            for u in conversation.utterances:
+                rows.append(
+                    {
+                        "conversation_id": conversation.id,
+                        "utterance_id": u.id,
+                        "speaker": u.speaker,
+                        "text": u.transcript,
+                        "label": corpus.label_names[u.label],
+                        "split": split,
+                    }
+                )
+    train = [i for i, r in enumerate(rows) if r.get("split") == "train"]
+    kept = [r for i, r in enumerate(rows) if i not in train[len(train) - drop_train :]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path
+
+
 def _argv(data, model, out, batch_size):
     return [
         "--dataset",
-        "iemocap",
+        "custom",
         "--data-root",
         str(data),
         "--modality",
@@ -70,8 +94,10 @@ def _argv(data, model, out, batch_size):
 def runs(tmp_path_factory):
     """The same fine-tuning and export: one process with batch 8, and torchrun's 2 processes with batch 4 each."""
     root = tmp_path_factory.mktemp("distributed")
-    data = _fixture("iemocap").write_iemocap(root / "IEMOCAP_full_release", audio=False)
-    corpus = read_corpus("iemocap", data, require=("text",))
+    corpus = read_corpus(
+        "iemocap", _fixture("iemocap").write_iemocap(root / "IEMOCAP_full_release", audio=False), require=("text",)
+    )
+    data = _custom_corpus(corpus, root / "talks.jsonl", drop_train=3)
     model = _fixture("tiny_models").tiny_llama(
         root / "tiny-llama", [u.transcript for s in corpus.splits for u in corpus.utterances(s)]
     )
@@ -87,11 +113,11 @@ def runs(tmp_path_factory):
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return root / "single" / "iemocap", root / "two" / "iemocap", done.stdout
+    return root / "single" / "custom", root / "two" / "custom", done.stdout
 
 
 def test_two_gloo_processes_train_the_adapter_and_head_one_process_trains_on_the_same_global_batches(runs):
-    single, two, _ = runs
+    single, two, stdout = runs
     for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
         a, b = (load_file(store / "adapters" / "text" / name) for store in (single, two))
         assert a.keys() == b.keys()
@@ -99,6 +125,7 @@ def test_two_gloo_processes_train_the_adapter_and_head_one_process_trains_on_the
             torch.testing.assert_close(b[key], a[key], rtol=TOLERANCE, atol=TOLERANCE, msg=f"{name}: {key}")
     one, both = (json.loads((s / "adapters" / "text" / "training.json").read_text()) for s in (single, two))
     assert one["train"]["batch_size"] == both["train"]["batch_size"] == 8
+    assert "33 train" in stdout  # 4 global batches of 8 and one of 1
     assert both["history"]["train_loss"] == pytest.approx(one["history"]["train_loss"], rel=TOLERANCE)
     assert both["history"]["val_weighted_f1"] == one["history"]["val_weighted_f1"]
     # The lr is large enough for one epoch to move the adapter far beyond the tolerance.
