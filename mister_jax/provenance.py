@@ -46,23 +46,25 @@ def write(workdir: Path, store, modalities) -> None:
 
 
 def read(run: Path) -> dict:
-    """The run's record: ``provenance.json``, else the manifest of the store ``run_config.json`` names."""
+    """The run's record: ``provenance.json``, else the manifest of the store ``run_config.json`` names;
+    ``"path"`` says which file it was read from."""
     run = Path(run)
     path = run / PROVENANCE
     if not path.is_file():
         try:
             config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
-            manifest = json.loads((Path(config["store"]) / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, KeyError, json.JSONDecodeError):
+            manifest_path = Path(config["store"]) / "manifest.json"
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            used = ("text",) if config.get("model", {}).get("variant") == "text-only" else MODALITIES
+            modalities = {m: manifest["modalities"][m] for m in used}
+            return {"store": config["store"], "modalities": modalities, "path": str(manifest_path)}
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
             raise UsageError(
                 f"--run {run}: no {PROVENANCE} and no readable store manifest to say which encoders its "
-                "features came from — retrain the run, or pass --allow-mismatch with every model and adapter"
+                "features came from — retrain the run on a store written by encoders_torch.extract"
             ) from None
-        variant = config.get("model", {}).get("variant")
-        used = ("text",) if variant == "text-only" else MODALITIES
-        return {"store": config["store"], "modalities": {m: manifest["modalities"][m] for m in used}}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return {**json.loads(path.read_text(encoding="utf-8")), "path": str(path)}
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"{path}: unreadable ({err}) — retrain the run") from None
 
@@ -90,10 +92,19 @@ def recorded_model(source: dict) -> str:
     return source.get("model") or source.get("encoder", {}).get("model", "")
 
 
-def check(modality: str, entry: dict, adapter: Path | None, model: Path | None) -> tuple[Path, Path, list[str]]:
+def check(
+    modality: str, entry: dict, adapter: Path | None, model: Path | None, where: str = PROVENANCE
+) -> tuple[Path, Path, list[str]]:
     """``(adapter, model, problems)`` for encoding ``modality`` as the run's record ``entry`` says; a folder
-    not given is the recorded one. Problems are lines naming the flag, the mismatch and the fix."""
-    source = entry["source"]
+    not given is the recorded one. Problems are lines naming the flag, the mismatch and the fix; features
+    that no adapter made (e.g. the demo store's) are a `UsageError` naming ``where`` (the record's file)."""
+    source = entry.get("source", {})
+    if "adapter_digest" not in source:
+        raise UsageError(
+            f"{where}: the run's {modality} features were not written by encoders_torch.extract (their "
+            f"source is {json.dumps(source)}), so no adapter encodes like them — train the run on a store that "
+            "encoders_torch.extract wrote"
+        )
     adapter = Path(adapter) if adapter is not None else Path(source["adapter"])
     model = Path(model) if model is not None else Path(recorded_model(source))
     flag, fix = f"--{modality}-adapter", "or pass --allow-mismatch to predict anyway"
@@ -159,9 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        entries = read(Path(args.run))["modalities"]
+        record = read(Path(args.run))
+        entries = record["modalities"]
         checked = {
-            m: check(m, entry, getattr(args, f"{m}_adapter"), getattr(args, f"{m}_model"))
+            m: check(m, entry, getattr(args, f"{m}_adapter"), getattr(args, f"{m}_model"), record["path"])
             for m, entry in entries.items()
         }
         problems = [p for _, _, ps in checked.values() for p in ps]

@@ -200,3 +200,32 @@ def test_a_model_other_than_the_runs_is_refused_naming_the_flag(world, tmp_path,
         f"{world['models']['text'].resolve()}, the run's text model"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_without_provenance_json_is_checked_against_its_stores_manifest(world, tmp_path):
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "run_config.json").write_text((world["run"] / "run_config.json").read_text())
+    assert provenance.main(["--run", str(run), "--args-out", str(tmp_path / "args")]) == 0
+    text = (tmp_path / "args" / "text.args").read_text().split("\0")
+    model, adapter = world["models"]["text"].resolve(), world["adapters"]["text"].resolve()
+    assert text == ["--modality", "text", "--model", str(model), "--adapter", str(adapter), "--dtype", "float32"] + [
+        "--max-length",
+        "128",  # extract's defaults, with which the run's text features were made
+        "--template",
+        "{text}",
+        "",
+    ]
+
+
+def test_features_that_no_adapter_made_are_refused_even_with_allow_mismatch(tmp_path, capsys):
+    source = {"generator": "bridges.demo", "seed": 0}
+    record = {"store": "features/demo", "modalities": {"text": {"dim": 6, "dtype": "float32", "source": source}}}
+    (tmp_path / "provenance.json").write_text(json.dumps(record))
+    assert provenance.main(["--run", str(tmp_path), "--allow-mismatch", "--args-out", str(tmp_path / "args")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'provenance.json'}: the run's text features were not written by encoders_torch.extract "
+        "(their source "
+        'is {"generator": "bridges.demo", "seed": 0}), so no adapter encodes like them — train the run on a store '
+        "that encoders_torch.extract wrote"
+    ]
