@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             for m, entry in entries.items()
         }
         problems = [p for _, _, ps in checked.values() for p in ps]
+        for m in MODALITIES:
+            given = [f"--{m}-{k}" for k in ("adapter", "model") if m not in entries and getattr(args, f"{m}_{k}")]
+            for flag in given:
+                print(f"warning: {flag}: the run uses no {m} features, so it is not used", file=sys.stderr)
         if problems and not args.allow_mismatch:
             raise UsageError("\n".join(problems))
         for line in problems:

@@ -61,8 +61,7 @@ done
 [ -f "$CONV" ] || die "$CONV: not a file — pass your conversations .jsonl or .csv (docs/CUSTOM_CORPUS.md)"
 [ -n "$RUN" ] || die "--run is required — pass the run directory written by python -m mister_jax.train"
 OUT="${OUT:-${CONV%.*}-emotions}"
-mkdir -p "$OUT"
-ARGS="$OUT/.extract-args"
+ARGS="$OUT/.extract-args" # written once the check passes, so a refusal leaves no OUT behind
 
 "$PY" -m mister_jax.provenance --run "$RUN" "${PROVENANCE[@]}" --args-out "$ARGS" || exit $?
 

@@ -187,7 +187,7 @@ def test_a_different_adapter_is_refused_in_one_line_before_anything_is_extracted
         f"adapter {world['adapters']['text'].resolve()}"
     )
     assert lines[0].endswith("or pass --allow-mismatch to predict anyway")
-    assert not (out / "features").exists() and not (out / "predictions.jsonl").exists()
+    assert not out.exists()
 
 
 def test_a_model_other_than_the_runs_is_refused_naming_the_flag(world, tmp_path, capsys):
@@ -229,3 +229,22 @@ def test_features_that_no_adapter_made_are_refused_even_with_allow_mismatch(tmp_
         'is {"generator": "bridges.demo", "seed": 0}), so no adapter encodes like them — train the run on a store '
         "that encoders_torch.extract wrote"
     ]
+
+
+def test_a_text_only_run_encodes_text_alone_and_says_a_speech_adapter_goes_unused(world, tmp_path, capsys):
+    record = json.loads((world["run"] / "provenance.json").read_text())
+    record["modalities"].pop("speech")
+    (tmp_path / "provenance.json").write_text(json.dumps(record))
+    argv = [
+        "--run",
+        str(tmp_path),
+        "--speech-adapter",
+        str(world["adapters"]["speech"]),
+        "--args-out",
+        str(tmp_path / "a"),
+    ]
+    assert provenance.main(argv) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --speech-adapter: the run uses no speech features, so it is not used"
+    ]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["text.args"]
