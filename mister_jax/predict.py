@@ -2,6 +2,7 @@
 
     python -m mister_jax.predict --run DIR --dataset NAME [--features ROOT] [--split test]
         [--batch-size B] [--seed S] --out FILE.jsonl
+    python -m mister_jax.predict --stream --run DIR [--dataset NAME ...] [--seed S]   (causal runs)
 
 Writes one JSON line per utterance, in store order::
 
@@ -12,7 +13,8 @@ Writes one JSON line per utterance, in store order::
 softmax probabilities. Variants without experts give ``"experts": {}`` and ``"gate": null``. The model is
 the best-validation parameters of seed ``S`` (default: the seed with the best validation weighted F1).
 Conversations are padded to pad lengths computed from the split alone, never from ``B``, so the
-output does not depend on ``--batch-size``.
+output does not depend on ``--batch-size``. ``--stream`` predicts a causal run's utterances one at a time
+as they arrive, on stdin or from the store, each line printed at once (`mister_jax.predict_stream`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,17 @@ from mister_jax.steps import predict_step
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mister_jax.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="run directory written by python -m mister_jax.train")
-    parser.add_argument("--dataset", required=True, help="store name; the store is ROOT/NAME")
+    parser.add_argument("--dataset", help="store name; the store is ROOT/NAME (with --stream: stdin when absent)")
     parser.add_argument("--features", default="features", help="store root")
     parser.add_argument("--split", default="test")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     parser.add_argument("--seed", type=int, help="which seed's best parameters (default: best validation F1)")
-    parser.add_argument("--out", required=True, help="output .jsonl file")
+    parser.add_argument("--out", help="output .jsonl file (not with --stream, which prints to stdout)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="causal runs: predict utterances one at a time as they arrive (stdin JSONL, or the store's split)",
+    )
     parser.add_argument(
         "--jax-cache",
         default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
@@ -161,7 +168,32 @@ def restore_best_params(run: Path, model_cfg: ModelConfig, seed: int):
     return params
 
 
+def prediction_record(conversation_id: str, utterance_id: str, label: int, names: list, probs: dict) -> dict:
+    """One utterance's output line (DESIGN §6) from its ``{expert: probs [C], "gate": [3]}``."""
+    prediction = int(np.argmax(probs["moe"]))
+    return {
+        "conversation_id": conversation_id,
+        "utterance_id": utterance_id,
+        "label": names[label] if label >= 0 else None,
+        "prediction": names[prediction],
+        "label_id": label,
+        "prediction_id": prediction,
+        "probs": probs["moe"].tolist(),
+        "experts": {e: probs[e].tolist() for e in GATE_EXPERTS if e in probs},
+        "gate": probs["gate"].tolist() if "gate" in probs else None,
+    }
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.stream:
+        from mister_jax import predict_stream  # it builds on this module's run loading
+
+        return predict_stream.run(args)
+    for flag, value in (("--dataset", args.dataset), ("--out", args.out)):
+        if value is None:
+            raise UsageError(
+                f"{flag} is required (or pass --stream to predict a causal run's utterances as they arrive)"
+            )
     run = Path(args.run)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -174,20 +206,8 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     lines = [None] * data.num_utterances
     for row, probs in predict_split(params, model_cfg, data, TrainConfig(**config["train"]), args.batch_size):
-        label, prediction = int(data.labels[row]), int(np.argmax(probs["moe"]))
-        lines[row] = json.dumps(
-            {
-                "conversation_id": str(data.conversation_ids[row]),
-                "utterance_id": str(data.utterance_ids[row]),
-                "label": names[label] if label >= 0 else None,
-                "prediction": names[prediction],
-                "label_id": label,
-                "prediction_id": prediction,
-                "probs": probs["moe"].tolist(),
-                "experts": {e: probs[e].tolist() for e in GATE_EXPERTS if e in probs},
-                "gate": probs["gate"].tolist() if "gate" in probs else None,
-            }
-        )
+        ids = str(data.conversation_ids[row]), str(data.utterance_ids[row])
+        lines[row] = json.dumps(prediction_record(*ids, int(data.labels[row]), names, probs))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out, "\n".join(lines) + "\n")
