@@ -248,3 +248,12 @@ def test_a_text_only_run_encodes_text_alone_and_says_a_speech_adapter_goes_unuse
         "warning: --speech-adapter: the run uses no speech features, so it is not used"
     ]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["text.args"]
+
+
+def test_allow_mismatch_warns_and_encodes_with_the_adapter_given(world, tmp_path, capsys):
+    argv = ["--run", str(world["run"]), "--text-adapter", str(world["other"]), "--allow-mismatch"]
+    assert provenance.main([*argv, "--args-out", str(tmp_path)]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: --text-adapter {world['other']}: digest ")
+    text = (tmp_path / "text.args").read_text().split("\0")
+    assert text[text.index("--adapter") + 1] == str(world["other"])
