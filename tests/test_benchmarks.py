@@ -194,3 +194,16 @@ def test_finetune_smoke_times_every_lever_side_by_side(tmp_path):
     assert figures["shuffled"]["padding_efficiency"] <= figures["bucketed"]["padding_efficiency"] <= 1.0
     assert all(np.isfinite(f["loss"]) for f in figures.values())
     assert result["speech"]["ratios"]["cached_over_uncached"]["median"] > 0
+
+
+def test_streaming_smoke_times_the_stream_and_the_recomputed_prefixes_and_they_agree(tmp_path):
+    out = tmp_path / "streaming.json"
+    proc = _run(
+        "streaming.py", "--dims", "tiny", "--utterances", "6", "--warmup", "2", "--pad-multiple", "4", "--out", str(out)
+    )
+    result = json.loads(out.read_text())
+    for name in ("stream", "recompute_prefix"):
+        assert 0 < result[name]["median_ms"] <= result[name]["p95_ms"]
+    assert result["recompute_over_stream_median"] > 0
+    assert result["max_abs_probability_difference"] < 1e-5  # the same causal model, two ways
+    assert "ratio recompute/stream" in proc.stdout
