@@ -87,6 +87,7 @@ for split in train val test; do
     --out "$OUT/.predictions-$split.jsonl" || exit $?
   PARTS+=("$OUT/.predictions-$split.jsonl")
 done
+[ ${#PARTS[@]} -gt 0 ] || die "$OUT/features/custom: no split to predict — check the extract output above"
 cat "${PARTS[@]}" >"$OUT/.predictions.jsonl"
 mv "$OUT/.predictions.jsonl" "$OUT/predictions.jsonl"
 rm -f "${PARTS[@]}"
