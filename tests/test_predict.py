@@ -138,3 +138,9 @@ def test_predict_split_gives_every_row_once_with_the_probabilities_of_the_comman
     np.testing.assert_allclose(
         [rows[i]["moe"] for i in range(data.num_utterances)], [r["probs"] for r in lines], atol=1e-5
     )
+
+
+def test_without_stream_dataset_and_out_are_required_in_one_line(tmp_path, capsys):
+    code = predict_cli.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "p.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--dataset is required (or pass --stream" in err
