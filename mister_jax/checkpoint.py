@@ -17,6 +17,10 @@ or best parameters that fail theirs, `CheckpointError` names the directory and t
 A state step is written in the background into ``state/<epoch>.partial`` and committed by renaming
 it, so a run killed mid-save leaves the previous step intact; the last two steps are kept. How the
 buffers reach the disk (direct I/O, past the page cache) is `mister_jax.runtime.direct_io`'s business.
+
+Of several processes (a multi-host run) every one reads the checkpoints, which must be on a filesystem
+they share; only process 0 writes the state steps and the digests, and orbax, which every process
+calls together, writes the best parameters from it.
 """
 
 from __future__ import annotations
@@ -116,10 +120,12 @@ def _abstract(tree: Any) -> Any:
 class RunCheckpoints:
     """Checkpoints of one run directory (``root = <run>/checkpoints``); keeps the last ``keep`` states.
 
-    ``log`` receives the one-line report of a step that fails verification (default: stderr)."""
+    ``log`` receives the one-line report of a step that fails verification (default: stderr);
+    ``primary`` (default: whether this is process 0) says whether this process writes."""
 
-    def __init__(self, root: Path, keep: int = 2, log=None):
+    def __init__(self, root: Path, keep: int = 2, log=None, primary: bool | None = None):
         self.root = Path(root).absolute()
+        self._primary = jax.process_index() == 0 if primary is None else primary
         self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self._state_dir = self.root / "state"
         self._keep = keep
@@ -152,8 +158,10 @@ class RunCheckpoints:
 
         Returns at once; the buffers are written in the background as they are, so the caller must
         not modify them before `wait` returns. Each step is committed atomically (``close`` waits for
-        the last one)."""
+        the last one). Only the primary process writes."""
         self.wait()
+        if not self._primary:
+            return
         self._writer = threading.Thread(
             target=self._write_state, args=(epoch, dict(mirrors), meta), name="checkpoint-writer"
         )
@@ -244,7 +252,8 @@ class RunCheckpoints:
                 force=True,
             )
             manager.wait_until_finished()
-            atomic.write_json(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
+            if self._primary:
+                atomic.write_json(self._digest_path(seed), {"epoch": epoch, "sha256": digest})
 
     def _recorded_digest(self, seed: int, epoch: int) -> str | None:
         try:

@@ -3,7 +3,8 @@
     python -m mister_jax.train --dataset NAME [--features ROOT] [--out DIR] [--epochs N] [--seeds K]
         [--variant V] [--preset {paper,authors-code}] [--set key=value ...] [--seed-mode {auto,vmap,sequential}]
         [--no-val {carve,refuse}] [--checkpoint-every N] [--checkpoint-minutes M] [--restart]
-        [--protocol {standard,loso}]
+        [--protocol {standard,loso}] [--devices N]
+        [--coordinator-address HOST:PORT --num-processes P --process-id I]
 
 Without arguments it trains on the built-in demo store (built under ``features/demo`` if absent).
 Each seed keeps the parameters of its best validation weighted F1 (MoE prediction), scored on test once
@@ -16,6 +17,12 @@ last checkpoint and ends with the same scores as an uninterrupted run.
 
 ``--protocol loso`` trains IEMOCAP's leave-one-session-out folds instead, each a run in ``DIR/fold_K``,
 and writes their aggregate to ``DIR`` (`mister_jax.folds`, ``docs/LOSO.md``).
+
+``--devices N`` trains on N devices of this process (default: all), the seeds split over them and,
+when there are more devices than seeds, the batches too (`mister_jax.sharding`); the results do not
+depend on N beyond float rounding. ``--coordinator-address``, ``--num-processes`` and ``--process-id``
+start one process of a multi-host run (``docs/MULTI_HOST.md``): every host reads the store, process 0
+alone writes the run directory, which must be on a filesystem every host shares.
 
 On a GPU or TPU the matmuls and convolutions run in bfloat16 (``--set dtype=float32`` keeps float32);
 the parameters, the optimizer and the losses are float32 everywhere. The library call behind this
@@ -41,6 +48,7 @@ from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import open_store
 from mister_jax.runtime.compile_cache import DEFAULT_CACHE, enable_compilation_cache
 from mister_jax.seeds import SEED_MODES
+from mister_jax.sharding import check_devices, initialize_distributed
 from mister_jax.train import train_and_evaluate
 
 
@@ -101,6 +109,12 @@ def training_parser(prog: str = "python -m mister_jax.train", description: str =
         default=os.environ.get("MISTER_JAX_CACHE", str(DEFAULT_CACHE)),
         help="persistent compilation cache (default: $MISTER_JAX_CACHE or ~/.cache/mister/jax)",
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="devices of this process to train on (default: all); seeds are split over them, and "
+        "batches too when there are more devices than seeds (docs/MULTI_HOST.md)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -115,6 +129,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "leave-one-session-out, five folds into OUT/fold_K and their aggregate "
         "(mister_jax.folds, docs/LOSO.md)",
     )
+    hosts = parser.add_argument_group("multi-host (docs/MULTI_HOST.md; default: one process)")
+    hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
+    hosts.add_argument("--num-processes", type=int, help="how many processes (one per host) the run has")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0 .. P-1 (0 writes the run)")
     return parser.parse_args(argv)
 
 
@@ -169,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        check_devices(args.devices)
         if args.protocol == "loso":
             return _loso(args, log)
         store = open_store(args.dataset, args.features)
@@ -196,6 +216,7 @@ def run_options(args: argparse.Namespace, log) -> dict:
     return dict(
         dataset=args.dataset,
         seed_mode=args.seed_mode,
+        devices=args.devices,
         restart=args.restart,
         cache_dir=enable_compilation_cache(args.jax_cache),
         progress=not args.quiet,

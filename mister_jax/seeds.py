@@ -12,6 +12,11 @@ Every seed follows its own trajectory (its own initial parameters, batches and d
   seed's slot in and out of the stacked buffers at each step (docs/BENCHMARKS.md, "Seeds").
 
 Both give the same trajectories up to float rounding.
+
+On several devices (`mister_jax.sharding.SeedMesh`) the seeds are vmapped and the stacked arrays split
+over the mesh: the seed axis across devices, and the batch axis too when there are more devices than
+seeds (the rule is `mister_jax.sharding`'s). The trajectories are those of one device up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mister_jax.config import LossConfig, ModelConfig, TrainConfig
+from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import Batch, stack_batches
-from mister_jax.runtime.compile_cache import TrainStepCompiler
+from mister_jax.runtime.compile_cache import StepShardings, TrainStepCompiler
+from mister_jax.sharding import SeedMesh
 from mister_jax.steps import (
     abstract_train_state,
     create_train_state,
@@ -37,12 +45,18 @@ from mister_jax.steps import (
 SEED_MODES = ("auto", "vmap", "sequential")
 
 
-def resolve_seed_mode(mode: str) -> str:
-    """``"vmap"`` or ``"sequential"``; ``"auto"`` vmaps on an accelerator, steps the seeds in turn on a CPU."""
+def resolve_seed_mode(mode: str, num_devices: int = 1) -> str:
+    """``"vmap"`` or ``"sequential"``; ``"auto"`` vmaps on an accelerator or over several devices, steps
+    the seeds in turn on one CPU. Seeds stepped in turn use one device (`UsageError` otherwise)."""
     if mode not in SEED_MODES:
         raise ValueError(f"seed mode {mode!r} is not one of {SEED_MODES}")
+    if mode == "sequential" and num_devices > 1:
+        raise UsageError(
+            f"--seed-mode sequential steps the seeds in turn on one device, not {num_devices} — pass "
+            f"--devices 1, or --seed-mode vmap (or auto) to split the seeds over the devices"
+        )
     if mode == "auto":
-        return "sequential" if jax.default_backend() == "cpu" else "vmap"
+        return "sequential" if jax.default_backend() == "cpu" and num_devices == 1 else "vmap"
     return mode
 
 
@@ -54,6 +68,7 @@ class SeedStates:
       seeds: the seeds, e.g. ``[0, 1, 2]``.
       mode: "vmap" or "sequential" (`resolve_seed_mode`).
       cache_dir: the disk cache of traced training programs (`TrainStepCompiler`); None: none.
+      mesh: the devices (`SeedMesh`); None: the default device. Several need ``mode="vmap"``.
     """
 
     def __init__(
@@ -64,9 +79,14 @@ class SeedStates:
         seeds: Sequence[int],
         mode: str,
         cache_dir=None,
+        mesh: SeedMesh | None = None,
     ):
         self.model_cfg, self.train_cfg, self.seeds, self.mode = model_cfg, train_cfg, list(seeds), mode
         self.vmap = mode == "vmap"
+        self.mesh = mesh or SeedMesh.create(1, len(self.seeds), train_cfg.batch_size)
+        self.sharded = self.mesh.sharded
+        if self.sharded and not self.vmap:
+            raise ValueError("seeds stepped in turn run on one device")
         step = functools.partial(
             train_step,
             model_cfg=model_cfg,
@@ -77,13 +97,27 @@ class SeedStates:
         predict = functools.partial(predict_step, model_cfg=model_cfg)
         if self.vmap:
             step, predict = jax.vmap(step), jax.vmap(predict, in_axes=(0, None))
-        self._predict = jax.jit(predict)
+        m, shardings = self.mesh, None
+        if self.sharded:
+            shardings = StepShardings(m.seeds, m.train_batch, m.seeds, m.seeds)
+            self._predict = jax.jit(predict, in_shardings=(m.seeds, m.eval_batch), out_shardings=m.seeds)
+        else:
+            self._predict = jax.jit(predict)
         self._train = TrainStepCompiler(
-            jax.jit(step, donate_argnums=0), repr((model_cfg, loss_cfg, train_cfg, self.vmap)), cache_dir
+            jax.jit(step, donate_argnums=0),
+            repr((model_cfg, loss_cfg, train_cfg, self.vmap)),
+            cache_dir,
+            None,
+            shardings,
         )
         keys = [seed_keys(s)[1] for s in self.seeds]
-        self._keys = jnp.stack(keys) if self.vmap else keys
+        self._keys = self._place(jnp.stack(keys)) if self.vmap else keys
         self.state = None
+
+    def _place(self, stacked: Any, sharding=None) -> Any:
+        """``stacked`` (``[K, ...]`` leaves) on the mesh (split along the seed axis unless ``sharding``
+        says otherwise); left as it is on one device."""
+        return self.mesh.put(stacked, sharding or self.mesh.seeds) if self.sharded else stacked
 
     @property
     def aligned(self) -> bool:
@@ -102,13 +136,15 @@ class SeedStates:
     def initialise(self) -> None:
         """Every seed's initial state on the device."""
         states = [create_train_state(self.model_cfg, self.train_cfg, s) for s in self.seeds]
-        self.state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states) if self.vmap else states
+        self.state = self._place(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)) if self.vmap else states
         jax.block_until_ready(self.state)
 
     def load(self, stacked: Any) -> None:
         """Sets the states from a pytree of host arrays ``[K, ...]`` (a checkpoint); copies, so the device
         state never aliases host buffers that are rewritten later."""
-        if self.vmap:
+        if self.sharded:
+            self.state = self._place(jax.tree_util.tree_map(np.array, stacked))
+        elif self.vmap:
             self.state = jax.tree_util.tree_map(jnp.array, stacked)
         else:
             self.state = [jax.tree_util.tree_map(lambda x: jnp.array(x[k]), stacked) for k in range(len(self.seeds))]
@@ -121,12 +157,13 @@ class SeedStates:
         step metrics (host scalars).
         """
         if self.vmap:
-            batches = jax.device_put([stack_batches(step) for step in steps])
+            batches = [stack_batches(step) for step in steps]
+            batches = self._place(batches, self.mesh.train_batch) if self.sharded else jax.device_put(batches)
             stacked = []  # per step, metrics with a leading seed axis [K]
             for batch in batches:
                 self.state, metrics = self._train(self.state, batch, self._keys)
                 stacked.append(metrics)
-            stacked = jax.device_get(stacked)
+            stacked = self.mesh.fetch(stacked)
             return [[{name: v[k] for name, v in m.items()} for m in stacked] for k in range(len(self.seeds))]
         batches = jax.device_put([list(step) for step in steps])
         per_seed = [[] for _ in self.seeds]
@@ -143,7 +180,7 @@ class SeedStates:
     def params_from_host(self, params: Any) -> Any:
         """``params`` (as `params` returns them, or host arrays ``[K, ...]``) in the form `predict` takes."""
         if self.vmap:
-            return jax.device_put(params)
+            return self._place(params) if self.sharded else jax.device_put(params)
         return [jax.device_put(jax.tree_util.tree_map(lambda x: x[k], params)) for k in range(len(self.seeds))]
 
     def predict(self, params: Any, batches: Sequence[Batch]) -> list[list[dict]]:
@@ -151,15 +188,17 @@ class SeedStates:
 
         Every batch of every seed is dispatched before the first result is fetched.
         """
+        if self.sharded:
+            batches = [self.mesh.put(batch, self.mesh.eval_batch) for batch in batches]
         if self.vmap:
-            stacked = jax.device_get([self._predict(params, batch) for batch in batches])
+            stacked = self.mesh.fetch([self._predict(params, batch) for batch in batches])
             return [[{name: v[k] for name, v in out.items()} for k in range(len(self.seeds))] for out in stacked]
         return jax.device_get([[self._predict(p, batch) for p in params] for batch in batches])
 
     def copy_states_to(self, mirror) -> None:
         """Copies every seed's training state into a `mister_jax.runtime.host_mirror.HostMirror`."""
         if self.vmap:
-            mirror.put_stacked(self.state)
+            mirror.put_stacked(self.mesh.fetch(self.state) if self.sharded else self.state)
         else:
             for k, state in enumerate(self.state):
                 mirror.put(k, state)
@@ -167,6 +206,6 @@ class SeedStates:
     def copy_params_to(self, mirror, k: int) -> None:
         """Copies seed ``k``'s current parameters into slot ``k`` of ``mirror``."""
         if self.vmap:
-            mirror.put(k, self.state.params, stacked=True)
+            mirror.put(k, self.mesh.fetch(self.state.params) if self.sharded else self.state.params, stacked=True)
         else:
             mirror.put(k, self.state[k].params)

@@ -28,6 +28,7 @@ from mister_jax.evaluate import results_json
 from mister_jax.input_pipeline import fit_to_store, load_splits, open_store_at, required_modalities
 from mister_jax.params import count_params
 from mister_jax.report import ReportError, write_report
+from mister_jax.sharding import primary_process
 from mister_jax.trainer import Trainer
 
 IGNORED_ON_RESUME = ("epochs", "checkpoint_every", "checkpoint_minutes", "on_nonfinite")
@@ -78,6 +79,7 @@ def train_and_evaluate(
     *,
     dataset: str | None = None,
     seed_mode: str = "auto",
+    devices: int | None = None,
     no_val: str = "carve",
     restart: bool = False,
     cache_dir: Path | None = None,
@@ -95,6 +97,8 @@ def train_and_evaluate(
       workdir: the run directory; what it holds is resumed, unless ``restart``.
       dataset: the name recorded in the results (default: the store's folder name).
       seed_mode: "auto", "vmap" or "sequential" (`mister_jax.seeds`).
+      devices: devices per process (`mister_jax.sharding`; default: all). Of several processes only
+        process 0 writes the run directory.
       no_val: a store without a val split: "carve" one from train or "refuse".
       cache_dir: the compilation cache (`mister_jax.runtime.compile_cache.enable_compilation_cache`).
       progress: show a progress bar.
@@ -124,18 +128,20 @@ def train_and_evaluate(
         "train": dataclasses.asdict(config.train),
     }
     if restart:
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-        (workdir / "run_config.json").unlink(missing_ok=True)
+        if primary_process():  # the others wait for it in Trainer.restore
+            shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+            (workdir / "run_config.json").unlink(missing_ok=True)
     else:
         _check_same_run(workdir, run_config)
 
-    trainer = Trainer(config, store.label_names, train, val, test, workdir, seed_mode, log, cache_dir)
+    trainer = Trainer(config, store.label_names, train, val, test, workdir, seed_mode, log, cache_dir, devices)
     try:
         ckpt = RunCheckpoints(workdir / "checkpoints")
         try:
             start = trainer.restore(ckpt)
-            atomic.write_json(workdir / "run_config.json", run_config)  # a refused resume leaves it as it was
-            provenance.write(workdir, store, required_modalities(config.model.variant))
+            if trainer.primary:
+                atomic.write_json(workdir / "run_config.json", run_config)  # a refused resume leaves it as it was
+                provenance.write(workdir, store, required_modalities(config.model.variant))
             trainer.fit(ckpt, start, progress)
             trainer.finish(ckpt)
         finally:
@@ -153,6 +159,8 @@ def train_and_evaluate(
         count_params(trainer.best_params.seed(0)),
         trainer.test_interval,
     )
+    if not trainer.primary:
+        return results
     atomic.write_json(workdir / "results.json", results)
     try:
         write_report(workdir, results, trainer.history)

@@ -21,6 +21,7 @@ from mister_jax.evaluate import Evaluator, improved
 from mister_jax.input_pipeline import batch_rows, make_batch
 from mister_jax.runtime.host_mirror import HostMirror
 from mister_jax.seeds import SeedStates, resolve_seed_mode
+from mister_jax.sharding import SeedMesh
 from mister_jax.steps import abstract_train_state
 
 LOSS_TERMS = ("focal_speech", "focal_text", "focal_multimodal", "contrastive", "kl", "focal_moe")
@@ -52,6 +53,9 @@ class Trainer:
     Two host mirrors (`HostMirror`, buffers allocated once) hold what a checkpoint writes:
     ``self.saved`` the training states, ``self.best_params`` each seed's best-validation parameters, so
     a resumed run continues with exactly the same selection.
+
+    ``devices`` devices per process (None: all of them, `mister_jax.sharding.SeedMesh`) train the seeds;
+    of several processes only the primary one (``self.primary``) writes files.
     """
 
     def __init__(
@@ -65,14 +69,16 @@ class Trainer:
         seed_mode: str,
         log,
         cache_dir: Path | None = None,
+        devices: int | None = None,
     ):
         self.config, self.label_names, self.workdir, self.log = config, list(label_names), workdir, log
         self.train = train
         cfg = config.train
         self.planner = BatchPlanner.create(cfg, train.lengths, [val.lengths, test.lengths])
-        self.seeds = SeedStates(
-            config.model, config.loss, cfg, range(cfg.seeds), resolve_seed_mode(seed_mode), cache_dir
-        )
+        mesh = SeedMesh.create(devices, cfg.seeds, cfg.batch_size, log)
+        mode = resolve_seed_mode(seed_mode, mesh.mesh.size)
+        self.seeds = SeedStates(config.model, config.loss, cfg, range(cfg.seeds), mode, cache_dir, mesh)
+        self.primary = mesh.primary
         plan = self.planner.train_epoch(train.lengths, self.seeds.seeds, 0, self.seeds.aligned)[0]
         shapes = self.planner.train_shapes(plan)
         real, padded = int(train.lengths.sum()), sum(len(p.conversations) * p.length for p in plan)
@@ -83,12 +89,14 @@ class Trainer:
             "padding_efficiency": padding_efficiency(train.lengths, plan),
             "real_utterances": real,
             "padded_utterances": padded,
+            "devices": mesh.describe(),
         }
         log(
             f"{len(shapes)} compiled training shapes [B, T] = {', '.join(f'[{cfg.batch_size}, {t}]' for t in shapes)}; "
             f"{cfg.batching} batches, padding efficiency {self.shape_info['padding_efficiency']:.3f} ({real} real / "
             f"{padded} padded utterances); seeds {self.seeds.seeds} "
             f"{'vmapped in one step' if self.seeds.vmap else 'stepped in turn'}"
+            + (f" on a mesh of {mesh.mesh.size} devices {mesh.shape}" if mesh.sharded else "")
         )
         # Every training shape is compiled before the states exist (lower peak memory).
         t0 = time.perf_counter()
@@ -111,6 +119,7 @@ class Trainer:
 
     def restore(self, ckpt: RunCheckpoints) -> int:
         """Loads the latest checkpoint if there is one; returns the number of epochs already done."""
+        self.seeds.mesh.sync("restore")  # the checkpoints as process 0 left them
         if ckpt.latest_epoch() is None:
             return 0
         epoch, meta = ckpt.restore_state(self._mirrors())
@@ -134,8 +143,9 @@ class Trainer:
         """Trains from ``start_epoch`` to the configured number of epochs."""
         cfg = self.config.train
         metrics_path = self.workdir / "metrics.jsonl"
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(h) + "\n" for h in self.history)
+        if self.primary:
+            with open(metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
         bar = tqdm(
             total=cfg.epochs,
             initial=start_epoch,
@@ -184,15 +194,16 @@ class Trainer:
             record["validation_seconds"], t0 = time.perf_counter() - t0, time.perf_counter()
             record["checkpoint_seconds"] = waited
             self.history.append(record)
-            if checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save):
+            if self.seeds.mesh.agree(checkpoint_due(cfg, epoch + 1, time.monotonic() - last_save)):
                 self.seeds.copy_states_to(self.saved)
                 record["checkpoint_seconds"] += time.perf_counter() - t0
                 ckpt.save_state(
                     epoch + 1, self._mirrors(), json.loads(json.dumps({"history": self.history, "best": self.best}))
                 )
                 last_save = time.monotonic()
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.primary:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(
                 loss=f"{np.mean(record['train_loss']):.3f}",
@@ -235,6 +246,8 @@ class Trainer:
         for k, scores in enumerate(self.evaluator.score_predictions("test", probs)):
             self.best[k]["test"] = scores
         self.test_interval = self.evaluator.intervals("test", probs)
+        if not self.primary:
+            return
         test = self.evaluator.splits["test"]
         labelled = test.labels >= 0
         write_test_predictions(

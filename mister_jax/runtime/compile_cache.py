@@ -12,11 +12,15 @@ and compiles from XLA's cache (docs/BENCHMARKS.md, "traced steps cached on disk"
     compiler.compile(abstract_state, batch, dropout_key)   # ahead of time, from shapes only
     state, metrics = compiler(state, batch, dropout_key)   # dispatches on the batch's shape
 
-The executable takes the state's leaves and donates them, as the jitted step does.
+The executable takes the state's leaves and donates them, as the jitted step does. Given
+``shardings`` (a `StepShardings`), the program is partitioned over their mesh: exported with them, so
+the cached program is the partitioned one (keyed by the mesh's shape), and compiled to take and give
+its arrays so placed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 from pathlib import Path
@@ -62,6 +66,17 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the step's arrays live (`jax.sharding.NamedSharding`s, one per group, for every leaf of it):
+    ``state`` in and out, ``batch``, ``key`` (the dropout keys' data) and the ``metrics`` returned."""
+
+    state: Any
+    batch: Any
+    key: Any
+    metrics: Any
+
+
 class TrainStepCompiler:
     """Compiled executables of ``step(state, batch, dropout_key) -> (state, metrics)`` per input shape.
 
@@ -70,12 +85,22 @@ class TrainStepCompiler:
         key: what, besides the source and versions, determines the program (e.g. the configurations).
         cache_dir: where the exported programs are kept; None keeps nothing on disk.
         compiler_options: XLA options for compiling the executables (None: XLA's defaults).
+        shardings: where the arrays live on a mesh (`StepShardings`); None: the default device.
     """
 
-    def __init__(self, step: Callable, key: str, cache_dir: str | Path | None, compiler_options: dict | None = None):
+    def __init__(
+        self,
+        step: Callable,
+        key: str,
+        cache_dir: str | Path | None,
+        compiler_options: dict | None = None,
+        shardings: StepShardings | None = None,
+    ):
         self._step = step
         self._compiler_options = compiler_options
-        self._key = hashlib.sha256((_source_digest() + key).encode()).hexdigest()
+        self._shardings = shardings
+        mesh = None if shardings is None else dict(shardings.state.mesh.shape)
+        self._key = hashlib.sha256((_source_digest() + key + repr(mesh)).encode()).hexdigest()
         self._cache_dir = Path(cache_dir) / "exported" if cache_dir else None
         self._executables: dict[tuple, tuple[Any, Any]] = {}  # signature -> (executable, state treedef)
 
@@ -102,12 +127,19 @@ class TrainStepCompiler:
             return jax.tree_util.tree_leaves(new_state), metrics
 
         args = ([_abstract(x) for x in state_leaves], [_abstract(x) for x in batch_leaves], key_data)
-        exported = self._load_or_export(flat_step, args, signature)
-        executable = jax.jit(exported.call, donate_argnums=0).lower(*args).compile(self._compiler_options)
+        placed = {}
+        if self._shardings is not None:
+            s = self._shardings
+            state_in = [s.state] * len(state_leaves)
+            placed = dict(
+                in_shardings=(state_in, [s.batch] * len(batch_leaves), s.key), out_shardings=(state_in, s.metrics)
+            )
+        exported = self._load_or_export(jax.jit(flat_step, **placed), args, signature)
+        executable = jax.jit(exported.call, donate_argnums=0, **placed).lower(*args).compile(self._compiler_options)
         self._executables[signature] = (executable, state_def)
         release_free_heap()
 
-    def _load_or_export(self, flat_step: Callable, args: tuple, signature: tuple):
+    def _load_or_export(self, jitted_step: Callable, args: tuple, signature: tuple):
         path = None
         if self._cache_dir is not None:
             platform = jax.devices()[0].platform
@@ -116,7 +148,7 @@ class TrainStepCompiler:
             exported = _read_exported(path)
             if exported is not None:
                 return exported
-        exported = jax.export.export(jax.jit(flat_step))(*args)
+        exported = jax.export.export(jitted_step)(*args)
         if path is not None:
             payload = exported.serialize()
             _write_exported(path, hashlib.sha256(payload).digest() + payload)
