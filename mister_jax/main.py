@@ -48,7 +48,7 @@ from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import open_store
 from mister_jax.runtime.compile_cache import DEFAULT_CACHE, enable_compilation_cache
 from mister_jax.seeds import SEED_MODES
-from mister_jax.sharding import check_devices, initialize_distributed
+from mister_jax.sharding import check_devices, initialize_distributed, primary_process
 from mister_jax.train import train_and_evaluate
 
 
@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     t = results["test"]
     experts = ", ".join(f"{e} {100 * v['weighted_f1']['mean']:.1f}" for e, v in t["experts"].items())
+    written = f"wrote {out / 'results.json'} and {out / 'report.md'}" if primary_process() else "process 0 wrote them"
     log(
         f"test weighted F1 {100 * t['weighted_f1']['mean']:.1f} ± {100 * t['weighted_f1']['std']:.1f} ({experts}); "
-        f"wrote {out / 'results.json'} and {out / 'report.md'}"
+        f"{written}"
     )
     return 0
 
