@@ -81,3 +81,11 @@ def read_temperatures(run: Path, seed: int) -> dict:
     if str(seed) not in per_seed:
         raise UsageError(f"{path}: no temperatures for seed {seed} — {fit}")
     return per_seed[str(seed)]
+
+
+def scale_heads(probs: dict, temperatures: dict | None) -> dict:
+    """``probs`` (``{head: [..., C]}``, and the gate) with every head that ``temperatures`` names scaled by
+    its T; the gate and the rest as they were. ``None``: ``probs`` itself."""
+    if temperatures is None:
+        return probs
+    return {h: apply_temperature(p, temperatures[h]) if h in temperatures else p for h, p in probs.items()}

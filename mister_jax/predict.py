@@ -32,6 +32,7 @@ import numpy as np
 
 from mister_jax import atomic
 from mister_jax.batching import BatchPlanner
+from mister_jax.calibration import read_temperatures, scale_heads
 from mister_jax.checkpoint import CheckpointError, RunCheckpoints
 from mister_jax.config import ModelConfig, TrainConfig
 from mister_jax.errors import UsageError
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     parser.add_argument("--seed", type=int, help="which seed's best parameters (default: best validation F1)")
     parser.add_argument("--out", help="output .jsonl file (not with --stream, which prints to stdout)")
+    parser.add_argument(
+        "--temperature-scaling",
+        action="store_true",
+        help="divide each head's logits by its temperature fitted on validation (python -m mister_jax.temperature)",
+    )
     parser.add_argument(
         "--stream",
         action="store_true",
@@ -112,9 +118,12 @@ def predict_arrays(params, model_cfg: ModelConfig, data: SplitData, train_cfg: T
     return arrays
 
 
-def predict_split(params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int):
-    """Yields ``(row, {expert: probs [C], "gate": [3]})`` for every utterance of ``data``, in store order."""
-    arrays = predict_arrays(params, model_cfg, data, train_cfg, batch_size)
+def predict_split(
+    params, model_cfg: ModelConfig, data: SplitData, train_cfg: TrainConfig, batch_size: int, temperatures=None
+):
+    """Yields ``(row, {expert: probs [C], "gate": [3]})`` for every utterance of ``data``, in store order;
+    the heads ``temperatures`` names (``{head: T}``, `mister_jax.calibration`) temperature-scaled."""
+    arrays = scale_heads(predict_arrays(params, model_cfg, data, train_cfg, batch_size), temperatures)
     for row in range(data.num_utterances):
         yield row, {name: v[row] for name, v in arrays.items()}
 
@@ -205,7 +214,9 @@ def _main(args: argparse.Namespace) -> int:
     names = list(store.label_names)
     out = Path(args.out)
     lines = [None] * data.num_utterances
-    for row, probs in predict_split(params, model_cfg, data, TrainConfig(**config["train"]), args.batch_size):
+    temperatures = read_temperatures(run, seed) if args.temperature_scaling else None
+    train_cfg = TrainConfig(**config["train"])
+    for row, probs in predict_split(params, model_cfg, data, train_cfg, args.batch_size, temperatures):
         ids = str(data.conversation_ids[row]), str(data.utterance_ids[row])
         lines[row] = json.dumps(prediction_record(*ids, int(data.labels[row]), names, probs))
     try:

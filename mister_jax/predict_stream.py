@@ -31,6 +31,7 @@ from typing import IO, Iterable, Iterator
 import jax
 import numpy as np
 
+from mister_jax.calibration import read_temperatures, scale_heads
 from mister_jax.config import ModelConfig
 from mister_jax.errors import UsageError
 from mister_jax.input_pipeline import SplitData, load_split, required_modalities
@@ -102,9 +103,12 @@ def store_utterances(data: SplitData, modalities: tuple[str, ...]) -> Iterator[U
         yield conversation, None, -1, None
 
 
-def stream_predictions(params, model_cfg: ModelConfig, utterances: Iterable[Utterance], names: list, out: IO[str]):
+def stream_predictions(
+    params, model_cfg: ModelConfig, utterances: Iterable[Utterance], names: list, out: IO[str], temperatures=None
+):
     """Writes (and flushes) every utterance's prediction line to ``out`` as soon as it is read, one
-    `mister_jax.stream` state per open conversation; returns the number of predictions."""
+    `mister_jax.stream` state per open conversation, the heads ``temperatures`` names (``{head: T}``)
+    temperature-scaled; returns the number of predictions."""
     step = jitted_stream_step(model_cfg)
     conversations = {}  # conversation_id -> (utterances seen, StreamState)
     count = 0
@@ -115,7 +119,14 @@ def stream_predictions(params, model_cfg: ModelConfig, utterances: Iterable[Utte
         seen, state = conversations.get(conversation) or (0, init_state(model_cfg))
         state, probs = step(params, ensure_capacity(state, seen + 1), features)
         conversations[conversation] = (seen + 1, state)
-        out.write(json.dumps(prediction_record(conversation, utterance, label, names, jax.device_get(probs))) + "\n")
+        out.write(
+            json.dumps(
+                prediction_record(
+                    conversation, utterance, label, names, scale_heads(jax.device_get(probs), temperatures)
+                )
+            )
+            + "\n"
+        )
         out.flush()
         count += 1
     return count
@@ -146,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     enable_compilation_cache(args.jax_cache)
     params = jax.device_put(restore_best_params(run_dir, model_cfg, seed))
     try:
-        count = stream_predictions(params, model_cfg, utterances, names, sys.stdout)
+        temperatures = read_temperatures(run_dir, seed) if args.temperature_scaling else None
+        count = stream_predictions(params, model_cfg, utterances, names, sys.stdout, temperatures)
     except KeyboardInterrupt:
         print("interrupted; the predictions printed so far stand", file=sys.stderr)
         return 130

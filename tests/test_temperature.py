@@ -12,6 +12,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from mister_jax import main as train_cli
+from mister_jax import predict as predict_cli
 from mister_jax import temperature as temperature_cli
 from mister_jax.calibration import apply_temperature, fit_temperature, read_temperatures
 from mister_jax.errors import UsageError
@@ -86,3 +87,22 @@ def test_the_command_writes_one_positive_temperature_per_seed_and_head(run, caps
         assert set(heads) == {"speech", "text", "multimodal", "moe"}
         assert all(t > 0 for t in heads.values())
     assert "test ECE before → after" in capsys.readouterr().out
+
+
+def test_predict_gives_each_head_its_fitted_temperature_and_keeps_the_predictions(run):
+    argv = ["--run", str(run / "run"), "--dataset", "demo", "--features", str(run / "features"), "--seed", "1"]
+    argv += ["--jax-cache", CACHE]
+    if not (run / "run" / "temperature.json").exists():
+        assert temperature_cli.main(argv[:6] + ["--jax-cache", CACHE]) == 0
+    assert predict_cli.main(argv + ["--out", str(run / "plain.jsonl")]) == 0
+    assert predict_cli.main(argv + ["--out", str(run / "scaled.jsonl"), "--temperature-scaling"]) == 0
+    temperatures = json.loads((run / "run" / "temperature.json").read_text())["per_seed"]["1"]
+    plain = [json.loads(line) for line in (run / "plain.jsonl").read_text().splitlines()]
+    scaled = [json.loads(line) for line in (run / "scaled.jsonl").read_text().splitlines()]
+    for p, s in zip(plain, scaled):
+        assert s["prediction"] == p["prediction"] and s["gate"] == p["gate"]
+        expected = softmax(np.log(np.array(p["probs"])) / temperatures["moe"])
+        np.testing.assert_allclose(s["probs"], expected, atol=1e-5)
+        for expert, probs in p["experts"].items():
+            expected = softmax(np.log(np.array(probs)) / temperatures[expert])
+            np.testing.assert_allclose(s["experts"][expert], expected, atol=1e-5)
