@@ -19,7 +19,8 @@ batches ``[K, B, T, ·]`` along both axes, the evaluation batches ``[B, T, ·]``
 along "batch". The step's metrics and the predictions come back split along the seed axis and are
 read whole on the host (`SeedMesh.fetch`). The partitioned program computes the same function as the
 one-device program (JAX's partitionable Threefry draws the same dropout bits however the arrays are
-split); only the order of the cross-device sums over a batch differs, at the level of float rounding.
+split); only float rounding differs, since XLA compiles each device's share for its own shapes and a
+split batch is summed across devices.
 
 A multi-host run starts one process per host (`initialize_distributed`); the mesh spans the first
 ``n`` devices of every process, batch axis innermost so that a batch's shards stay on one host where

@@ -75,6 +75,8 @@ class Trainer:
         self.train = train
         cfg = config.train
         self.planner = BatchPlanner.create(cfg, train.lengths, [val.lengths, test.lengths])
+        if devices is None and seed_mode == "sequential":
+            devices = 1  # seeds stepped in turn use one device
         mesh = SeedMesh.create(devices, cfg.seeds, cfg.batch_size, log)
         mode = resolve_seed_mode(seed_mode, mesh.mesh.size)
         self.seeds = SeedStates(config.model, config.loss, cfg, range(cfg.seeds), mode, cache_dir, mesh)
