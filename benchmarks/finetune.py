@@ -1,7 +1,7 @@
 """Encoder fine-tuning benchmark: the speed levers of `encoders_torch.finetune`, side by side in one run.
 
     .venv/bin/python benchmarks/finetune.py [--text minilm,smollm2,llama-small] [--smollm2-gguf FILE]
-                                            [--utterances N] [--rounds R] [--quick]
+                                            [--variants bucketed,shuffled,...] [--utterances N] [--rounds R] [--quick]
 
 Text levers, on each text model, every round timing one training epoch (forward, focal loss, backward,
 clipping, AdamW step, as `encoders_torch.finetune.train_epoch` runs it) over the same MELD transcripts
@@ -112,7 +112,7 @@ def text_levers(name: str, args, texts: list[str], tmp: Path) -> dict:
     rounds = []
     for r in range(args.rounds):
         figures = {}
-        for variant in TEXT_VARIANTS:
+        for variant in args.variants:
             base.set_attn_implementation("eager" if variant == "eager" else "sdpa")
             if variant == "ckpt":
                 encoder.enable_gradient_checkpointing()
@@ -129,7 +129,7 @@ def text_levers(name: str, args, texts: list[str], tmp: Path) -> dict:
         "trainable": sum(p.numel() for p in model.trainable_parameters()),
         "load_s": load_s,
         "rounds": rounds,
-        "ratios": ratios(rounds, "bucketed", [v for v in TEXT_VARIANTS if v != "bucketed"]),
+        "ratios": ratios(rounds, "bucketed", [v for v in args.variants if v != "bucketed"]),
     }
 
 
@@ -291,7 +291,7 @@ def _ratio_line(name: str, ratio: dict) -> str:
 
 def print_text(figures: dict) -> None:
     print(f"text encoder {figures['model']}: {figures['parameters']:,} parameters ({figures['trainable']:,} trained)")
-    for variant in TEXT_VARIANTS:
+    for variant in figures["rounds"][0]:
         per_round = [r[variant] for r in figures["rounds"]]
         print(
             f"  {variant}: {np.median([p['utterances_per_s'] for p in per_round]):.1f} utt/s, "
@@ -318,6 +318,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", default="minilm,smollm2", help="comma-separated text models (minilm, smollm2, ...)")
     parser.add_argument("--smollm2-gguf", default="", help="SmolLM2-135M's .gguf file (for --text smollm2)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(TEXT_VARIANTS),
+        help=f"text variants to time, bucketed (the baseline) first (default {','.join(TEXT_VARIANTS)})",
+    )
     parser.add_argument("--utterances", type=int, default=128, help="MELD transcripts per text epoch (default 128)")
     parser.add_argument("--clips", type=int, default=24, help="audio clips per speech epoch (0: no speech lever)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every variant (default 3)")
@@ -328,6 +333,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "finetune.json"), help="results JSON file")
     args = parser.parse_args(argv)
+    args.variants = args.variants.split(",")
+    if args.variants[0] != "bucketed" or not set(args.variants) <= set(TEXT_VARIANTS):
+        parser.error(f"--variants {','.join(args.variants)}: bucketed first, then any of {TEXT_VARIANTS}")
     if args.quick:
         args.text = "llama-tiny" if args.text == parser.get_default("text") else args.text
     if args.utterances < args.batch_size or args.rounds < 1:
