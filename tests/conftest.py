@@ -10,6 +10,7 @@ no import.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,6 +99,20 @@ def tiny_config(epochs: int, *overrides: str, seeds: int = 2):
 def cli(args: list[str], module: str = "mister_jax.train") -> list[str]:
     """The command that runs ``python -m module args`` in a fresh interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``benchmarks/SCRIPT ARGS`` from the repository root (with this process's fast-compile XLA
+    flags: the smoke runs check plumbing, not speed) and returns it, asserting that it succeeded."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ the benchmark's fairness rests on (same data for both sides, padding-invariant P
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,22 +15,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
-
-# The smoke runs check plumbing, not speed: compile with XLA's cheapest settings.
-FAST_ENV = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-
-
-def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=FAST_ENV,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+from conftest import run_benchmark  # noqa: E402
 
 
 def test_paper_lengths_are_iemocap_shaped_and_waste_about_39_percent_when_padded_to_batch_max():
@@ -71,38 +54,10 @@ def test_torch_reference_is_our_model_plus_the_attention_projections_it_composes
     assert sum(p.numel() for p in AttentionMoE(dims).parameters()) == ours + in_out
 
 
-def test_train_epoch_smoke_runs_every_variant_and_writes_the_figures(tmp_path):
-    out = tmp_path / "train_epoch.json"
-    proc = _run(
-        "train_epoch.py",
-        "--dims",
-        "tiny",
-        "--epochs",
-        "1",
-        "--variants",
-        "a,b,c,f",
-        "--skip-cold",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-    )
-    result = json.loads(out.read_text())
-    assert set(result["median"]) == {"a", "b", "c-vmap", "c-int", "f"}
-    for tag in ("a", "b", "c-vmap", "c-int", "f"):
-        assert result["median"][tag]["real_utterances_per_s"] > 0
-        assert result["median"][tag]["peak_rss_mib"] > 0
-    assert result["median"]["b"]["num_shapes"] >= 1
-    assert all(r[t]["loss_finite"] for r in result["rounds"] for t in ("b", "c-vmap", "c-int", "f"))
-    assert "b_over_a_real_utt_per_s" in result["ratios"] and "c-vmap_time_over_3b" in result["ratios"]
-    assert "f_bfloat16_over_b_real_utt_per_s" in result["ratios"]
-    assert "ratio b_over_a_real_utt_per_s" in proc.stdout and "target " in proc.stdout
-
-
 def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tmp_path):
     out = tmp_path / "protocol.json"
     # In bfloat16, so that the training CLI is run end to end with it as well.
-    proc = _run("protocol.py", "--dims", "tiny", "--epochs", "1", "--set", "dtype=bfloat16", "--out", str(out))
+    proc = run_benchmark("protocol.py", "--dims", "tiny", "--epochs", "1", "--set", "dtype=bfloat16", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["overrides"] == ["dtype=bfloat16"]
     epochs = result["run_1_epoch_cold_s"] + 99 * result["epoch_s"]
@@ -121,7 +76,7 @@ def test_protocol_smoke_times_the_training_cli_and_extrapolates_to_100_epochs(tm
 def test_extract_smoke_times_sorted_by_tokens_by_chars_shuffled_and_single(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "extract.json"
-    _run(
+    run_benchmark(
         "extract.py",
         "--size",
         "tiny",
@@ -169,7 +124,7 @@ def test_gru_formulations_of_the_profile_compute_what_the_project_gru_computes()
 def test_finetune_smoke_times_every_lever_side_by_side(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "finetune.json"
-    _run(
+    run_benchmark(
         "finetune.py",
         "--quick",
         "--utterances",
@@ -198,7 +153,7 @@ def test_finetune_smoke_times_every_lever_side_by_side(tmp_path):
 
 def test_streaming_smoke_times_the_stream_and_the_recomputed_prefixes_and_they_agree(tmp_path):
     out = tmp_path / "streaming.json"
-    proc = _run(
+    proc = run_benchmark(
         "streaming.py", "--dims", "tiny", "--utterances", "6", "--warmup", "2", "--pad-multiple", "4", "--out", str(out)
     )
     result = json.loads(out.read_text())
