@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mister_jax.ops.gru import gru_layer, gru_reference
+from mister_jax.ops.gru import gru_layer, gru_reference, layer_params
 
 
 class ForwardGRU(nn.Module):
@@ -40,17 +40,10 @@ class ForwardGRU(nn.Module):
         """Args: x [M, B, T, I] per-modality inputs, mask bool [B, T]. Returns [M, B, T, H]."""
         num_modalities, batch, length, width = x.shape
         hidden = self.hidden
-        bound = 1.0 / hidden**0.5
-
-        def param(name, shape):
-            return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
 
         hold = jnp.broadcast_to(mask.T[:, None, None, :], (length, num_modalities, 1, batch))  # [T, M, 1, B]
         for layer in range(self.layers):
-            w_ih = param(f"w_ih_{layer}", (num_modalities, width, 3 * hidden))
-            b_ih = param(f"b_ih_{layer}", (num_modalities, 3 * hidden))
-            w_hh = param(f"w_hh_{layer}", (num_modalities, hidden, 3 * hidden))
-            b_hh = param(f"b_hh_{layer}", (num_modalities, 3 * hidden))
+            w_ih, b_ih, w_hh, b_hh = layer_params(self, layer, num_modalities, width, hidden)
             x = jnp.where(mask[None, :, :, None], x, 0.0)
             hs = gru_layer(x, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)  # [T, M, H, B]
             x = jnp.transpose(hs, (1, 3, 0, 2))  # [M, B, T, H]

@@ -160,6 +160,22 @@ def reverse_conversations(x: jax.Array, length: jax.Array, axis: int) -> jax.Arr
     return jnp.roll(jnp.flip(x, axis=axis), length - size, axis=axis)
 
 
+def layer_params(module: nn.Module, layer: int, streams: int, width: int, hidden: int):
+    """Layer ``layer``'s ``w_ih`` [G, I, 3H], ``b_ih`` [G, 3H], ``w_hh`` [G, H, 3H], ``b_hh`` [G, 3H] of ``module``
+    (G streams of input width I), initialised U(-1/√H, 1/√H) as in PyTorch."""
+    bound = 1.0 / hidden**0.5
+
+    def init(key, shape):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+    return (
+        module.param(f"w_ih_{layer}", init, (streams, width, 3 * hidden)),
+        module.param(f"b_ih_{layer}", init, (streams, 3 * hidden)),
+        module.param(f"w_hh_{layer}", init, (streams, hidden, 3 * hidden)),
+        module.param(f"b_hh_{layer}", init, (streams, 3 * hidden)),
+    )
+
+
 class BidirectionalGRU(nn.Module):
     """`layers` stacked bidirectional GRUs for M modalities, each with its own weights.
 
@@ -183,20 +199,13 @@ class BidirectionalGRU(nn.Module):
         num_modalities, batch, length, width = x.shape
         hidden = self.hidden
         streams = 2 * num_modalities
-        bound = 1.0 / hidden**0.5
         longest = jnp.sum(jnp.any(mask, axis=0))  # L
         reverse = functools.partial(reverse_conversations, length=longest)
-
-        def param(name, shape):
-            return self.param(name, lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound), shape)
 
         hold = jnp.stack([mask, reverse(mask, axis=1)])  # [2, B, T]
         hold = jnp.tile(hold, (num_modalities, 1, 1)).transpose(2, 0, 1)[:, :, None]  # [T, G, 1, B]
         for layer in range(self.layers):
-            w_ih = param(f"w_ih_{layer}", (streams, width, 3 * hidden))
-            b_ih = param(f"b_ih_{layer}", (streams, 3 * hidden))
-            w_hh = param(f"w_hh_{layer}", (streams, hidden, 3 * hidden))
-            b_hh = param(f"b_hh_{layer}", (streams, 3 * hidden))
+            w_ih, b_ih, w_hh, b_hh = layer_params(self, layer, streams, width, hidden)
             x = jnp.where(mask[None, :, :, None], x, 0.0)
             both = jnp.stack([x, reverse(x, axis=2)], axis=1).reshape((streams, batch, length, width))
             hs = gru_layer(both, hold, w_ih, b_ih, w_hh, b_hh, self.dtype)  # [T, G, H, B]
