@@ -203,9 +203,15 @@ class SeedStates:
             for k, state in enumerate(self.state):
                 mirror.put(k, state)
 
-    def copy_params_to(self, mirror, k: int) -> None:
-        """Copies seed ``k``'s current parameters into slot ``k`` of ``mirror``."""
+    def copy_params_to(self, mirror, ks: Sequence[int]) -> None:
+        """Copies the current parameters of the seeds ``ks`` into their slots of ``mirror``; vmapped, the
+        stacked parameters come to the host once for all of them."""
+        if not ks:
+            return
         if self.vmap:
-            mirror.put(k, self.mesh.fetch(self.state.params) if self.sharded else self.state.params, stacked=True)
+            stacked = self.mesh.fetch(self.state.params)
+            for k in ks:
+                mirror.put(k, stacked, stacked=True)
         else:
-            mirror.put(k, self.state[k].params)
+            for k in ks:
+                mirror.put(k, self.state[k].params)

@@ -187,10 +187,10 @@ class Trainer:
             if cfg.test_every_epoch:
                 test = [t["weighted_f1"] for t in self.evaluator.score("test", params, detailed=False)]
                 record["test"] = {e: [t[e] for t in test] for e in test[0]}
-            for k in range(cfg.seeds):
-                if improved(self.best[k], val[k]):
-                    self.best[k] = {"epoch": epoch + 1, "val": val[k]}
-                    self.seeds.copy_params_to(self.best_params, k)
+            better = [k for k in range(cfg.seeds) if improved(self.best[k], val[k])]
+            for k in better:
+                self.best[k] = {"epoch": epoch + 1, "val": val[k]}
+            self.seeds.copy_params_to(self.best_params, better)
             # Wall time beyond the training pass: validation and model selection; the checkpoint's
             # share is waiting for the previous write and the host copies of this one.
             record["validation_seconds"], t0 = time.perf_counter() - t0, time.perf_counter()

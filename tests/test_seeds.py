@@ -70,8 +70,7 @@ def test_a_state_saved_in_one_mode_continues_in_the_other(saved_in, resumed_in, 
 def test_each_seed_starts_from_its_own_parameters_and_predicts_with_them(compile_cache):
     seeds = _seeds("vmap", compile_cache)
     best = HostMirror(abstract_train_state(CONFIG.model, CONFIG.train).params, 2)
-    for k in range(2):
-        seeds.copy_params_to(best, k)
+    seeds.copy_params_to(best, [0, 1])
     for k, s in enumerate((0, 1)):  # seed s's initial parameters are create_train_state(seed=s)'s
         own = create_train_state(CONFIG.model, CONFIG.train, s).params
         for a, b in zip(jax.tree_util.tree_leaves(best.seed(k)), jax.tree_util.tree_leaves(own)):
